@@ -1,0 +1,334 @@
+"""The NumPy face of fastbn: validation, dtype and out= rules, the canonical view, dispatch.
+
+Every function checks all of its arguments before anything is written, so a failed call leaves
+its inputs, `out` and the running statistics as they were. Wrong types raise TypeError, wrong
+shapes or values ValueError, each naming the argument.
+
+The canonical view: the kernels see any array as (outer, C, inner), C-contiguous, where C is
+the channel axis. An array whose elements fill one block of memory in some axis order (NCHW,
+NHWC, a transposed or reversed view of either) is used where it lies, by permuting and flipping
+its axes; anything else is copied once. Outputs take the input's memory layout.
+"""
+import math
+import numbers
+
+import numpy as np
+
+from . import _kernels
+
+__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "batch_norm",
+           "set_num_threads", "get_num_threads"]
+
+set_num_threads = _kernels.set_num_threads
+get_num_threads = _kernels.get_num_threads
+
+_FLOAT32 = np.dtype(np.float32)
+_FLOAT64 = np.dtype(np.float64)
+_AxisError = np.exceptions.AxisError
+
+
+# ------------------------------------------------------------------------------- validation
+
+def _as_data(x, name):
+    """x as a float32 or float64 ndarray in native byte order (a copy only for byte order)."""
+    if type(x) is not np.ndarray:
+        if isinstance(x, (np.ndarray, list, tuple)):
+            x = np.asarray(x)
+        else:
+            raise TypeError(f"{name} must be a numpy.ndarray of float32 or float64, "
+                            f"got {type(x).__name__}")
+    dtype = x.dtype
+    if dtype is _FLOAT32 or dtype is _FLOAT64:
+        return x
+    if dtype.kind == "f" and dtype.itemsize in (4, 8):
+        return x if dtype.isnative else x.astype(dtype.newbyteorder("="))
+    hint = " (convert with .astype(np.float32))" if dtype.kind in "biuf" else ""
+    raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}{hint}")
+
+
+def _same_dtype(a, name, x):
+    if a.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of x {x.shape}, got {a.shape}")
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {a.dtype}")
+
+
+def _axis(axis, ndim):
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise _AxisError(int(axis), ndim, "axis")
+    return int(axis) % ndim
+
+
+def _real(value, name, low, high):
+    """A float in [low, high]; NaN fails."""
+    if type(value) is not float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        value = float(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _channel_vector(v, name, C, dtype):
+    """A read-only (C,) parameter as a contiguous array of x's dtype (converted if needed)."""
+    if v is None:
+        return None
+    if type(v) is not np.ndarray:
+        v = np.asarray(v)
+    if v.dtype.kind != "f" or v.dtype.itemsize > 8:
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {v.dtype}")
+    if v.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},), one value per channel, got {v.shape}")
+    if v.dtype == dtype and v.flags.c_contiguous:
+        return v
+    return np.ascontiguousarray(v, dtype=dtype)
+
+
+def _running_stat(v, name, C, dtype):
+    """A running statistic that training updates in place: a writeable (C,) array of x's dtype."""
+    if not isinstance(v, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
+                        f"got {type(v).__name__}")
+    if v.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of x ({dtype}), got {v.dtype}")
+    if v.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},), one value per channel, got {v.shape}")
+    if not v.flags.writeable:
+        raise ValueError(f"{name} is read-only, but training updates it in place")
+    if v.strides[0] % v.itemsize:
+        raise ValueError(f"{name} must have a stride that is a multiple of its item size")
+    return v
+
+
+def _out(out, x):
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    _same_dtype(out, "out", x)
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    return out
+
+
+def _check_x(x, axis):
+    x = _as_data(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch and channels), "
+                         f"got shape {x.shape}")
+    return x, _axis(axis, x.ndim)
+
+
+# --------------------------------------------------------------------------- canonical view
+
+def _dense_order(a):
+    """(flips, perm) with a[flips].transpose(perm) C-contiguous, or None if a is not dense."""
+    flips = None
+    if any(s < 0 for s in a.strides):
+        flips = tuple(slice(None, None, -1) if s < 0 else slice(None) for s in a.strides)
+        a = a[flips]
+    perm = tuple(sorted(range(a.ndim), key=lambda i: -a.strides[i]))
+    return (flips, perm) if a.transpose(perm).flags.c_contiguous else None
+
+
+def _to_order(a, order):
+    flips, perm = order
+    return (a if flips is None else a[flips]).transpose(perm)
+
+
+def _from_order(b, order):
+    flips, perm = order
+    b = b.transpose(np.argsort(perm))
+    return b if flips is None else b[flips]
+
+
+def _same_view(a, b):
+    return (a is b or (a.strides == b.strides
+                       and _kernels.address(a) == _kernels.address(b)))
+
+
+class _Views:
+    """x (and dy) as C-contiguous (outer, C, inner) arrays sharing one memory order, and the
+    output array the kernel writes, with what to return and what to copy back."""
+
+    __slots__ = ("x", "dy", "y", "outer", "inner", "result", "copy_back")
+
+    def __init__(self, x, axis, out, dy=None):
+        order = None
+        if not (x.flags.c_contiguous and (dy is None or dy.flags.c_contiguous)):
+            order = _dense_order(x)
+            if order is None:               # not one block of memory: copy once
+                x = np.ascontiguousarray(x)
+                if dy is not None:
+                    dy = np.ascontiguousarray(dy)
+                if out is not None and not out.flags.c_contiguous:
+                    self._set_output(x, None, out)
+                    self._set_shape(x, axis)
+                    self.dy = dy
+                    return
+            else:
+                axis = order[1].index(axis)
+                x = _to_order(x, order)
+                if dy is not None:
+                    dy = np.ascontiguousarray(_to_order(dy, order))
+        self.x = x
+        self.dy = dy
+        self._set_shape(x, axis)
+        self._set_output(x, order, out)
+
+    def _set_shape(self, x, axis):
+        self.outer = math.prod(x.shape[:axis])
+        self.inner = math.prod(x.shape[axis + 1:])
+        self.x = x
+
+    def _set_output(self, x, order, out):
+        self.copy_back = None
+        if out is None:
+            self.y = np.empty(x.shape, x.dtype)
+            self.result = self.y if order is None else _from_order(self.y, order)
+            return
+        target = out if order is None else _to_order(out, order)
+        self.result = out
+        if target.flags.c_contiguous and target.shape == x.shape:
+            self.y = target
+        else:
+            self.y = np.empty(x.shape, x.dtype)
+            self.copy_back = target
+
+    def finish(self):
+        if self.copy_back is not None:
+            np.copyto(self.copy_back, self.y)
+        return self.result
+
+
+def _avoid_partial_overlap(out, *inputs):
+    """out, or a fresh array when out overlaps an input without being exactly it (the kernels
+    are safe in place, not for shifted overlaps); the caller copies the result into out."""
+    if out is None:
+        return None, None
+    for a in inputs:
+        if not _same_view(out, a) and np.may_share_memory(out, a):
+            return None, out
+    return out, None
+
+
+def _finish(result, deferred_out):
+    if deferred_out is None:
+        return result
+    np.copyto(deferred_out, result)
+    return deferred_out
+
+
+# ------------------------------------------------------------------------------- functions
+
+def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
+                     running_var=None, momentum=0.1, out=None):
+    """Batch normalization with batch statistics (training mode).
+
+    y = (x - mean) * invstd * weight + bias, with mean and the biased variance taken per
+    channel over every axis but `axis`, and invstd = 1 / sqrt(var + eps).
+
+    Returns (y, mean, invstd); mean and invstd are (C,) arrays of x's dtype, the saved
+    statistics batch_norm_backward takes. running_mean and running_var, if given, are
+    updated in place: r = (1 - momentum) * r + momentum * batch, with the unbiased variance
+    n / (n - 1) for running_var (PyTorch's convention).
+    """
+    x, axis = _check_x(x, axis)
+    C = x.shape[axis]
+    weight = _channel_vector(weight, "weight", C, x.dtype)
+    bias = _channel_vector(bias, "bias", C, x.dtype)
+    eps = _real(eps, "eps", 0.0, math.inf)
+    momentum = _real(momentum, "momentum", 0.0, 1.0)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if running_mean is not None:
+        running_mean = _running_stat(running_mean, "running_mean", C, x.dtype)
+        running_var = _running_stat(running_var, "running_var", C, x.dtype)
+    out = _out(out, x)
+    count = x.size // C if C else 0
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, "
+                         f"got x of shape {x.shape} with channels on axis {axis}")
+
+    mean = np.empty(C, x.dtype)
+    invstd = np.empty(C, x.dtype)
+    if x.size == 0:     # nothing to take statistics of: running statistics stay as they are
+        mean.fill(np.nan)
+        invstd.fill(np.nan)
+        return (np.empty_like(x) if out is None else out), mean, invstd
+    out, deferred = _avoid_partial_overlap(out, x)
+    v = _Views(x, axis, out)
+    _kernels.forward_train(v.x, v.y, v.outer, C, v.inner, weight, bias, eps,
+                           running_mean, running_var, momentum, mean, invstd)
+    return _finish(v.finish(), deferred), mean, invstd
+
+
+def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5, axis=1,
+                     out=None):
+    """Batch normalization with running statistics (inference mode).
+
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, per channel.
+    """
+    x, axis = _check_x(x, axis)
+    C = x.shape[axis]
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required for inference")
+    running_mean = _channel_vector(running_mean, "running_mean", C, x.dtype)
+    running_var = _channel_vector(running_var, "running_var", C, x.dtype)
+    weight = _channel_vector(weight, "weight", C, x.dtype)
+    bias = _channel_vector(bias, "bias", C, x.dtype)
+    eps = _real(eps, "eps", 0.0, math.inf)
+    out = _out(out, x)
+    if x.size == 0:
+        return np.empty_like(x) if out is None else out
+    out, deferred = _avoid_partial_overlap(out, x)
+    v = _Views(x, axis, out)
+    _kernels.forward_infer(v.x, v.y, v.outer, C, v.inner, running_mean, running_var,
+                           weight, bias, eps)
+    return _finish(v.finish(), deferred)
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
+    """Gradients of batch_norm_train's output: returns (dx, dweight, dbias).
+
+    dy is the gradient of y; mean and invstd are the statistics batch_norm_train returned.
+    dweight and dbias are (C,) arrays (returned whether or not weight is given).
+    The mean serves as a shift only: the exact batch mean is recovered from x, so a mean
+    rounded to float32 costs no accuracy when the data sit far from zero.
+    """
+    x, axis = _check_x(x, axis)
+    dy = _as_data(dy, "dy")
+    _same_dtype(dy, "dy", x)
+    C = x.shape[axis]
+    if mean is None or invstd is None:
+        raise TypeError("mean and invstd are required: pass what batch_norm_train returned")
+    mean = _channel_vector(mean, "mean", C, x.dtype)
+    invstd = _channel_vector(invstd, "invstd", C, x.dtype)
+    weight = _channel_vector(weight, "weight", C, x.dtype)
+    out = _out(out, x)
+
+    dweight = np.zeros(C, x.dtype)
+    dbias = np.zeros(C, x.dtype)
+    if x.size == 0:
+        return (np.empty_like(x) if out is None else out), dweight, dbias
+    out, deferred = _avoid_partial_overlap(out, x, dy)
+    v = _Views(x, axis, out, dy=dy)
+    _kernels.backward(v.dy, v.x, v.y, v.outer, C, v.inner, mean, invstd, weight, dweight, dbias)
+    return _finish(v.finish(), deferred), dweight, dbias
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, axis=1, out=None):
+    """torch.nn.functional.batch_norm's arguments and semantics, on NumPy arrays.
+
+    training=True normalizes with batch statistics and updates the running statistics in
+    place if given; training=False normalizes with the running statistics.
+    """
+    if training:
+        return batch_norm_train(x, weight, bias, eps=eps, axis=axis, running_mean=running_mean,
+                                running_var=running_var, momentum=momentum, out=out)[0]
+    return batch_norm_infer(x, running_mean, running_var, weight, bias, eps=eps, axis=axis,
+                            out=out)

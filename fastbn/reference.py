@@ -1,0 +1,127 @@
+"""Batch normalization in plain NumPy: the oracle every fastbn result is tested against.
+
+Written for clarity, not speed, with the same signatures as the fast functions. Everything is
+computed in extended precision (``numpy.longdouble``: a 64-bit mantissa on x86 Linux) on
+values centred on their channel's first value. Centring is exact, so errors scale with the
+spread of the data, not with how far its mean sits from zero. Results are then rounded to
+x's dtype. Never imported by the fast path.
+"""
+import numpy as np
+
+EXTENDED = np.longdouble
+
+
+def _channel_rows(x, axis):
+    """x as a (C, values per channel) matrix in extended precision."""
+    return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1).astype(EXTENDED)
+
+
+def _from_channel_rows(rows, x, axis):
+    """The inverse of _channel_rows: back to x's shape."""
+    moved = np.moveaxis(np.empty(x.shape, dtype=np.bool_), axis, 0).shape
+    return np.moveaxis(rows.reshape(moved), 0, axis)
+
+
+def _column(v):
+    return np.asarray(v).astype(EXTENDED)[:, None]
+
+
+def _store(result, x, out):
+    if out is None:
+        return result.astype(x.dtype)
+    out[...] = result
+    return out
+
+
+def _centred_stats(rows):
+    """(values - shift, mean - shift, biased var) per channel, shift = each channel's first value.
+
+    The mean of the centred values is taken twice (corrected two-pass) so it is exact to
+    extended precision."""
+    centred = rows - rows[:, :1]
+    rough = centred.mean(axis=1, keepdims=True)
+    mean = rough + (centred - rough).mean(axis=1, keepdims=True)
+    var = ((centred - mean) ** 2).mean(axis=1)
+    return centred, mean, var
+
+
+def batch_stats(x, axis=1):
+    """Per-channel batch mean and biased variance, in extended precision."""
+    rows = _channel_rows(x, axis % x.ndim)
+    _, mean, var = _centred_stats(rows)
+    return rows[:, 0] + mean[:, 0], var
+
+
+def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
+                     running_var=None, momentum=0.1, out=None):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias with batch statistics.
+
+    Returns (y, mean, invstd). Running statistics, when given, are updated in place:
+    r = (1 - momentum) * r + momentum * batch, with the unbiased variance n / (n - 1).
+    """
+    axis = axis % x.ndim
+    rows = _channel_rows(x, axis)
+    count = rows.shape[1]
+    centred, mean, var = _centred_stats(rows)
+    invstd = 1 / np.sqrt(var + EXTENDED(eps))
+    y = (centred - mean) * invstd[:, None]
+    if weight is not None:
+        y = y * _column(weight)
+    if bias is not None:
+        y = y + _column(bias)
+    batch_mean = rows[:, 0] + mean[:, 0]
+    if running_mean is not None:
+        running_mean[...] = (1 - momentum) * running_mean.astype(EXTENDED) + momentum * batch_mean
+        running_var[...] = ((1 - momentum) * running_var.astype(EXTENDED)
+                            + momentum * var * count / (count - 1))
+    y = _from_channel_rows(y, x, axis)
+    return _store(y, x, out), batch_mean.astype(x.dtype), invstd.astype(x.dtype)
+
+
+def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5, axis=1,
+                     out=None):
+    """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias."""
+    axis = axis % x.ndim
+    rows = _channel_rows(x, axis)
+    scale = 1 / np.sqrt(_column(running_var) + EXTENDED(eps))
+    if weight is not None:
+        scale = scale * _column(weight)
+    y = (rows - _column(running_mean)) * scale
+    if bias is not None:
+        y = y + _column(bias)
+    return _store(_from_channel_rows(y, x, axis), x, out)
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
+    """Gradients of batch_norm_train's y with respect to x, weight and bias.
+
+    With xhat = (x - mu) * invstd and n values per channel:
+        dbias   = sum dy
+        dweight = sum dy * xhat
+        dx      = weight * invstd * (dy - dbias / n - xhat * dweight / n)
+    mu is the batch mean of x, as in batch_norm_train: the saved `mean` (which may have been
+    rounded to float32) is not needed to compute it.
+    """
+    axis = axis % x.ndim
+    rows = _channel_rows(x, axis)
+    count = rows.shape[1]
+    centred, mu, _ = _centred_stats(rows)
+    invstd = _column(invstd)
+    g = _channel_rows(dy, axis)
+    xhat = (centred - mu) * invstd
+    dbias = g.sum(axis=1)
+    dweight = (g * xhat).sum(axis=1)
+    gamma = 1 if weight is None else _column(weight)
+    dx = gamma * invstd * (g - dbias[:, None] / count - xhat * dweight[:, None] / count)
+    dx = _from_channel_rows(dx, x, axis)
+    return _store(dx, x, out), dweight.astype(x.dtype), dbias.astype(x.dtype)
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, axis=1, out=None):
+    """torch.nn.functional.batch_norm's semantics: batch statistics when training."""
+    if training:
+        return batch_norm_train(x, weight, bias, eps=eps, axis=axis, running_mean=running_mean,
+                                running_var=running_var, momentum=momentum, out=out)[0]
+    return batch_norm_infer(x, running_mean, running_var, weight, bias, eps=eps, axis=axis,
+                            out=out)

@@ -1,0 +1,121 @@
+"""Build fastbn's Cython extension, with OpenMP where the compiler has it.
+
+Environment variables:
+  FASTBN_NO_OPENMP=1   build without OpenMP (every call runs on one thread)
+  FASTBN_NATIVE=1      compile for this machine's CPU (-march=native) instead of a portable
+                       build with runtime dispatch to AVX2 / AVX-512 kernels
+"""
+import os
+import sys
+import tempfile
+import warnings
+from glob import glob
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+OPENMP_PROBE = r"""
+#include <omp.h>
+int main(void)
+{
+    int threads = 0;
+#pragma omp parallel reduction(+:threads)
+    threads += 1;
+    return threads > 0 && omp_get_max_threads() > 0 ? 0 : 1;
+}
+"""
+
+
+def _flag_set(name):
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _openmp_candidates(compiler):
+    """(compile flags, link flags) worth trying for OpenMP, most likely first."""
+    if compiler.compiler_type == "msvc":
+        return [(["/openmp"], [])]
+    if sys.platform == "darwin":
+        # Apple clang has no -fopenmp of its own: it needs libomp (Homebrew or conda)
+        prefixes = [os.environ.get("LIBOMP_PREFIX", ""), "/opt/homebrew/opt/libomp",
+                    "/usr/local/opt/libomp", os.environ.get("CONDA_PREFIX", "")]
+        return [(["-fopenmp"], ["-fopenmp"])] + [
+            (["-Xpreprocessor", "-fopenmp", f"-I{p}/include"], [f"-L{p}/lib", "-lomp"])
+            for p in prefixes if p and os.path.isdir(p)]
+    return [(["-fopenmp"], ["-fopenmp"])]
+
+
+def _compiles(compiler, source, cflags, lflags):
+    """Whether `source` compiles and links with these flags (a probe program)."""
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            with open("probe.c", "w") as f:
+                f.write(source)
+            objects = compiler.compile(["probe.c"], extra_postargs=cflags)
+            compiler.link_executable(objects, "probe", extra_postargs=lflags)
+            return True
+        except Exception:
+            return False
+        finally:
+            os.chdir(cwd)
+
+
+class BuildExt(build_ext):
+    """Finds OpenMP by compiling a probe program; falls back to a serial build with a warning."""
+
+    def build_extensions(self):
+        compiler = self.compiler
+        msvc = compiler.compiler_type == "msvc"
+        cflags = ["/O2"] if msvc else ["-O3"]
+        lflags = []
+
+        openmp = None
+        if _flag_set("FASTBN_NO_OPENMP"):
+            warnings.warn("FASTBN_NO_OPENMP is set: building fastbn without OpenMP "
+                          "(every call runs on one thread)")
+        else:
+            for c, l in _openmp_candidates(compiler):
+                if _compiles(compiler, OPENMP_PROBE, c, l):
+                    openmp = (c, l)
+                    break
+            if openmp is None:
+                warnings.warn("OpenMP not found: building fastbn without it "
+                              "(every call runs on one thread)")
+        if openmp:
+            cflags += openmp[0]
+            lflags += openmp[1]
+        elif not msvc and _compiles(compiler, "int main(void){return 0;}", ["-fopenmp-simd"], []):
+            cflags.append("-fopenmp-simd")   # keeps `#pragma omp simd` vectorization
+        if not msvc:
+            cflags.append("-Wno-unknown-pragmas")
+        if _flag_set("FASTBN_NATIVE") and not msvc:
+            cflags.append("-march=native")
+
+        build_flags = " ".join(cflags + lflags).replace('"', "")
+        for ext in self.extensions:
+            ext.extra_compile_args += cflags
+            ext.extra_link_args += lflags
+            ext.define_macros.append(("FASTBN_BUILD_FLAGS", f'"{build_flags}"'))
+        super().build_extensions()
+
+
+extensions = [
+    Extension(
+        "fastbn._kernels",
+        ["fastbn/_kernels.pyx"],
+        include_dirs=["include", numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],
+        depends=glob("include/fastbn/*.h") + ["fastbn/_kernels.pxd"],
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={"language_level": 3},
+    ),
+    cmdclass={"build_ext": BuildExt},
+)
