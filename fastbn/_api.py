@@ -124,8 +124,13 @@ def _check_x(x, axis):
 
 # --------------------------------------------------------------------------- canonical view
 
-def _dense_order(a):
-    """(flips, perm) with a[flips].transpose(perm) C-contiguous, or None if a is not dense."""
+def _dense_order(a, axis):
+    """(flips, perm) with a[flips].transpose(perm) C-contiguous, or None if a is not dense.
+
+    A reversed channel axis counts as not dense: flipping it would reverse the channels
+    against weight, bias and the statistics."""
+    if a.strides[axis] < 0:
+        return None
     flips = None
     if any(s < 0 for s in a.strides):
         flips = tuple(slice(None, None, -1) if s < 0 else slice(None) for s in a.strides)
@@ -159,7 +164,7 @@ class _Views:
     def __init__(self, x, axis, out, dy=None):
         order = None
         if not (x.flags.c_contiguous and (dy is None or dy.flags.c_contiguous)):
-            order = _dense_order(x)
+            order = _dense_order(x, axis)
             if order is None:               # not one block of memory: copy once
                 x = np.ascontiguousarray(x)
                 if dy is not None:

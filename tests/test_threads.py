@@ -1,0 +1,73 @@
+"""Thread count: every result bitwise identical for 1, 2, 3 and 4 threads; the controls work."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastbn
+from conftest import DTYPES, PARALLEL_CASES, make_input, make_params, plan
+
+
+def run_all(x, axis, weight, bias, dy):
+    C = x.shape[axis]
+    rm, rv = np.zeros(C, x.dtype), np.ones(C, x.dtype)
+    y, mean, invstd = fastbn.batch_norm_train(x, weight, bias, axis=axis, running_mean=rm,
+                                              running_var=rv)
+    y_inf = fastbn.batch_norm_infer(x, rm, rv, weight, bias, axis=axis)
+    grads = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis)
+    return (y, mean, invstd, rm, rv, y_inf) + grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", PARALLEL_CASES)
+def test_bitwise_identical_for_any_thread_count(shape, axis, dtype, rng, threads):
+    assert plan(shape, axis)["threads"] == fastbn.get_num_threads()  # the parallel path
+    x = make_input(shape, axis, dtype, rng, offset=10.0)
+    weight, bias = make_params(shape[axis], dtype, rng)
+    dy = rng.standard_normal(shape).astype(dtype)
+    results = {}
+    for n in (1, 2, 3, 4):
+        threads(n)
+        assert fastbn.get_num_threads() == n
+        results[n] = run_all(x, axis, weight, bias, dy)
+    for n in (2, 3, 4):
+        for a, b in zip(results[1], results[n]):
+            assert a.tobytes() == b.tobytes(), f"{n} threads differ from 1"
+
+
+def test_set_num_threads_checks_its_argument(threads):
+    with pytest.raises(TypeError, match="n must be"):
+        fastbn.set_num_threads(2.0)
+    with pytest.raises(TypeError, match="n must be"):
+        fastbn.set_num_threads(True)
+    with pytest.raises(ValueError, match="n must be"):
+        fastbn.set_num_threads(0)
+    threads(3)
+    assert fastbn.get_num_threads() == 3
+    threads(None)
+    assert fastbn.get_num_threads() >= 1
+
+
+def _threads_in_subprocess(code, **env):
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, **env}, check=True)
+    return out.stdout.strip()
+
+
+def test_omp_num_threads_is_honoured():
+    info = _threads_in_subprocess("import fastbn; print(fastbn.get_num_threads())",
+                                  OMP_NUM_THREADS="3")
+    expected = "3" if fastbn._kernels.build_info()["openmp"] else "1"
+    assert info == expected
+
+
+def test_threadpoolctl_limits_the_pool():
+    pytest.importorskip("threadpoolctl")
+    if not fastbn._kernels.build_info()["openmp"]:
+        pytest.skip("built without OpenMP")
+    code = ("import fastbn, threadpoolctl\n"
+            "with threadpoolctl.threadpool_limits(1):\n"
+            "    print(fastbn.get_num_threads())")
+    assert _threads_in_subprocess(code, OMP_NUM_THREADS="4") == "1"
