@@ -6,6 +6,7 @@ Environment variables:
                        build with runtime dispatch to AVX2 / AVX-512 kernels
 """
 import os
+import shlex
 import sys
 import tempfile
 import warnings
@@ -55,7 +56,9 @@ def _compiles(compiler, source, cflags, lflags):
             with open("probe.c", "w") as f:
                 f.write(source)
             objects = compiler.compile(["probe.c"], extra_postargs=cflags)
-            compiler.link_executable(objects, "probe", extra_postargs=lflags)
+            # the extension's link gets $LDFLAGS (sanitizers, say): the probe's must too
+            env_ldflags = shlex.split(os.environ.get("LDFLAGS", ""))
+            compiler.link_executable(objects, "probe", extra_postargs=lflags + env_ldflags)
             return True
         except Exception:
             return False
@@ -94,7 +97,8 @@ class BuildExt(build_ext):
         if _flag_set("FASTBN_NATIVE") and not msvc:
             cflags.append("-march=native")
 
-        build_flags = " ".join(cflags + lflags).replace('"', "")
+        build_flags = f"compile: {' '.join(cflags)}; link: {' '.join(lflags) or '-'}"
+        build_flags = build_flags.replace('"', "")
         for ext in self.extensions:
             ext.extra_compile_args += cflags
             ext.extra_link_args += lflags
