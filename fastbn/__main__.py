@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastbn info``."""
+"""Command line: ``python -m fastbn info`` and ``python -m fastbn bench``."""
 import argparse
 import platform
 import sys
@@ -36,10 +36,21 @@ def main(argv=None):
                                      description="fastbn: batch normalization for NumPy")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="version, OpenMP, threads, compiler and SIMD of this build")
+    bench = commands.add_parser(
+        "bench", help="time fastbn against NumPy, PyTorch and ONNX Runtime, side by side")
+    bench.add_argument("--quick", action="store_true", help="smaller shapes, shorter timings")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="threads for fastbn and every peer (default: get_num_threads())")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="also plot the speedups (matplotlib)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
-    return 0
+        return 0
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    from . import _bench
+    return _bench.main(args)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 # The C kernels of include/fastbn, declared once, with fused-type wrappers so the
 # orchestration in _kernels.pyx is written once for float32 and float64.
+# Each kernel appears three times (f32 and f64 declarations, one wrapper): keep them in step.
 from cython cimport floating
 
 cdef extern from "fastbn/platform.h" nogil:
     ctypedef Py_ssize_t fbn_index
+    enum: FBN_BLOCK
 
     ctypedef struct fbn_moments:
         double count
@@ -12,6 +14,9 @@ cdef extern from "fastbn/platform.h" nogil:
         double m2
     const fbn_moments fbn_moments_empty
     void fbn_moments_merge(fbn_moments *a, fbn_moments b)
+    void fbn_moments_merge_rows(fbn_index C, double *count_a, double *shift_a, double *dev_a,
+                                double *m2_a, double count_b, const double *shift_b,
+                                const double *dev_b, const double *m2_b)
 
     ctypedef struct fbn_grad_sums:
         double dy
@@ -28,19 +33,74 @@ cdef extern from "fastbn/platform.h" nogil:
     const char *fbn_dispatch_targets()
     const char *fbn_dispatch_selected()
 
-    fbn_moments fbn_moments_runs_f32(const float *x, fbn_index nruns, fbn_index stride, fbn_index len)
-    fbn_moments fbn_moments_runs_f64(const double *x, fbn_index nruns, fbn_index stride, fbn_index len)
-    void fbn_moments_rows_f32(const float *x, fbn_index nrows, fbn_index C,
-                              double *shift, double *dev_sum, double *m2)
-    void fbn_moments_rows_f64(const double *x, fbn_index nrows, fbn_index C,
-                              double *shift, double *dev_sum, double *m2)
-
+    fbn_moments fbn_moments_channel_f32(const float *x, fbn_index stride, fbn_index len,
+                                        fbn_index e0, fbn_index e1)
+    fbn_moments fbn_moments_channel_f64(const double *x, fbn_index stride, fbn_index len,
+                                        fbn_index e0, fbn_index e1)
+    void fbn_normalize_channel_f32(const float *x, float *y, fbn_index stride, fbn_index len,
+                                   fbn_index e0, fbn_index e1, float hi, float lo, float scale,
+                                   float offset)
+    void fbn_normalize_channel_f64(const double *x, double *y, fbn_index stride, fbn_index len,
+                                   fbn_index e0, fbn_index e1, double hi, double lo,
+                                   double scale, double offset)
+    fbn_grad_sums fbn_grad_sums_channel_f32(const float *dy, const float *x, fbn_index stride,
+                                            fbn_index len, fbn_index e0, fbn_index e1,
+                                            double m)
+    fbn_grad_sums fbn_grad_sums_channel_f64(const double *dy, const double *x,
+                                            fbn_index stride, fbn_index len, fbn_index e0,
+                                            fbn_index e1, double m)
+    void fbn_grad_input_channel_f32(const float *dy, const float *x, float *dx,
+                                    fbn_index stride, fbn_index len, fbn_index e0,
+                                    fbn_index e1, float m, float lo, float k_dy, float k_xc,
+                                    float k_0)
+    void fbn_grad_input_channel_f64(const double *dy, const double *x, double *dx,
+                                    fbn_index stride, fbn_index len, fbn_index e0,
+                                    fbn_index e1, double m, double lo, double k_dy,
+                                    double k_xc, double k_0)
+    void fbn_normalize_span_f32(const float *x, float *y, fbn_index C, fbn_index len,
+                                fbn_index p0, fbn_index p1, const float *hi, const float *lo,
+                                const float *scale, const float *offset)
+    void fbn_normalize_span_f64(const double *x, double *y, fbn_index C, fbn_index len,
+                                fbn_index p0, fbn_index p1, const double *hi, const double *lo,
+                                const double *scale, const double *offset)
+    void fbn_grad_input_span_f32(const float *dy, const float *x, float *dx, fbn_index C,
+                                 fbn_index len, fbn_index p0, fbn_index p1, const float *m,
+                                 const float *lo, const float *k_dy, const float *k_xc,
+                                 const float *k_0)
+    void fbn_grad_input_span_f64(const double *dy, const double *x, double *dx, fbn_index C,
+                                 fbn_index len, fbn_index p0, fbn_index p1, const double *m,
+                                 const double *lo, const double *k_dy, const double *k_xc,
+                                 const double *k_0)
+    void fbn_moments_rows_f32(const float *x, fbn_index nrows, fbn_index C, double *shift,
+                              double *dev_sum, double *m2)
+    void fbn_moments_rows_f64(const double *x, fbn_index nrows, fbn_index C, double *shift,
+                              double *dev_sum, double *m2)
+    void fbn_normalize_rows_f32(const float *x, float *y, fbn_index nrows, fbn_index C,
+                                const float *hi, const float *lo, const float *scale,
+                                const float *offset)
+    void fbn_normalize_rows_f64(const double *x, double *y, fbn_index nrows, fbn_index C,
+                                const double *hi, const double *lo, const double *scale,
+                                const double *offset)
+    void fbn_grad_sums_rows_f32(const float *dy, const float *x, fbn_index nrows, fbn_index C,
+                                const float *m, double *s_dy, double *s_dy_xc, double *s_xc)
+    void fbn_grad_sums_rows_f64(const double *dy, const double *x, fbn_index nrows,
+                                fbn_index C, const double *m, double *s_dy, double *s_dy_xc,
+                                double *s_xc)
+    void fbn_grad_input_rows_f32(const float *dy, const float *x, float *dx, fbn_index nrows,
+                                 fbn_index C, const float *m, const float *lo,
+                                 const float *k_dy, const float *k_xc, const float *k_0)
+    void fbn_grad_input_rows_f64(const double *dy, const double *x, double *dx,
+                                 fbn_index nrows, fbn_index C, const double *m,
+                                 const double *lo, const double *k_dy, const double *k_xc,
+                                 const double *k_0)
     double fbn_train_coefficients_f32(fbn_moments m, double eps, double gamma, double beta,
                                       float *hi, float *lo, float *scale, float *offset)
     double fbn_train_coefficients_f64(fbn_moments m, double eps, double gamma, double beta,
                                       double *hi, double *lo, double *scale, double *offset)
-    void fbn_update_running_f32(float *running_mean, float *running_var, fbn_moments m, double momentum)
-    void fbn_update_running_f64(double *running_mean, double *running_var, fbn_moments m, double momentum)
+    void fbn_update_running_f32(float *running_mean, float *running_var, fbn_moments m,
+                                double momentum)
+    void fbn_update_running_f64(double *running_mean, double *running_var, fbn_moments m,
+                                double momentum)
     void fbn_grad_coefficients_f32(fbn_grad_sums s, double count, double invstd, double gamma,
                                    float *lo, float *k_dy, float *k_xc, float *k_0,
                                    double *dweight, double *dbias)
@@ -48,45 +108,63 @@ cdef extern from "fastbn/platform.h" nogil:
                                    double *lo, double *k_dy, double *k_xc, double *k_0,
                                    double *dweight, double *dbias)
 
-    void fbn_normalize_runs_f32(const float *x, float *y, fbn_index nruns, fbn_index stride,
-                                fbn_index len, float hi, float lo, float scale, float offset)
-    void fbn_normalize_runs_f64(const double *x, double *y, fbn_index nruns, fbn_index stride,
-                                fbn_index len, double hi, double lo, double scale, double offset)
-    void fbn_normalize_rows_f32(const float *x, float *y, fbn_index nrows, fbn_index C,
-                                const float *hi, const float *lo, const float *scale,
-                                const float *offset)
-    void fbn_normalize_rows_f64(const double *x, double *y, fbn_index nrows, fbn_index C,
-                                const double *hi, const double *lo, const double *scale,
-                                const double *offset)
 
-    fbn_grad_sums fbn_grad_sums_runs_f32(const float *dy, const float *x, fbn_index nruns,
-                                         fbn_index stride, fbn_index len, double m)
-    fbn_grad_sums fbn_grad_sums_runs_f64(const double *dy, const double *x, fbn_index nruns,
-                                         fbn_index stride, fbn_index len, double m)
-    void fbn_grad_sums_rows_f32(const float *dy, const float *x, fbn_index nrows, fbn_index C,
-                                const float *m, double *s_dy, double *s_dy_xc, double *s_xc)
-    void fbn_grad_sums_rows_f64(const double *dy, const double *x, fbn_index nrows, fbn_index C,
-                                const double *m, double *s_dy, double *s_dy_xc, double *s_xc)
-    void fbn_grad_input_runs_f32(const float *dy, const float *x, float *dx, fbn_index nruns,
-                                 fbn_index stride, fbn_index len, float m, float lo,
-                                 float k_dy, float k_xc, float k_0)
-    void fbn_grad_input_runs_f64(const double *dy, const double *x, double *dx, fbn_index nruns,
-                                 fbn_index stride, fbn_index len, double m, double lo,
-                                 double k_dy, double k_xc, double k_0)
-    void fbn_grad_input_rows_f32(const float *dy, const float *x, float *dx, fbn_index nrows,
-                                 fbn_index C, const float *m, const float *lo, const float *k_dy,
-                                 const float *k_xc, const float *k_0)
-    void fbn_grad_input_rows_f64(const double *dy, const double *x, double *dx, fbn_index nrows,
-                                 fbn_index C, const double *m, const double *lo,
-                                 const double *k_dy, const double *k_xc, const double *k_0)
-
-
-cdef inline fbn_moments moments_runs(const floating *x, fbn_index nruns, fbn_index stride,
-                                     fbn_index len) noexcept nogil:
+cdef inline fbn_moments moments_channel(const floating *x, fbn_index stride, fbn_index len,
+                                        fbn_index e0, fbn_index e1) noexcept nogil:
     if floating is float:
-        return fbn_moments_runs_f32(x, nruns, stride, len)
+        return fbn_moments_channel_f32(x, stride, len, e0, e1)
     else:
-        return fbn_moments_runs_f64(x, nruns, stride, len)
+        return fbn_moments_channel_f64(x, stride, len, e0, e1)
+
+
+cdef inline void normalize_channel(const floating *x, floating *y, fbn_index stride,
+                                   fbn_index len, fbn_index e0, fbn_index e1, floating hi,
+                                   floating lo, floating scale,
+                                   floating offset) noexcept nogil:
+    if floating is float:
+        fbn_normalize_channel_f32(x, y, stride, len, e0, e1, hi, lo, scale, offset)
+    else:
+        fbn_normalize_channel_f64(x, y, stride, len, e0, e1, hi, lo, scale, offset)
+
+
+cdef inline fbn_grad_sums grad_sums_channel(const floating *dy, const floating *x,
+                                            fbn_index stride, fbn_index len, fbn_index e0,
+                                            fbn_index e1, double m) noexcept nogil:
+    if floating is float:
+        return fbn_grad_sums_channel_f32(dy, x, stride, len, e0, e1, m)
+    else:
+        return fbn_grad_sums_channel_f64(dy, x, stride, len, e0, e1, m)
+
+
+cdef inline void grad_input_channel(const floating *dy, const floating *x, floating *dx,
+                                    fbn_index stride, fbn_index len, fbn_index e0,
+                                    fbn_index e1, floating m, floating lo, floating k_dy,
+                                    floating k_xc, floating k_0) noexcept nogil:
+    if floating is float:
+        fbn_grad_input_channel_f32(dy, x, dx, stride, len, e0, e1, m, lo, k_dy, k_xc, k_0)
+    else:
+        fbn_grad_input_channel_f64(dy, x, dx, stride, len, e0, e1, m, lo, k_dy, k_xc, k_0)
+
+
+cdef inline void normalize_span(const floating *x, floating *y, fbn_index C, fbn_index len,
+                                fbn_index p0, fbn_index p1, const floating *hi,
+                                const floating *lo, const floating *scale,
+                                const floating *offset) noexcept nogil:
+    if floating is float:
+        fbn_normalize_span_f32(x, y, C, len, p0, p1, hi, lo, scale, offset)
+    else:
+        fbn_normalize_span_f64(x, y, C, len, p0, p1, hi, lo, scale, offset)
+
+
+cdef inline void grad_input_span(const floating *dy, const floating *x, floating *dx,
+                                 fbn_index C, fbn_index len, fbn_index p0, fbn_index p1,
+                                 const floating *m, const floating *lo, const floating *k_dy,
+                                 const floating *k_xc, const floating *k_0) noexcept nogil:
+    if floating is float:
+        fbn_grad_input_span_f32(dy, x, dx, C, len, p0, p1, m, lo, k_dy, k_xc, k_0)
+    else:
+        fbn_grad_input_span_f64(dy, x, dx, C, len, p0, p1, m, lo, k_dy, k_xc, k_0)
+
 
 cdef inline void moments_rows(const floating *x, fbn_index nrows, fbn_index C, double *shift,
                               double *dev_sum, double *m2) noexcept nogil:
@@ -95,36 +173,6 @@ cdef inline void moments_rows(const floating *x, fbn_index nrows, fbn_index C, d
     else:
         fbn_moments_rows_f64(x, nrows, C, shift, dev_sum, m2)
 
-cdef inline double train_coefficients(fbn_moments m, double eps, double gamma, double beta,
-                                      floating *hi, floating *lo, floating *scale,
-                                      floating *offset) noexcept nogil:
-    if floating is float:
-        return fbn_train_coefficients_f32(m, eps, gamma, beta, hi, lo, scale, offset)
-    else:
-        return fbn_train_coefficients_f64(m, eps, gamma, beta, hi, lo, scale, offset)
-
-cdef inline void update_running(floating *running_mean, floating *running_var, fbn_moments m,
-                                double momentum) noexcept nogil:
-    if floating is float:
-        fbn_update_running_f32(running_mean, running_var, m, momentum)
-    else:
-        fbn_update_running_f64(running_mean, running_var, m, momentum)
-
-cdef inline void grad_coefficients(fbn_grad_sums s, double count, double invstd, double gamma,
-                                   floating *lo, floating *k_dy, floating *k_xc, floating *k_0,
-                                   double *dweight, double *dbias) noexcept nogil:
-    if floating is float:
-        fbn_grad_coefficients_f32(s, count, invstd, gamma, lo, k_dy, k_xc, k_0, dweight, dbias)
-    else:
-        fbn_grad_coefficients_f64(s, count, invstd, gamma, lo, k_dy, k_xc, k_0, dweight, dbias)
-
-cdef inline void normalize_runs(const floating *x, floating *y, fbn_index nruns, fbn_index stride,
-                                fbn_index len, floating hi, floating lo, floating scale,
-                                floating offset) noexcept nogil:
-    if floating is float:
-        fbn_normalize_runs_f32(x, y, nruns, stride, len, hi, lo, scale, offset)
-    else:
-        fbn_normalize_runs_f64(x, y, nruns, stride, len, hi, lo, scale, offset)
 
 cdef inline void normalize_rows(const floating *x, floating *y, fbn_index nrows, fbn_index C,
                                 const floating *hi, const floating *lo, const floating *scale,
@@ -134,12 +182,6 @@ cdef inline void normalize_rows(const floating *x, floating *y, fbn_index nrows,
     else:
         fbn_normalize_rows_f64(x, y, nrows, C, hi, lo, scale, offset)
 
-cdef inline fbn_grad_sums grad_sums_runs(const floating *dy, const floating *x, fbn_index nruns,
-                                         fbn_index stride, fbn_index len, double m) noexcept nogil:
-    if floating is float:
-        return fbn_grad_sums_runs_f32(dy, x, nruns, stride, len, m)
-    else:
-        return fbn_grad_sums_runs_f64(dy, x, nruns, stride, len, m)
 
 cdef inline void grad_sums_rows(const floating *dy, const floating *x, fbn_index nrows,
                                 fbn_index C, const floating *m, double *s_dy, double *s_dy_xc,
@@ -149,20 +191,38 @@ cdef inline void grad_sums_rows(const floating *dy, const floating *x, fbn_index
     else:
         fbn_grad_sums_rows_f64(dy, x, nrows, C, m, s_dy, s_dy_xc, s_xc)
 
-cdef inline void grad_input_runs(const floating *dy, const floating *x, floating *dx,
-                                 fbn_index nruns, fbn_index stride, fbn_index len, floating m,
-                                 floating lo, floating k_dy, floating k_xc,
-                                 floating k_0) noexcept nogil:
-    if floating is float:
-        fbn_grad_input_runs_f32(dy, x, dx, nruns, stride, len, m, lo, k_dy, k_xc, k_0)
-    else:
-        fbn_grad_input_runs_f64(dy, x, dx, nruns, stride, len, m, lo, k_dy, k_xc, k_0)
 
 cdef inline void grad_input_rows(const floating *dy, const floating *x, floating *dx,
                                  fbn_index nrows, fbn_index C, const floating *m,
-                                 const floating *lo, const floating *k_dy, const floating *k_xc,
-                                 const floating *k_0) noexcept nogil:
+                                 const floating *lo, const floating *k_dy,
+                                 const floating *k_xc, const floating *k_0) noexcept nogil:
     if floating is float:
         fbn_grad_input_rows_f32(dy, x, dx, nrows, C, m, lo, k_dy, k_xc, k_0)
     else:
         fbn_grad_input_rows_f64(dy, x, dx, nrows, C, m, lo, k_dy, k_xc, k_0)
+
+
+cdef inline double train_coefficients(fbn_moments m, double eps, double gamma, double beta,
+                                      floating *hi, floating *lo, floating *scale,
+                                      floating *offset) noexcept nogil:
+    if floating is float:
+        return fbn_train_coefficients_f32(m, eps, gamma, beta, hi, lo, scale, offset)
+    else:
+        return fbn_train_coefficients_f64(m, eps, gamma, beta, hi, lo, scale, offset)
+
+
+cdef inline void update_running(floating *running_mean, floating *running_var, fbn_moments m,
+                                double momentum) noexcept nogil:
+    if floating is float:
+        fbn_update_running_f32(running_mean, running_var, m, momentum)
+    else:
+        fbn_update_running_f64(running_mean, running_var, m, momentum)
+
+
+cdef inline void grad_coefficients(fbn_grad_sums s, double count, double invstd, double gamma,
+                                   floating *lo, floating *k_dy, floating *k_xc, floating *k_0,
+                                   double *dweight, double *dbias) noexcept nogil:
+    if floating is float:
+        fbn_grad_coefficients_f32(s, count, invstd, gamma, lo, k_dy, k_xc, k_0, dweight, dbias)
+    else:
+        fbn_grad_coefficients_f64(s, count, invstd, gamma, lo, k_dy, k_xc, k_0, dweight, dbias)

@@ -11,15 +11,16 @@ and chunk results are merged in chunk order, so every thread count gives the sam
 """
 from cython.parallel cimport parallel, prange, threadid
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 from libc.math cimport sqrt
 cimport numpy as cnp
 
 cnp.import_array()
 
 cdef enum:
-    BLOCK = 2048          # values per statistics block: its second read comes from L1
     MIN_CHUNK = 16384     # values per chunk at least: smaller chunks cost more than they give
     MAX_CHUNKS = 64       # work items aimed for when channels are few: enough for 64 threads
+    MIN_BLOCK_ROWS = 16   # channels-last statistics blocks: rows at least
     SERIAL_BELOW = 65536  # total values under which one thread does everything (no fork/join)
 
 SERIAL_THRESHOLD = SERIAL_BELOW
@@ -74,13 +75,11 @@ def build_info():
 
 cdef struct Plan:
     Py_ssize_t outer, C, inner
-    # channels-first (inner > 1): a block is `block_runs` whole runs, or one of `pieces`
-    # pieces of `piece_len` values of a run when runs are long
-    Py_ssize_t block_runs, pieces, piece_len
-    # channels-last (inner == 1): a block is `block_rows` rows of C channels
-    Py_ssize_t block_rows
-    Py_ssize_t nblocks    # blocks per channel (channels-first) or of all rows (channels-last)
-    Py_ssize_t nchunks    # consecutive-block chunks, likewise: one chunk is one work item
+    Py_ssize_t count       # values per channel: outer * inner
+    Py_ssize_t nchunks     # channels-first: chunks per channel (of positions);
+                           # channels-last: chunks of row blocks. One chunk = one work item.
+    Py_ssize_t block_rows  # channels-last: rows per statistics block
+    Py_ssize_t nblocks     # channels-last: row blocks
 
 
 cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -88,27 +87,19 @@ cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 
 
 cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept nogil:
-    """Blocks and chunks for an (outer, C, inner) problem; needs outer, C, inner >= 1."""
+    """Chunks (and channels-last blocks) for an (outer, C, inner) problem; all sizes >= 1."""
     cdef Plan p
     p.outer = outer
     p.C = C
     p.inner = inner
-    p.block_rows = 0
+    p.count = outer * inner
     if inner > 1:
-        if inner >= BLOCK:
-            p.block_runs = 1
-            p.pieces = ceil_div(inner, BLOCK)
-            p.piece_len = ceil_div(inner, p.pieces)
-        else:
-            p.block_runs = BLOCK // inner
-            p.pieces = 1
-            p.piece_len = inner
-        p.nblocks = ceil_div(outer, p.block_runs) * p.pieces
         # split channels into chunks only when they are too few to feed the threads
-        p.nchunks = max(1, min(ceil_div(MAX_CHUNKS, C), p.nblocks, outer * inner // MIN_CHUNK))
+        p.block_rows = p.nblocks = 0
+        p.nchunks = max(1, min(ceil_div(MAX_CHUNKS, C), p.count // MIN_CHUNK))
     else:
-        p.block_rows = max(1, BLOCK // C)
-        p.block_runs = p.pieces = p.piece_len = 1
+        # blocks of at least MIN_BLOCK_ROWS rows keep the per-block merge cheap when C is large
+        p.block_rows = max(MIN_BLOCK_ROWS, FBN_BLOCK // C)
         p.nblocks = ceil_div(outer, p.block_rows)
         p.nchunks = max(1, min(MAX_CHUNKS, p.nblocks, outer * C // MIN_CHUNK))
     return p
@@ -118,33 +109,15 @@ def plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner):
     """The work split for an (outer, C, inner) problem, as a dict (for tests and benchmarks)."""
     cdef Plan p = make_plan(outer, C, inner)
     return {"family": "channels_first" if inner > 1 else "channels_last",
-            "nblocks": p.nblocks, "nchunks": p.nchunks,
-            "block_runs": p.block_runs, "pieces": p.pieces, "block_rows": p.block_rows,
+            "nchunks": p.nchunks, "block_rows": p.block_rows,
             "threads": threads_for(outer * C * inner)}
 
 
-cdef inline void chunk_blocks(const Plan *p, Py_ssize_t k, Py_ssize_t *first,
-                              Py_ssize_t *last) noexcept nogil:
-    """Blocks [first, last) of chunk k."""
-    first[0] = k * p.nblocks // p.nchunks
-    last[0] = (k + 1) * p.nblocks // p.nchunks
-
-
-cdef inline Py_ssize_t cf_block(const Plan *p, Py_ssize_t c, Py_ssize_t b, Py_ssize_t *nruns,
-                                Py_ssize_t *length) noexcept nogil:
-    """Offset of block b of channel c (channels-first); its run count and run length."""
-    cdef Py_ssize_t first_run = (b // p.pieces) * p.block_runs
-    cdef Py_ssize_t start = (b % p.pieces) * p.piece_len
-    nruns[0] = min(p.block_runs, p.outer - first_run)
-    length[0] = min(p.piece_len, p.inner - start)
-    return (first_run * p.C + c) * p.inner + start
-
-
-cdef inline Py_ssize_t cl_block(const Plan *p, Py_ssize_t b, Py_ssize_t *nrows) noexcept nogil:
-    """First row of block b (channels-last) and its row count."""
-    cdef Py_ssize_t first_row = b * p.block_rows
-    nrows[0] = min(p.block_rows, p.outer - first_row)
-    return first_row
+cdef inline void chunk_range(Py_ssize_t total, Py_ssize_t k, Py_ssize_t nchunks,
+                             Py_ssize_t *first, Py_ssize_t *last) noexcept nogil:
+    """[first, last) of chunk k when total items are cut into nchunks near-equal chunks."""
+    first[0] = k * total // nchunks
+    last[0] = (k + 1) * total // nchunks
 
 
 # ------------------------------------------------------------------------------ forward pass
@@ -181,60 +154,52 @@ cdef void finish_train_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_m
 
 cdef fbn_moments cf_chunk_moments(const floating *x, const Plan *p, Py_ssize_t c,
                                   Py_ssize_t k) noexcept nogil:
-    cdef fbn_moments acc = fbn_moments_empty
-    cdef Py_ssize_t b, first, last, nruns, length, offset
-    chunk_blocks(p, k, &first, &last)
-    for b in range(first, last):
-        offset = cf_block(p, c, b, &nruns, &length)
-        fbn_moments_merge(&acc, moments_runs(x + offset, nruns, p.C * p.inner, length))
-    return acc
+    cdef Py_ssize_t e0, e1
+    chunk_range(p.count, k, p.nchunks, &e0, &e1)
+    return moments_channel(x + c * p.inner, p.C * p.inner, p.inner, e0, e1)
 
 
-cdef void cl_chunk_moments(const floating *x, const Plan *p, Py_ssize_t k, fbn_moments *acc,
+# Channels-last chunk moments: a count and C-length shift | dev_sum | m2 arrays per chunk,
+# stored in parts as [count (1) | shift (C) | dev_sum (C) | m2 (C)], CL_PART(C) doubles each.
+cdef inline Py_ssize_t CL_PART(Py_ssize_t C) noexcept nogil:
+    return 1 + 3 * C
+
+
+cdef void cl_chunk_moments(const floating *x, const Plan *p, Py_ssize_t k, double *part,
                            double *scratch) noexcept nogil:
-    """Chunk k's moments of every channel into acc[0:C]; scratch holds 3*C doubles."""
-    cdef Py_ssize_t C = p.C, b, c, first, last, first_row, nrows
-    cdef double *shift = scratch
-    cdef double *dev_sum = scratch + C
-    cdef double *m2 = scratch + 2 * C
-    cdef fbn_moments block
-    for c in range(C):
-        acc[c] = fbn_moments_empty
-    chunk_blocks(p, k, &first, &last)
+    """Chunk k's moments of every channel into part; scratch holds 3*C doubles."""
+    cdef Py_ssize_t C = p.C, b, first, last, first_row, nrows
+    part[0] = 0.0
+    chunk_range(p.nblocks, k, p.nchunks, &first, &last)
     for b in range(first, last):
-        first_row = cl_block(p, b, &nrows)
-        moments_rows(x + first_row * C, nrows, C, shift, dev_sum, m2)
-        block.count = <double>nrows
-        for c in range(C):
-            block.shift = shift[c]
-            block.dev_sum = dev_sum[c]
-            block.m2 = m2[c]
-            fbn_moments_merge(&acc[c], block)
+        first_row = b * p.block_rows
+        nrows = min(p.block_rows, p.outer - first_row)
+        moments_rows(x + first_row * C, nrows, C, scratch, scratch + C, scratch + 2 * C)
+        fbn_moments_merge_rows(C, part, part + 1, part + 1 + C, part + 1 + 2 * C, <double>nrows,
+                               scratch, scratch + C, scratch + 2 * C)
 
 
-cdef void cf_chunk_normalize(const floating *x, floating *y, const Plan *p, Py_ssize_t c,
-                             Py_ssize_t k, const floating *coef) noexcept nogil:
-    cdef Py_ssize_t C = p.C, b, first, last, nruns, length, offset
-    chunk_blocks(p, k, &first, &last)
-    for b in range(first, last):
-        offset = cf_block(p, c, b, &nruns, &length)
-        normalize_runs(x + offset, y + offset, nruns, C * p.inner, length,
-                       coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c])
+cdef fbn_moments cl_channel(const double *part, Py_ssize_t C, Py_ssize_t c) noexcept nogil:
+    cdef fbn_moments m
+    m.count = part[0]
+    m.shift = part[1 + c]
+    m.dev_sum = part[1 + C + c]
+    m.m2 = part[1 + 2 * C + c]
+    return m
 
 
 cdef void normalize(const floating *x, floating *y, const Plan *p, const floating *coef,
                     int nthreads) noexcept nogil:
-    """y from x and the coefficients, in parallel (an elementwise pass: any split is exact)."""
-    cdef Py_ssize_t C = p.C, K = p.nchunks, i, b, first_row, nrows
-    if p.inner > 1:
-        for i in prange(C * K, schedule='static', num_threads=nthreads,
-                        use_threads_if=nthreads > 1):
-            cf_chunk_normalize(x, y, p, i // K, i % K, coef)
-    else:
-        for b in prange(p.nblocks, schedule='static', num_threads=nthreads,
-                        use_threads_if=nthreads > 1):
-            first_row = cl_block(p, b, &nrows)
-            normalize_rows(x + first_row * C, y + first_row * C, nrows, C,
+    """y from x and the coefficients: an elementwise pass, split evenly over the threads."""
+    cdef Py_ssize_t C = p.C, total = p.outer * C * p.inner, t, start, stop
+    for t in prange(nthreads, schedule='static', num_threads=nthreads, use_threads_if=nthreads > 1):
+        if p.inner > 1:
+            chunk_range(total, t, nthreads, &start, &stop)
+            normalize_span(x, y, C, p.inner, start, stop, coef, coef + C, coef + 2 * C,
+                           coef + 3 * C)
+        else:
+            chunk_range(p.outer, t, nthreads, &start, &stop)
+            normalize_rows(x + start * C, y + start * C, stop - start, C,
                            coef, coef + C, coef + 2 * C, coef + 3 * C)
 
 
@@ -244,6 +209,7 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
     cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, i
     cdef floating *coef = <floating *>malloc(4 * C * sizeof(floating))
     cdef fbn_moments *parts = NULL
+    cdef double *cl_parts = NULL
     cdef double *scratch = NULL
     cdef fbn_moments m
     if coef == NULL:
@@ -253,20 +219,17 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
         # One channel per work item: its statistics, then y while the channel is in cache.
         for c in prange(C, schedule='static', num_threads=nthreads, use_threads_if=nthreads > 1):
             finish_train_channel(coef, C, c, cf_chunk_moments(x, p, c, 0), a)
-            cf_chunk_normalize(x, y, p, c, 0, coef)
+            normalize_channel(x + c * p.inner, y + c * p.inner, C * p.inner, p.inner, 0, p.count,
+                              coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c])
         free(coef)
         return 0
 
-    # Few channels, or channels-last: per-chunk moments, merged in chunk order, then y.
-    parts = <fbn_moments *>malloc(C * K * sizeof(fbn_moments))
-    if p.inner == 1:
-        scratch = <double *>malloc(nthreads * 3 * C * sizeof(double))
-    if parts == NULL or (p.inner == 1 and scratch == NULL):
-        free(coef)
-        free(parts)
-        free(scratch)
-        return -1
-    if p.inner > 1:       # parts[c*K + k]
+    if p.inner > 1:
+        # Few channels: chunks of each channel, merged in chunk order; parts[c*K + k].
+        parts = <fbn_moments *>malloc(C * K * sizeof(fbn_moments))
+        if parts == NULL:
+            free(coef)
+            return -1
         for i in prange(C * K, schedule='static', num_threads=nthreads,
                         use_threads_if=nthreads > 1):
             parts[i] = cf_chunk_moments(x, p, i // K, i % K)
@@ -275,18 +238,29 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
             for k in range(1, K):
                 fbn_moments_merge(&m, parts[c * K + k])
             finish_train_channel(coef, C, c, m, a)
-    else:                 # parts[k*C + c]
+        free(parts)
+    else:
+        # Channels-last: chunks of rows, all channels at once, merged in chunk order.
+        cl_parts = <double *>malloc(K * CL_PART(C) * sizeof(double))
+        scratch = <double *>malloc(nthreads * 3 * C * sizeof(double))
+        if cl_parts == NULL or scratch == NULL:
+            free(coef)
+            free(cl_parts)
+            free(scratch)
+            return -1
         with parallel(num_threads=nthreads, use_threads_if=nthreads > 1):
             for k in prange(K, schedule='static'):
-                cl_chunk_moments(x, p, k, parts + k * C, scratch + threadid() * 3 * C)
+                cl_chunk_moments(x, p, k, cl_parts + k * CL_PART(C), scratch + threadid() * 3 * C)
+        for k in range(1, K):
+            i = k * CL_PART(C)
+            fbn_moments_merge_rows(C, cl_parts, cl_parts + 1, cl_parts + 1 + C,
+                                   cl_parts + 1 + 2 * C, cl_parts[i], cl_parts + i + 1,
+                                   cl_parts + i + 1 + C, cl_parts + i + 1 + 2 * C)
         for c in range(C):
-            m = parts[c]
-            for k in range(1, K):
-                fbn_moments_merge(&m, parts[k * C + c])
-            finish_train_channel(coef, C, c, m, a)
+            finish_train_channel(coef, C, c, cl_channel(cl_parts, C, c), a)
+        free(cl_parts)
+        free(scratch)
     normalize(x, y, p, coef, nthreads)
-    free(parts)
-    free(scratch)
     free(coef)
     return 0
 
@@ -341,106 +315,101 @@ cdef void finish_grad_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_gr
 
 cdef fbn_grad_sums cf_chunk_grad_sums(const floating *dy, const floating *x, const Plan *p,
                                       Py_ssize_t c, Py_ssize_t k, double m) noexcept nogil:
-    cdef fbn_grad_sums acc = fbn_grad_sums_empty
-    cdef Py_ssize_t b, first, last, nruns, length, offset
-    chunk_blocks(p, k, &first, &last)
-    for b in range(first, last):
-        offset = cf_block(p, c, b, &nruns, &length)
-        fbn_grad_sums_add(&acc, grad_sums_runs(dy + offset, x + offset, nruns, p.C * p.inner,
-                                               length, m))
-    return acc
+    cdef Py_ssize_t e0, e1, offset = c * p.inner
+    chunk_range(p.count, k, p.nchunks, &e0, &e1)
+    return grad_sums_channel(dy + offset, x + offset, p.C * p.inner, p.inner, e0, e1, m)
 
 
 cdef void cl_chunk_grad_sums(const floating *dy, const floating *x, const Plan *p, Py_ssize_t k,
-                             const floating *mean, fbn_grad_sums *acc,
-                             double *scratch) noexcept nogil:
-    """Chunk k's gradient sums of every channel into acc[0:C]; scratch holds 3*C doubles."""
+                             const floating *mean, double *part, double *scratch) noexcept nogil:
+    """Chunk k's gradient sums into part = [dy (C) | dy_xc (C) | xc (C)]; block sums go
+    through scratch (3*C doubles) so that long chunks add block totals, not single values."""
     cdef Py_ssize_t C = p.C, b, c, first, last, first_row, nrows
-    cdef double *s_dy = scratch
-    cdef double *s_dy_xc = scratch + C
-    cdef double *s_xc = scratch + 2 * C
-    for c in range(C):
-        acc[c] = fbn_grad_sums_empty
-    chunk_blocks(p, k, &first, &last)
+    for c in range(3 * C):
+        part[c] = 0.0
+    chunk_range(p.nblocks, k, p.nchunks, &first, &last)
     for b in range(first, last):
-        first_row = cl_block(p, b, &nrows)
-        grad_sums_rows(dy + first_row * C, x + first_row * C, nrows, C, mean, s_dy, s_dy_xc, s_xc)
-        for c in range(C):
-            acc[c].dy += s_dy[c]
-            acc[c].dy_xc += s_dy_xc[c]
-            acc[c].xc += s_xc[c]
-
-
-cdef void cf_chunk_grad_input(const floating *dy, const floating *x, floating *dx, const Plan *p,
-                              Py_ssize_t c, Py_ssize_t k, const floating *coef) noexcept nogil:
-    cdef Py_ssize_t C = p.C, b, first, last, nruns, length, offset
-    chunk_blocks(p, k, &first, &last)
-    for b in range(first, last):
-        offset = cf_block(p, c, b, &nruns, &length)
-        grad_input_runs(dy + offset, x + offset, dx + offset, nruns, C * p.inner, length,
-                        coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c], coef[4 * C + c])
+        first_row = b * p.block_rows
+        nrows = min(p.block_rows, p.outer - first_row)
+        for c in range(3 * C):
+            scratch[c] = 0.0
+        grad_sums_rows(dy + first_row * C, x + first_row * C, nrows, C, mean, scratch,
+                       scratch + C, scratch + 2 * C)
+        for c in range(3 * C):
+            part[c] += scratch[c]
 
 
 cdef int backward_impl(const floating *dy, const floating *x, floating *dx, const Plan *p,
                        const GradArgs *a, int nthreads) noexcept nogil:
     """dweight, dbias, then dx. -1: out of memory."""
-    cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, i, b, first_row, nrows
-    cdef double count = <double>(p.outer * p.inner)
+    cdef Py_ssize_t C = p.C, K = p.nchunks, total = p.outer * C * p.inner, c, k, i, t
+    cdef Py_ssize_t start, stop
+    cdef double count = <double>p.count
     cdef floating *coef = <floating *>malloc(5 * C * sizeof(floating))
     cdef fbn_grad_sums *parts = NULL
+    cdef double *cl_parts = NULL
     cdef double *scratch = NULL
     cdef fbn_grad_sums s
+    cdef const floating *mean = <const floating *>a.mean
     if coef == NULL:
         return -1
 
     if p.inner > 1 and K == 1:
         # One channel per work item: its sums, then dx while the channel is in cache.
         for c in prange(C, schedule='static', num_threads=nthreads, use_threads_if=nthreads > 1):
-            finish_grad_channel(coef, C, c,
-                                cf_chunk_grad_sums(dy, x, p, c, 0, (<const floating *>a.mean)[c]),
-                                count, a)
-            cf_chunk_grad_input(dy, x, dx, p, c, 0, coef)
+            finish_grad_channel(coef, C, c, cf_chunk_grad_sums(dy, x, p, c, 0, mean[c]), count, a)
+            grad_input_channel(dy + c * p.inner, x + c * p.inner, dx + c * p.inner, C * p.inner,
+                               p.inner, 0, p.count, coef[c], coef[C + c], coef[2 * C + c],
+                               coef[3 * C + c], coef[4 * C + c])
         free(coef)
         return 0
 
-    parts = <fbn_grad_sums *>malloc(C * K * sizeof(fbn_grad_sums))
-    if p.inner == 1:
-        scratch = <double *>malloc(nthreads * 3 * C * sizeof(double))
-    if parts == NULL or (p.inner == 1 and scratch == NULL):
-        free(coef)
-        free(parts)
-        free(scratch)
-        return -1
-    if p.inner > 1:       # parts[c*K + k]
+    if p.inner > 1:
+        parts = <fbn_grad_sums *>malloc(C * K * sizeof(fbn_grad_sums))      # parts[c*K + k]
+        if parts == NULL:
+            free(coef)
+            return -1
         for i in prange(C * K, schedule='static', num_threads=nthreads,
                         use_threads_if=nthreads > 1):
-            parts[i] = cf_chunk_grad_sums(dy, x, p, i // K, i % K,
-                                          (<const floating *>a.mean)[i // K])
+            parts[i] = cf_chunk_grad_sums(dy, x, p, i // K, i % K, mean[i // K])
         for c in range(C):
             s = parts[c * K]
             for k in range(1, K):
                 fbn_grad_sums_add(&s, parts[c * K + k])
             finish_grad_channel(coef, C, c, s, count, a)
-        for i in prange(C * K, schedule='static', num_threads=nthreads,
-                        use_threads_if=nthreads > 1):
-            cf_chunk_grad_input(dy, x, dx, p, i // K, i % K, coef)
-    else:                 # parts[k*C + c]
+        free(parts)
+    else:
+        cl_parts = <double *>malloc(K * 3 * C * sizeof(double))             # chunk k at k*3C
+        scratch = <double *>malloc(nthreads * 3 * C * sizeof(double))
+        if cl_parts == NULL or scratch == NULL:
+            free(coef)
+            free(cl_parts)
+            free(scratch)
+            return -1
         with parallel(num_threads=nthreads, use_threads_if=nthreads > 1):
             for k in prange(K, schedule='static'):
-                cl_chunk_grad_sums(dy, x, p, k, <const floating *>a.mean, parts + k * C,
+                cl_chunk_grad_sums(dy, x, p, k, mean, cl_parts + k * 3 * C,
                                    scratch + threadid() * 3 * C)
+        for k in range(1, K):
+            for i in range(3 * C):
+                cl_parts[i] += cl_parts[k * 3 * C + i]
         for c in range(C):
-            s = parts[c]
-            for k in range(1, K):
-                fbn_grad_sums_add(&s, parts[k * C + c])
+            s.dy = cl_parts[c]
+            s.dy_xc = cl_parts[C + c]
+            s.xc = cl_parts[2 * C + c]
             finish_grad_channel(coef, C, c, s, count, a)
-        for b in prange(p.nblocks, schedule='static', num_threads=nthreads,
-                        use_threads_if=nthreads > 1):
-            first_row = cl_block(p, b, &nrows)
-            grad_input_rows(dy + first_row * C, x + first_row * C, dx + first_row * C, nrows, C,
+        free(cl_parts)
+        free(scratch)
+
+    for t in prange(nthreads, schedule='static', num_threads=nthreads, use_threads_if=nthreads > 1):
+        if p.inner > 1:
+            chunk_range(total, t, nthreads, &start, &stop)
+            grad_input_span(dy, x, dx, C, p.inner, start, stop, coef, coef + C, coef + 2 * C,
+                            coef + 3 * C, coef + 4 * C)
+        else:
+            chunk_range(p.outer, t, nthreads, &start, &stop)
+            grad_input_rows(dy + start * C, x + start * C, dx + start * C, stop - start, C,
                             coef, coef + C, coef + 2 * C, coef + 3 * C, coef + 4 * C)
-    free(parts)
-    free(scratch)
     free(coef)
     return 0
 
@@ -549,3 +518,17 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
 def address(cnp.ndarray a):
     """The address of a's first element (identity test for out= aliasing)."""
     return <size_t>cnp.PyArray_DATA(a)
+
+
+def parallel_copy(cnp.ndarray src, cnp.ndarray dst):
+    """dst[...] = src for C-contiguous arrays of equal size, split over get_num_threads()
+    threads: the memory-bandwidth yardstick of the benchmarks (one read, one write)."""
+    cdef char *s = <char *>cnp.PyArray_DATA(src)
+    cdef char *d = <char *>cnp.PyArray_DATA(dst)
+    cdef Py_ssize_t nbytes = src.nbytes, part, start, stop
+    cdef int nthreads = get_num_threads(), t
+    with nogil:
+        for t in prange(nthreads, schedule='static', num_threads=nthreads):
+            start = nbytes * t // nthreads
+            stop = nbytes * (t + 1) // nthreads
+            memcpy(d + start, s + start, stop - start)

@@ -42,7 +42,7 @@ PARALLEL_CASES = [
     ((4, 3, 128, 128), 1),     # channels-first, few channels: chunks split per channel
     ((4, 80, 32, 32), 1),      # channels-first, many channels: one chunk per channel, fused
     ((8, 64, 64, 8), -1),      # channels-last, many row chunks
-    ((3, 2, 5, 4099), 1),      # channels-first with runs split into pieces
+    ((3, 2, 5, 4099), 1),      # channels-first, runs longer than a statistics block
     ((40000, 3), 1),           # (N, C) with few channels: channels-last family
 ]
 

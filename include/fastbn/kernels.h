@@ -29,11 +29,53 @@
 #  define FBN_DISPATCH_TARGETS ""
 #endif
 
+/* Segment functions must be inlined into each dispatched kernel so that they are compiled
+ * for that kernel's instruction set (left alone, GCC may keep one baseline copy). */
+#if defined(__GNUC__)
+#  define FBN_SEGMENT static inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#  define FBN_SEGMENT static __forceinline
+#else
+#  define FBN_SEGMENT static inline
+#endif
+
 #if defined(_MSC_VER)
 #  define FBN_RESTRICT __restrict
 #else
 #  define FBN_RESTRICT restrict
 #endif
+
+/* Values per statistics block: a block is read twice (corrected two-pass), the second time
+ * from L1. Block boundaries depend on the problem size only, never on the thread count. */
+#define FBN_BLOCK 2048
+
+/* Calls SEGMENT(offset, n) for each segment of positions [e0, e1): offset is the segment's
+ * first element relative to the channel's first element. */
+#define FBN_CHANNEL_WALK(e0, e1, stride, len, SEGMENT)                                   \
+    do {                                                                                 \
+        fbn_index o_ = (e0) / (len), i_ = (e0) - o_ * (len);                             \
+        for (fbn_index e_ = (e0); e_ < (e1);) {                                          \
+            const fbn_index n_ = ((len) - i_ < (e1) - e_) ? (len) - i_ : (e1) - e_;      \
+            SEGMENT(o_ * (stride) + i_, n_);                                             \
+            e_ += n_;                                                                    \
+            i_ = 0;                                                                      \
+            ++o_;                                                                        \
+        }                                                                                \
+    } while (0)
+
+/* Calls SEGMENT(p, n, c) for each segment of memory [p0, p1), c being its channel */
+#define FBN_SPAN_WALK(p0, p1, C, len, SEGMENT)                                           \
+    do {                                                                                 \
+        const fbn_index run_ = (p0) / (len);                                             \
+        fbn_index i_ = (p0) - run_ * (len), c_ = run_ % (C);                             \
+        for (fbn_index p_ = (p0); p_ < (p1);) {                                          \
+            const fbn_index n_ = ((len) - i_ < (p1) - p_) ? (len) - i_ : (p1) - p_;      \
+            SEGMENT(p_, n_, c_);                                                         \
+            p_ += n_;                                                                    \
+            i_ = 0;                                                                      \
+            if (++c_ == (C)) c_ = 0;                                                     \
+        }                                                                                \
+    } while (0)
 
 #define FBN_T float
 #define FBN_FN(name) fbn_##name##_f32

@@ -1,64 +1,197 @@
 /* fastbn — kernel bodies, included by kernels.h once per data type T = FBN_T.
- * No include guard on purpose. Shapes in comments use the canonical view (outer, C, inner). */
+ * No include guard on purpose.
+ *
+ * Two ways to walk the channels-first view (outer, C, inner), len = inner:
+ *   a channel walk  covers positions [e0, e1) of one channel; position e = o*len + i is at
+ *                   x[o*stride + i], stride = C*len (the channel's runs, one after another);
+ *   a span walk     covers memory [p0, p1) of the whole array; element p is in run p / len,
+ *                   of channel (p / len) % C.
+ * Both cut their range into segments that lie inside one run, and the math lives in the
+ * segment functions, once. The channels-last family (len == 1) has its own *_rows kernels,
+ * vectorized across channels. */
 #define T FBN_T
 
 /* ------------------------------------------------------------------------------------------
- * Statistics
+ * Segments: the math, over n contiguous values of one channel
  * ------------------------------------------------------------------------------------------ */
 
-/* Moments of one block of a channel: nruns runs of len values, run r at x + r*stride.
- * Corrected two-pass, cheap because the block sits in L1 for the second read:
- *     shift = sum x / n
- *     d     = x - shift                       (exact near the mean: Sterbenz)
- *     m2    = sum d^2 - (sum d)^2 / n          (the correction undoes shift's rounding) */
-FBN_DISPATCH static fbn_moments FBN_FN(moments_runs)(const T *x, fbn_index nruns,
-                                                     fbn_index stride, fbn_index len)
+FBN_SEGMENT double FBN_FN(sum_segment)(const T *x, fbn_index n)
 {
-    const double n = (double)(nruns * len);
     double sum = 0.0;
-    for (fbn_index r = 0; r < nruns; ++r) {
-        const T *xr = x + r * stride;
 #pragma omp simd reduction(+:sum)
-        for (fbn_index i = 0; i < len; ++i) sum += (double)xr[i];
-    }
-    const double shift = sum / n;
-
-    double dev_sum = 0.0, dev_sq = 0.0;
-    for (fbn_index r = 0; r < nruns; ++r) {
-        const T *xr = x + r * stride;
-#pragma omp simd reduction(+:dev_sum, dev_sq)
-        for (fbn_index i = 0; i < len; ++i) {
-            const double d = (double)xr[i] - shift;
-            dev_sum += d;
-            dev_sq += d * d;
-        }
-    }
-    const double m2 = dev_sq - dev_sum * dev_sum / n;
-    fbn_moments block = {n, shift, dev_sum, m2 < 0.0 ? 0.0 : m2};  /* NaN stays NaN */
-    return block;
+    for (fbn_index i = 0; i < n; ++i) sum += (double)x[i];
+    return sum;
 }
 
-/* Moments of an nrows x C block of channels-last rows, every channel at once (vectorized
- * across channels). Same corrected two-pass as moments_runs; the count is nrows for each
- * channel. Writes C values into each of shift, dev_sum, m2. */
+/* sum (x - shift) and sum (x - shift)^2; x - shift is exact near the mean (Sterbenz) */
+FBN_SEGMENT void FBN_FN(deviation_segment)(const T *x, fbn_index n, double shift,
+                                             double *dev_sum, double *dev_sq)
+{
+    double s1 = 0.0, s2 = 0.0;
+#pragma omp simd reduction(+:s1, s2)
+    for (fbn_index i = 0; i < n; ++i) {
+        const double d = (double)x[i] - shift;
+        s1 += d;
+        s2 += d * d;
+    }
+    *dev_sum += s1;
+    *dev_sq += s2;
+}
+
+/* y = ((x - hi) - lo) * scale + offset. x and y may be the same array: each value is read
+ * before it is written, so no restrict. */
+FBN_SEGMENT void FBN_FN(normalize_segment)(const T *x, T *y, fbn_index n, T hi, T lo, T scale,
+                                             T offset)
+{
+#pragma omp simd
+    for (fbn_index i = 0; i < n; ++i) y[i] = ((x[i] - hi) - lo) * scale + offset;
+}
+
+/* sum dy, sum dy (x - m), sum (x - m)   (see fbn_grad_sums) */
+FBN_SEGMENT void FBN_FN(grad_sums_segment)(const T *dy, const T *x, fbn_index n, double m,
+                                             fbn_grad_sums *s)
+{
+    double s_dy = 0.0, s_dy_xc = 0.0, s_xc = 0.0;
+#pragma omp simd reduction(+:s_dy, s_dy_xc, s_xc)
+    for (fbn_index i = 0; i < n; ++i) {
+        const double xc = (double)x[i] - m;
+        const double g = (double)dy[i];
+        s_dy += g;
+        s_dy_xc += g * xc;
+        s_xc += xc;
+    }
+    s->dy += s_dy;
+    s->dy_xc += s_dy_xc;
+    s->xc += s_xc;
+}
+
+/* dx = k_dy * dy + k_xc * ((x - m) - lo) + k_0; dx may be dy or x (in place) */
+FBN_SEGMENT void FBN_FN(grad_input_segment)(const T *dy, const T *x, T *dx, fbn_index n, T m,
+                                              T lo, T k_dy, T k_xc, T k_0)
+{
+#pragma omp simd
+    for (fbn_index i = 0; i < n; ++i) dx[i] = k_dy * dy[i] + k_xc * ((x[i] - m) - lo) + k_0;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Channel walks (channels-first): positions [e0, e1) of one channel
+ * ------------------------------------------------------------------------------------------ */
+
+/* Moments of positions [e0, e1) of a channel, in blocks of FBN_BLOCK positions (they sit in
+ * L1 for a second read), each by the corrected two-pass method
+ *     shift = sum x / n,   d = x - shift,   m2 = sum d^2 - (sum d)^2 / n
+ * and merged in order (fbn_moments_merge). */
+FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const T *x, fbn_index stride,
+                                                        fbn_index len, fbn_index e0,
+                                                        fbn_index e1)
+{
+    fbn_moments acc = fbn_moments_empty;
+    for (fbn_index b = e0; b < e1; b += FBN_BLOCK) {
+        const fbn_index end = (e1 - b < FBN_BLOCK) ? e1 : b + FBN_BLOCK;
+        const double n = (double)(end - b);
+        double sum = 0.0, dev_sum = 0.0, dev_sq = 0.0;
+#define FBN_SUM(off, cnt) sum += FBN_FN(sum_segment)(x + (off), (cnt))
+        FBN_CHANNEL_WALK(b, end, stride, len, FBN_SUM);
+#undef FBN_SUM
+        const double shift = sum / n;
+#define FBN_DEV(off, cnt) FBN_FN(deviation_segment)(x + (off), (cnt), shift, &dev_sum, &dev_sq)
+        FBN_CHANNEL_WALK(b, end, stride, len, FBN_DEV);
+#undef FBN_DEV
+        const double m2 = dev_sq - dev_sum * dev_sum / n;
+        fbn_moments block = {n, shift, dev_sum, m2 < 0.0 ? 0.0 : m2};   /* NaN stays NaN */
+        fbn_moments_merge(&acc, block);
+    }
+    return acc;
+}
+
+FBN_DISPATCH static void FBN_FN(normalize_channel)(const T *x, T *y, fbn_index stride,
+                                                   fbn_index len, fbn_index e0, fbn_index e1,
+                                                   T hi, T lo, T scale, T offset)
+{
+#define FBN_NORM(off, cnt) FBN_FN(normalize_segment)(x + (off), y + (off), (cnt), hi, lo, scale, offset)
+    FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_NORM);
+#undef FBN_NORM
+}
+
+/* Gradient sums of positions [e0, e1) of a channel, block sums added in order */
+FBN_DISPATCH static fbn_grad_sums FBN_FN(grad_sums_channel)(const T *dy, const T *x,
+                                                            fbn_index stride, fbn_index len,
+                                                            fbn_index e0, fbn_index e1, double m)
+{
+    fbn_grad_sums acc = fbn_grad_sums_empty;
+    for (fbn_index b = e0; b < e1; b += FBN_BLOCK) {
+        const fbn_index end = (e1 - b < FBN_BLOCK) ? e1 : b + FBN_BLOCK;
+        fbn_grad_sums block = fbn_grad_sums_empty;
+#define FBN_GSUM(off, cnt) FBN_FN(grad_sums_segment)(dy + (off), x + (off), (cnt), m, &block)
+        FBN_CHANNEL_WALK(b, end, stride, len, FBN_GSUM);
+#undef FBN_GSUM
+        fbn_grad_sums_add(&acc, block);
+    }
+    return acc;
+}
+
+FBN_DISPATCH static void FBN_FN(grad_input_channel)(const T *dy, const T *x, T *dx,
+                                                    fbn_index stride, fbn_index len,
+                                                    fbn_index e0, fbn_index e1, T m, T lo,
+                                                    T k_dy, T k_xc, T k_0)
+{
+#define FBN_GIN(off, cnt) FBN_FN(grad_input_segment)(dy + (off), x + (off), dx + (off), (cnt), m, lo, k_dy, k_xc, k_0)
+    FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_GIN);
+#undef FBN_GIN
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Span walks (channels-first): memory [p0, p1), coefficients per channel (C each)
+ * ------------------------------------------------------------------------------------------ */
+
+FBN_DISPATCH static void FBN_FN(normalize_span)(const T *x, T *y, fbn_index C, fbn_index len,
+                                                fbn_index p0, fbn_index p1,
+                                                const T *FBN_RESTRICT hi,
+                                                const T *FBN_RESTRICT lo,
+                                                const T *FBN_RESTRICT scale,
+                                                const T *FBN_RESTRICT offset)
+{
+#define FBN_NORM(p, cnt, c) FBN_FN(normalize_segment)(x + (p), y + (p), (cnt), hi[c], lo[c], scale[c], offset[c])
+    FBN_SPAN_WALK(p0, p1, C, len, FBN_NORM);
+#undef FBN_NORM
+}
+
+FBN_DISPATCH static void FBN_FN(grad_input_span)(const T *dy, const T *x, T *dx, fbn_index C,
+                                                 fbn_index len, fbn_index p0, fbn_index p1,
+                                                 const T *FBN_RESTRICT m,
+                                                 const T *FBN_RESTRICT lo,
+                                                 const T *FBN_RESTRICT k_dy,
+                                                 const T *FBN_RESTRICT k_xc,
+                                                 const T *FBN_RESTRICT k_0)
+{
+#define FBN_GIN(p, cnt, c) FBN_FN(grad_input_segment)(dy + (p), x + (p), dx + (p), (cnt), m[c], lo[c], k_dy[c], k_xc[c], k_0[c])
+    FBN_SPAN_WALK(p0, p1, C, len, FBN_GIN);
+#undef FBN_GIN
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Rows (channels-last): nrows x C blocks, all channels at once
+ * ------------------------------------------------------------------------------------------ */
+
+/* Moments of an nrows x C block, every channel at once (vectorized across channels), by the
+ * corrected two-pass method of moments_channel. The count is nrows for each channel.
+ * Writes C values into each of shift, dev_sum, m2. */
 FBN_DISPATCH static void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C,
                                               double *FBN_RESTRICT shift,
                                               double *FBN_RESTRICT dev_sum,
                                               double *FBN_RESTRICT m2)
 {
     const double n = (double)nrows;
-    for (fbn_index c = 0; c < C; ++c) shift[c] = 0.0;
+    for (fbn_index c = 0; c < C; ++c) shift[c] = dev_sum[c] = m2[c] = 0.0;
     for (fbn_index r = 0; r < nrows; ++r) {
         const T *row = x + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) shift[c] += (double)row[c];
     }
-    for (fbn_index c = 0; c < C; ++c) {
-        shift[c] /= n;
-        dev_sum[c] = 0.0;
-        m2[c] = 0.0;                       /* holds sum d^2 until the correction below */
-    }
-    for (fbn_index r = 0; r < nrows; ++r) {
+    const double inv_n = 1.0 / n;
+#pragma omp simd
+    for (fbn_index c = 0; c < C; ++c) shift[c] *= inv_n;
+    for (fbn_index r = 0; r < nrows; ++r) {      /* m2 holds sum d^2 until the correction */
         const T *row = x + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
@@ -67,9 +200,63 @@ FBN_DISPATCH static void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_i
             m2[c] += d * d;
         }
     }
+#pragma omp simd
     for (fbn_index c = 0; c < C; ++c) {
-        const double v = m2[c] - dev_sum[c] * dev_sum[c] / n;
+        const double v = m2[c] - dev_sum[c] * dev_sum[c] * inv_n;
         m2[c] = v < 0.0 ? 0.0 : v;
+    }
+}
+
+/* The same over nrows x C channels-last rows, with C-length coefficient vectors */
+FBN_DISPATCH static void FBN_FN(normalize_rows)(const T *x, T *y, fbn_index nrows, fbn_index C,
+                                                const T *FBN_RESTRICT hi,
+                                                const T *FBN_RESTRICT lo,
+                                                const T *FBN_RESTRICT scale,
+                                                const T *FBN_RESTRICT offset)
+{
+    for (fbn_index r = 0; r < nrows; ++r) {
+        const T *row = x + r * C;
+        T *out = y + r * C;
+#pragma omp simd
+        for (fbn_index c = 0; c < C; ++c) out[c] = ((row[c] - hi[c]) - lo[c]) * scale[c] + offset[c];
+    }
+}
+
+/* Gradient sums of an nrows x C block; adds into C-length s_dy, s_dy_xc, s_xc */
+FBN_DISPATCH static void FBN_FN(grad_sums_rows)(const T *dy, const T *x, fbn_index nrows,
+                                                fbn_index C, const T *FBN_RESTRICT m,
+                                                double *FBN_RESTRICT s_dy,
+                                                double *FBN_RESTRICT s_dy_xc,
+                                                double *FBN_RESTRICT s_xc)
+{
+    for (fbn_index r = 0; r < nrows; ++r) {
+        const T *row = x + r * C;
+        const T *g_row = dy + r * C;
+#pragma omp simd
+        for (fbn_index c = 0; c < C; ++c) {
+            const double xc = (double)row[c] - (double)m[c];
+            const double g = (double)g_row[c];
+            s_dy[c] += g;
+            s_dy_xc[c] += g * xc;
+            s_xc[c] += xc;
+        }
+    }
+}
+
+FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx, fbn_index nrows,
+                                                 fbn_index C, const T *FBN_RESTRICT m,
+                                                 const T *FBN_RESTRICT lo,
+                                                 const T *FBN_RESTRICT k_dy,
+                                                 const T *FBN_RESTRICT k_xc,
+                                                 const T *FBN_RESTRICT k_0)
+{
+    for (fbn_index r = 0; r < nrows; ++r) {
+        const T *row = x + r * C;
+        const T *g_row = dy + r * C;
+        T *out = dx + r * C;
+#pragma omp simd
+        for (fbn_index c = 0; c < C; ++c)
+            out[c] = k_dy[c] * g_row[c] + k_xc[c] * ((row[c] - m[c]) - lo[c]) + k_0[c];
     }
 }
 
@@ -127,121 +314,6 @@ static inline void FBN_FN(grad_coefficients)(fbn_grad_sums s, double count, doub
     *k_0 = (T)(-g_inv * s.dy / count);
     *dweight = invstd * dy_xmu;
     *dbias = s.dy;
-}
-
-/* ------------------------------------------------------------------------------------------
- * Elementwise passes. x and y may be the same array (in place): each element is read before
- * it is written, so no restrict on them.
- * ------------------------------------------------------------------------------------------ */
-
-/* y = ((x - hi) - lo) * scale + offset over a block of runs of one channel */
-FBN_DISPATCH static void FBN_FN(normalize_runs)(const T *x, T *y, fbn_index nruns,
-                                                fbn_index stride, fbn_index len,
-                                                T hi, T lo, T scale, T offset)
-{
-    for (fbn_index r = 0; r < nruns; ++r) {
-        const T *xr = x + r * stride;
-        T *yr = y + r * stride;
-#pragma omp simd
-        for (fbn_index i = 0; i < len; ++i) yr[i] = ((xr[i] - hi) - lo) * scale + offset;
-    }
-}
-
-/* The same over nrows x C channels-last rows, with C-length coefficient vectors */
-FBN_DISPATCH static void FBN_FN(normalize_rows)(const T *x, T *y, fbn_index nrows, fbn_index C,
-                                                const T *FBN_RESTRICT hi,
-                                                const T *FBN_RESTRICT lo,
-                                                const T *FBN_RESTRICT scale,
-                                                const T *FBN_RESTRICT offset)
-{
-    for (fbn_index r = 0; r < nrows; ++r) {
-        const T *row = x + r * C;
-        T *out = y + r * C;
-#pragma omp simd
-        for (fbn_index c = 0; c < C; ++c) out[c] = ((row[c] - hi[c]) - lo[c]) * scale[c] + offset[c];
-    }
-}
-
-/* ------------------------------------------------------------------------------------------
- * Backward
- * ------------------------------------------------------------------------------------------ */
-
-/* sum dy, sum dy (x - m), sum (x - m) over a block of runs of one channel (see moments.h) */
-FBN_DISPATCH static fbn_grad_sums FBN_FN(grad_sums_runs)(const T *dy, const T *x,
-                                                         fbn_index nruns, fbn_index stride,
-                                                         fbn_index len, double m)
-{
-    double s_dy = 0.0, s_dy_xc = 0.0, s_xc = 0.0;
-    for (fbn_index r = 0; r < nruns; ++r) {
-        const T *xr = x + r * stride;
-        const T *dyr = dy + r * stride;
-#pragma omp simd reduction(+:s_dy, s_dy_xc, s_xc)
-        for (fbn_index i = 0; i < len; ++i) {
-            const double xc = (double)xr[i] - m;
-            const double g = (double)dyr[i];
-            s_dy += g;
-            s_dy_xc += g * xc;
-            s_xc += xc;
-        }
-    }
-    fbn_grad_sums block = {s_dy, s_dy_xc, s_xc};
-    return block;
-}
-
-/* The same sums for an nrows x C block of channels-last rows; writes C values into each */
-FBN_DISPATCH static void FBN_FN(grad_sums_rows)(const T *dy, const T *x, fbn_index nrows,
-                                                fbn_index C, const T *FBN_RESTRICT m,
-                                                double *FBN_RESTRICT s_dy,
-                                                double *FBN_RESTRICT s_dy_xc,
-                                                double *FBN_RESTRICT s_xc)
-{
-    for (fbn_index c = 0; c < C; ++c) s_dy[c] = s_dy_xc[c] = s_xc[c] = 0.0;
-    for (fbn_index r = 0; r < nrows; ++r) {
-        const T *row = x + r * C;
-        const T *g_row = dy + r * C;
-#pragma omp simd
-        for (fbn_index c = 0; c < C; ++c) {
-            const double xc = (double)row[c] - (double)m[c];
-            const double g = (double)g_row[c];
-            s_dy[c] += g;
-            s_dy_xc[c] += g * xc;
-            s_xc[c] += xc;
-        }
-    }
-}
-
-/* dx = k_dy * dy + k_xc * ((x - m) - lo) + k_0 over a block of runs of one channel.
- * dx may be dy or x (in place). */
-FBN_DISPATCH static void FBN_FN(grad_input_runs)(const T *dy, const T *x, T *dx, fbn_index nruns,
-                                                 fbn_index stride, fbn_index len, T m, T lo,
-                                                 T k_dy, T k_xc, T k_0)
-{
-    for (fbn_index r = 0; r < nruns; ++r) {
-        const T *xr = x + r * stride;
-        const T *dyr = dy + r * stride;
-        T *dxr = dx + r * stride;
-#pragma omp simd
-        for (fbn_index i = 0; i < len; ++i)
-            dxr[i] = k_dy * dyr[i] + k_xc * ((xr[i] - m) - lo) + k_0;
-    }
-}
-
-/* The same over nrows x C channels-last rows, with C-length coefficient vectors */
-FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx, fbn_index nrows,
-                                                 fbn_index C, const T *FBN_RESTRICT m,
-                                                 const T *FBN_RESTRICT lo,
-                                                 const T *FBN_RESTRICT k_dy,
-                                                 const T *FBN_RESTRICT k_xc,
-                                                 const T *FBN_RESTRICT k_0)
-{
-    for (fbn_index r = 0; r < nrows; ++r) {
-        const T *row = x + r * C;
-        const T *g_row = dy + r * C;
-        T *out = dx + r * C;
-#pragma omp simd
-        for (fbn_index c = 0; c < C; ++c)
-            out[c] = k_dy[c] * g_row[c] + k_xc[c] * ((row[c] - m[c]) - lo[c]) + k_0[c];
-    }
 }
 
 #undef T

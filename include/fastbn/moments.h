@@ -27,20 +27,55 @@ typedef struct {
 
 static const fbn_moments fbn_moments_empty = {0.0, 0.0, 0.0, 0.0};
 
-/* a <- a (+) b, Chan, Golub & LeVeque's pairwise update:
+/* a <- a (+) b for one channel, Chan, Golub & LeVeque's pairwise update:
  *     m2 = m2_a + m2_b + delta^2 * n_a n_b / n,   delta = mean_b - mean_a.
  * Both means are measured from a's shift, so delta is a difference of small numbers, and
- * b.shift - a.shift is exact when the shifts are close (Sterbenz). */
+ * b.shift - a.shift is exact when the shifts are close (Sterbenz). The counts enter as
+ * reciprocals and weight = n_a n_b / n, computed once by the callers. */
+static inline void fbn_merge_channel(double *shift_a, double *dev_a, double *m2_a, double inv_na,
+                                     double shift_b, double dev_b, double m2_b, double count_b,
+                                     double inv_nb, double weight)
+{
+    const double shift_gap = shift_b - *shift_a;
+    const double delta = (shift_gap + dev_b * inv_nb) - *dev_a * inv_na;
+    *m2_a += m2_b + delta * delta * weight;
+    *dev_a += dev_b + count_b * shift_gap;
+}
+
 static inline void fbn_moments_merge(fbn_moments *a, fbn_moments b)
 {
     if (b.count == 0.0) return;
     if (a->count == 0.0) { *a = b; return; }
     const double n = a->count + b.count;
-    const double shift_gap = b.shift - a->shift;
-    const double delta = (shift_gap + b.dev_sum / b.count) - a->dev_sum / a->count;
-    a->m2 += b.m2 + delta * delta * (a->count * b.count / n);
-    a->dev_sum += b.dev_sum + b.count * shift_gap;
+    fbn_merge_channel(&a->shift, &a->dev_sum, &a->m2, 1.0 / a->count, b.shift, b.dev_sum, b.m2,
+                      b.count, 1.0 / b.count, a->count * b.count / n);
     a->count = n;
+}
+
+/* The same for C channels that share their counts (blocks of channels-last rows), stored as
+ * arrays: one reciprocal for all channels, and the loop vectorizes. */
+static inline void fbn_moments_merge_rows(fbn_index C, double *count_a, double *shift_a,
+                                          double *dev_a, double *m2_a, double count_b,
+                                          const double *shift_b, const double *dev_b,
+                                          const double *m2_b)
+{
+    if (count_b == 0.0) return;
+    if (*count_a == 0.0) {
+        for (fbn_index c = 0; c < C; ++c) {
+            shift_a[c] = shift_b[c];
+            dev_a[c] = dev_b[c];
+            m2_a[c] = m2_b[c];
+        }
+        *count_a = count_b;
+        return;
+    }
+    const double n = *count_a + count_b;
+    const double inv_na = 1.0 / *count_a, inv_nb = 1.0 / count_b, weight = *count_a * count_b / n;
+#pragma omp simd
+    for (fbn_index c = 0; c < C; ++c)
+        fbn_merge_channel(&shift_a[c], &dev_a[c], &m2_a[c], inv_na, shift_b[c], dev_b[c], m2_b[c],
+                          count_b, inv_nb, weight);
+    *count_a = n;
 }
 
 /* Sums the backward pass needs over one channel's values, m being the saved mean (a shift):

@@ -1,0 +1,341 @@
+"""``python -m fastbn bench``: fastbn against NumPy, PyTorch and ONNX Runtime, side by side.
+
+Every cell of the matrix (op x layout x dtype x shape) times all implementations interleaved
+in one process, in rotating order, and reports medians: these machines are shared and noisy,
+so only ratios measured together mean something. The same run measures a parallel copy of
+the same bytes, the yardstick of the one-pass memory limit (DESIGN.md section 4):
+
+    train, infer   read x once, write y once          limit = t(copy of x)
+    backward       read x and dy once, write dx once  limit = 1.5 t(copy of x)
+
+fastbn is timed twice: allocating its output like the peers do (the speedups), and writing
+into a preallocated ``out=`` like the copy does (GB/s and the fraction of the limit). A fresh
+output costs page faults on first touch that no kernel can avoid.
+"""
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from . import __version__, _kernels, batch_norm_backward, batch_norm_infer, batch_norm_train
+from . import get_num_threads, set_num_threads
+
+SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (1, 64, 112, 112), (1, 512, 7, 7),
+          (8, 32, 16, 16), (256, 1024)]
+QUICK_SHAPES = [(8, 64, 56, 56), (1, 64, 112, 112), (1, 512, 7, 7), (8, 32, 16, 16),
+                (256, 1024)]
+OPS = ("train", "infer", "backward")
+DTYPES = (np.float32, np.float64)
+EPS = 1e-5
+MOMENTUM = 0.1
+
+
+# ---------------------------------------------------------------------------- the cases
+
+class Case:
+    """One cell: the arrays every implementation gets, in the cell's memory layout."""
+
+    def __init__(self, op, layout, dtype, shape, rng):
+        self.op, self.layout, self.dtype, self.shape = op, layout, np.dtype(dtype), shape
+        C = shape[1]
+        nchw = rng.standard_normal(shape).astype(dtype)
+        if layout == "NHWC":
+            self.x = np.ascontiguousarray(np.moveaxis(nchw, 1, -1))
+            self.axis = -1
+        else:
+            self.x = nchw
+            self.axis = 1
+        self.dy = rng.standard_normal(self.x.shape).astype(dtype)
+        self.weight = rng.uniform(0.5, 1.5, C).astype(dtype)
+        self.bias = rng.standard_normal(C).astype(dtype)
+        self.running_mean = rng.standard_normal(C).astype(dtype) * 0.1
+        self.running_var = rng.uniform(0.5, 1.5, C).astype(dtype)
+        _, self.mean, self.invstd = batch_norm_train(self.x, axis=self.axis)
+        self.out = np.empty_like(self.x)
+        self.copy_dst = np.empty_like(self.x)
+
+    @property
+    def name(self):
+        return f"{self.op:8} {self.layout:4} {self.dtype.name:7} {str(self.shape):17}"
+
+    @property
+    def limit_bytes(self):
+        """Bytes a one-pass implementation moves: inputs read once, the output written once."""
+        arrays = 3 if self.op == "backward" else 2
+        return arrays * self.x.nbytes
+
+
+def layouts_of(shape):
+    return ["NC"] if len(shape) == 2 else ["NCHW", "NHWC"]
+
+
+# ---------------------------------------------------------------------- implementations
+# Each returns a zero-argument callable that computes the op on the case's arrays (its
+# result: the op's main output, for the correctness check), or None where it has no such op.
+
+def fastbn_impl(case, out=None):
+    c = case
+    if c.op == "train":
+        rm, rv = c.running_mean.copy(), c.running_var.copy()
+        return lambda: batch_norm_train(c.x, c.weight, c.bias, eps=EPS, axis=c.axis,
+                                        running_mean=rm, running_var=rv, momentum=MOMENTUM,
+                                        out=out)[0]
+    if c.op == "infer":
+        return lambda: batch_norm_infer(c.x, c.running_mean, c.running_var, c.weight, c.bias,
+                                        eps=EPS, axis=c.axis, out=out)
+    return lambda: batch_norm_backward(c.dy, c.x, c.mean, c.invstd, c.weight, axis=c.axis,
+                                       out=out)[0]
+
+
+def numpy_impl(case):
+    """What a NumPy user writes, in x's dtype."""
+    c = case
+    axis = c.axis % c.x.ndim
+    axes = tuple(i for i in range(c.x.ndim) if i != axis)
+    shape = [1] * c.x.ndim
+    shape[axis] = -1
+    w, b = c.weight.reshape(shape), c.bias.reshape(shape)
+    count = c.x.size // c.x.shape[axis]
+
+    def train():
+        mean = c.x.mean(axis=axes, keepdims=True)
+        var = c.x.var(axis=axes, keepdims=True)
+        return (c.x - mean) * (w / np.sqrt(var + EPS)) + b
+
+    def infer():
+        scale = w / np.sqrt(c.running_var.reshape(shape) + EPS)
+        return (c.x - c.running_mean.reshape(shape)) * scale + b
+
+    def backward():
+        xhat = (c.x - c.mean.reshape(shape)) * c.invstd.reshape(shape)
+        dbias = c.dy.sum(axis=axes, keepdims=True)
+        dweight = (c.dy * xhat).sum(axis=axes, keepdims=True)
+        return (w * c.invstd.reshape(shape)) * (c.dy - dbias / count - xhat * (dweight / count))
+
+    return {"train": train, "infer": infer, "backward": backward}[c.op]
+
+
+def torch_impl(case, torch):
+    """torch.ops.aten.native_batch_norm(_backward), the kernels under torch.nn.BatchNorm."""
+    c = case
+
+    def tensor(a):
+        t = torch.from_numpy(a)
+        return t.permute(0, 3, 1, 2) if c.layout == "NHWC" else t   # channels_last: no copy
+
+    x, dy = tensor(c.x), tensor(c.dy)
+    w, b = torch.from_numpy(c.weight), torch.from_numpy(c.bias)
+    rm, rv = torch.from_numpy(c.running_mean.copy()), torch.from_numpy(c.running_var.copy())
+    mean, invstd = torch.from_numpy(c.mean), torch.from_numpy(c.invstd)
+    back = (lambda t: t.permute(0, 2, 3, 1).numpy()) if c.layout == "NHWC" else (lambda t: t.numpy())
+    if c.op == "train":
+        return lambda: back(torch.ops.aten.native_batch_norm(x, w, b, rm, rv, True, MOMENTUM, EPS)[0])
+    if c.op == "infer":
+        rm0, rv0 = torch.from_numpy(c.running_mean), torch.from_numpy(c.running_var)
+        return lambda: back(torch.ops.aten.native_batch_norm(x, w, b, rm0, rv0, False, MOMENTUM, EPS)[0])
+    return lambda: back(torch.ops.aten.native_batch_norm_backward(
+        dy, x, w, rm, rv, mean, invstd, True, EPS, [True, True, True])[0])
+
+
+def onnxruntime_impl(case, ort, onnx, threads):
+    """ONNX Runtime's BatchNormalization (inference; its layout is NCHW)."""
+    c = case
+    if c.op != "infer" or c.layout == "NHWC":
+        return None
+    from onnx import TensorProto, helper, numpy_helper
+    elem = TensorProto.FLOAT if c.dtype == np.float32 else TensorProto.DOUBLE
+    inits = [numpy_helper.from_array(a, name) for a, name in
+             ((c.weight, "scale"), (c.bias, "B"), (c.running_mean, "mean"), (c.running_var, "var"))]
+    node = helper.make_node("BatchNormalization", ["X", "scale", "B", "mean", "var"], ["Y"],
+                            epsilon=EPS)
+    graph = helper.make_graph([node], "bn", [helper.make_tensor_value_info("X", elem, c.x.shape)],
+                              [helper.make_tensor_value_info("Y", elem, c.x.shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = min(model.ir_version, 10)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception:       # e.g. no double kernel in this build
+        return None
+    feed = {"X": c.x}
+    return lambda: session.run(None, feed)[0]
+
+
+# ------------------------------------------------------------------------------- timing
+
+def interleaved_medians(fns, seconds):
+    """Median seconds per call of each callable, timed in rotating interleaved rounds."""
+    per_call = {}
+    for name, fn in fns.items():                     # warm-up, and a first estimate
+        start = time.perf_counter()
+        fn()
+        per_call[name] = max(time.perf_counter() - start, 1e-7)
+    rounds = 7
+    slice_s = seconds / (rounds * len(fns))
+    reps = {name: max(1, int(slice_s / t)) for name, t in per_call.items()}
+    if sum(per_call[n] * reps[n] for n in fns) * rounds > 3 * seconds:
+        rounds = 3                                   # a slow peer: fewer rounds
+    samples = {name: [] for name in fns}
+    order = list(fns)
+    for r in range(rounds):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            fn, n = fns[name], reps[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - start) / n)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def close_enough(a, b, dtype):
+    tol = 1e-3 if dtype == np.float32 else 1e-9
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) <= tol * max(1.0, float(np.max(np.abs(b))))
+
+
+# ----------------------------------------------------------------------------------- run
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "fastbn": __version__, "build": _kernels.build_info()}
+
+
+def load_peers(threads):
+    peers = {}
+    try:
+        import torch
+        torch.set_num_threads(threads)
+        peers["torch"] = lambda case: torch_impl(case, torch)
+    except ImportError:
+        pass
+    try:
+        import onnx
+        import onnxruntime as ort
+        ort.set_default_logger_severity(3)
+        peers["onnxruntime"] = lambda case: onnxruntime_impl(case, ort, onnx, threads)
+    except ImportError:
+        pass
+    return peers
+
+
+def run(shapes, threads, seconds, progress=sys.stderr):
+    set_num_threads(threads)
+    peers = load_peers(threads)
+    rng = np.random.default_rng(0)
+    cells = [(op, layout, dtype, shape) for shape in shapes for layout in layouts_of(shape)
+             for dtype in DTYPES for op in OPS]
+    results = []
+    for i, (op, layout, dtype, shape) in enumerate(cells, 1):
+        case = Case(op, layout, dtype, shape, rng)
+        fns = {"fastbn": fastbn_impl(case), "fastbn_out": fastbn_impl(case, out=case.out),
+               "numpy": numpy_impl(case)}
+        for name, make in peers.items():
+            fn = make(case)
+            if fn is not None:
+                fns[name] = fn
+        fns["copy"] = lambda: _kernels.parallel_copy(case.x, case.copy_dst)
+        print(f"[{i}/{len(cells)}] {case.name}", end="", file=progress, flush=True)
+        reference = fns["fastbn"]()
+        wrong = [n for n in fns if n not in ("copy", "fastbn") and
+                 not close_enough(fns[n](), reference, case.dtype)]
+        times = interleaved_medians(fns, seconds)
+        limit = times.pop("copy") * case.limit_bytes / (2 * case.x.nbytes)
+        record = {"op": op, "layout": layout, "dtype": case.dtype.name, "shape": list(shape),
+                  "threads": threads, "seconds": times, "limit_seconds": limit,
+                  "fraction_of_limit": limit / times["fastbn_out"],
+                  "gbytes_per_s": case.limit_bytes / times["fastbn_out"] / 1e9,
+                  "speedup": {n: t / times["fastbn"] for n, t in times.items()
+                              if n not in ("fastbn", "fastbn_out")},
+                  "disagree": wrong}
+        results.append(record)
+        summary = "  ".join(f"{n} x{s:.2f}" for n, s in record["speedup"].items())
+        print(f"  {times['fastbn'] * 1e6:9.1f} us  {summary}  limit {record['fraction_of_limit']:.2f}"
+              + (f"  DISAGREE: {wrong}" if wrong else ""), file=progress, flush=True)
+    return results
+
+
+def geomean(values):
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def table(results):
+    peers = [p for p in ("torch", "onnxruntime", "numpy")
+             if any(p in r["speedup"] for r in results)]
+    head = ["op", "layout", "dtype", "shape", "fastbn us", "out= us"]
+    for p in peers:
+        head += [f"{p} us", f"x{p}"]
+    head += ["GB/s", "of limit"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        t = r["seconds"]
+        row = [r["op"], r["layout"], r["dtype"], "x".join(map(str, r["shape"])),
+               f"{t['fastbn'] * 1e6:.1f}", f"{t['fastbn_out'] * 1e6:.1f}"]
+        for p in peers:
+            row += ([f"{t[p] * 1e6:.1f}", f"{r['speedup'][p]:.2f}"] if p in t else ["-", "-"])
+        row += [f"{r['gbytes_per_s']:.1f}", f"{r['fraction_of_limit']:.2f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for p in peers:
+        s = [r["speedup"][p] for r in results if p in r["speedup"]]
+        slower = sum(v < 1 for v in s)
+        lines.append(f"{p}: geometric-mean speedup x{geomean(s):.2f}, min x{min(s):.2f}, "
+                     f"{slower} of {len(s)} cells slower than {p}")
+    disagree = [r for r in results if r["disagree"]]
+    if disagree:
+        lines.append(f"{len(disagree)} cells where a peer's result disagreed with fastbn's")
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    peers = [p for p in ("torch", "onnxruntime", "numpy") if any(p in r["speedup"] for r in results)]
+    labels = [f"{r['op']} {r['layout']} {r['dtype'][5:]} {'x'.join(map(str, r['shape']))}"
+              for r in results]
+    fig, ax = plt.subplots(figsize=(10, 0.22 * len(results) + 1.5))
+    height = 0.8 / max(1, len(peers))
+    for k, p in enumerate(peers):
+        ys = [i + k * height for i in range(len(results))]
+        ax.barh(ys, [r["speedup"].get(p, 0) for r in results], height=height, label=p)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(results))])
+    ax.set_yticklabels(labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup of fastbn (peer time / fastbn time), log scale")
+    ax.set_title(f"fastbn {__version__}, {results[0]['threads']} threads")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(args):
+    threads = args.threads or get_num_threads()
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    seconds = 0.3 if args.quick else 1.0
+    info = machine()
+    print(f"fastbn {__version__} on {info['cpu']} ({info['cores']} cores), {threads} threads, "
+          f"numpy {info['numpy']}", file=sys.stderr)
+    results = run(shapes, threads, seconds)
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "threads": threads, "results": results}, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+    return 0
