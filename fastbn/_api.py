@@ -1,7 +1,9 @@
 """The NumPy face of fastbn: validation, dtype and out= rules, the canonical view, dispatch.
 
 Every function checks all of its arguments before anything is written, so a failed call leaves
-its inputs, `out` and the running statistics as they were. Wrong types raise TypeError, wrong
+its inputs, `out` and the running statistics as they were. The common call (C-contiguous
+arrays of one float dtype, no `out=` but x itself) is first offered to a fast path in
+_kernels, which checks the same rules cheaply in C and declines anything else. Wrong types raise TypeError, wrong
 shapes or values ValueError, each naming the argument.
 
 The canonical view: the kernels see any array as (outer, C, inner), C-contiguous, where C is
@@ -241,6 +243,10 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
     updated in place: r = (1 - momentum) * r + momentum * batch, with the unbiased variance
     n / (n - 1) for running_var (PyTorch's convention).
     """
+    result = _kernels.train_common(x, weight, bias, eps, axis, running_mean, running_var,
+                                   momentum, out)
+    if result is not None:
+        return result
     x, axis = _check_x(x, axis)
     C = x.shape[axis]
     weight = _channel_vector(weight, "weight", C, x.dtype)
@@ -277,6 +283,9 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
 
     y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, per channel.
     """
+    y = _kernels.infer_common(x, running_mean, running_var, weight, bias, eps, axis, out)
+    if y is not None:
+        return y
     x, axis = _check_x(x, axis)
     C = x.shape[axis]
     if running_mean is None or running_var is None:
@@ -304,6 +313,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
     The mean serves as a shift only: the exact batch mean is recovered from x, so a mean
     rounded to float32 costs no accuracy when the data sit far from zero.
     """
+    result = _kernels.backward_common(dy, x, mean, invstd, weight, axis, out)
+    if result is not None:
+        return result
     x, axis = _check_x(x, axis)
     dy = _as_data(dy, "dy")
     _same_dtype(dy, "dy", x)

@@ -12,7 +12,7 @@ and chunk results are merged in chunk order, so every thread count gives the sam
 from cython.parallel cimport parallel, prange, threadid
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
-from libc.math cimport sqrt
+from libc.math cimport sqrt, INFINITY
 cimport numpy as cnp
 
 cnp.import_array()
@@ -188,19 +188,28 @@ cdef fbn_moments cl_channel(const double *part, Py_ssize_t C, Py_ssize_t c) noex
     return m
 
 
+cdef void normalize_part(const floating *x, floating *y, const Plan *p, const floating *coef,
+                         Py_ssize_t t, Py_ssize_t nparts) noexcept nogil:
+    """Part t of nparts equal parts of the elementwise pass y = f(x)."""
+    cdef Py_ssize_t C = p.C, start, stop
+    if p.inner > 1:
+        chunk_range(p.outer * C * p.inner, t, nparts, &start, &stop)
+        normalize_span(x, y, C, p.inner, start, stop, coef, coef + C, coef + 2 * C, coef + 3 * C)
+    else:
+        chunk_range(p.outer, t, nparts, &start, &stop)
+        normalize_rows(x + start * C, y + start * C, stop - start, C,
+                       coef, coef + C, coef + 2 * C, coef + 3 * C)
+
+
 cdef void normalize(const floating *x, floating *y, const Plan *p, const floating *coef,
                     int nthreads) noexcept nogil:
-    """y from x and the coefficients: an elementwise pass, split evenly over the threads."""
-    cdef Py_ssize_t C = p.C, total = p.outer * C * p.inner, t, start, stop
-    for t in prange(nthreads, schedule='static', num_threads=nthreads, use_threads_if=nthreads > 1):
-        if p.inner > 1:
-            chunk_range(total, t, nthreads, &start, &stop)
-            normalize_span(x, y, C, p.inner, start, stop, coef, coef + C, coef + 2 * C,
-                           coef + 3 * C)
-        else:
-            chunk_range(p.outer, t, nthreads, &start, &stop)
-            normalize_rows(x + start * C, y + start * C, stop - start, C,
-                           coef, coef + C, coef + 2 * C, coef + 3 * C)
+    """y from x and the coefficients, split evenly over the threads."""
+    cdef Py_ssize_t t
+    if nthreads == 1:       # no OpenMP region at all: entering one costs ~0.3 us
+        normalize_part(x, y, p, coef, 0, 1)
+        return
+    for t in prange(nthreads, schedule='static', num_threads=nthreads):
+        normalize_part(x, y, p, coef, t, nthreads)
 
 
 cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const TrainArgs *a,
@@ -271,19 +280,13 @@ cdef Py_ssize_t infer_impl(const floating *x, floating *y, const Plan *p,
                            int nthreads) noexcept nogil:
     """y from the running statistics. -1: out of memory; c + 1: running_var[c] < 0."""
     cdef Py_ssize_t C = p.C, c
-    cdef double gamma
+    for c in range(C):
+        if running_var[c] < 0:   # checked before y is touched
+            return c + 1
     cdef floating *coef = <floating *>malloc(4 * C * sizeof(floating))
     if coef == NULL:
         return -1
-    for c in range(C):
-        if running_var[c] < 0:   # checked before y is touched
-            free(coef)
-            return c + 1
-        gamma = 1.0 if weight == NULL else weight[c]
-        coef[c] = running_mean[c]
-        coef[C + c] = 0
-        coef[2 * C + c] = <floating>(gamma / sqrt(<double>running_var[c] + eps))
-        coef[3 * C + c] = 0 if bias == NULL else bias[c]
+    infer_coefficients(C, running_mean, running_var, weight, bias, eps, coef)
     normalize(x, y, p, coef, nthreads)
     free(coef)
     return 0
@@ -532,3 +535,145 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst):
             start = nbytes * t // nthreads
             stop = nbytes * (t + 1) // nthreads
             memcpy(d + start, s + start, stop - start)
+
+
+# ------------------------------------------------------------------------- the common call
+# Per-call cost matters for small tensors (edge inference is often batch 1). These functions
+# take the common call -- C-contiguous float32/float64 ndarrays, per-channel arrays of x's
+# dtype, a plain float eps/momentum, no out= or out=x -- with cheap C-level checks, and return
+# None for anything else. They accept only calls that fastbn._api's full checks would pass
+# unchanged; _api owns the error messages and the conversions.
+
+cdef inline bint plain_array(object a, int typenum):
+    """a is an exact ndarray of typenum, native byte order, C-contiguous."""
+    return (cnp.PyArray_CheckExact(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a)
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a))
+
+
+cdef inline bint channel_vector(object v, int typenum, Py_ssize_t C, bint optional):
+    if v is None:
+        return optional
+    return (plain_array(v, typenum) and cnp.PyArray_NDIM(<cnp.ndarray>v) == 1
+            and cnp.PyArray_DIM(<cnp.ndarray>v, 0) == C)
+
+
+cdef inline int typenum_of(object x):
+    """x's type number if x is a plain float32/float64 array of ndim >= 2, else -1."""
+    if not cnp.PyArray_CheckExact(x):
+        return -1
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    cdef int t = cnp.PyArray_TYPE(a)
+    if ((t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or cnp.PyArray_NDIM(a) < 2
+            or not cnp.PyArray_ISNOTSWAPPED(a) or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+            or cnp.PyArray_SIZE(a) == 0):
+        return -1
+    return t
+
+
+cdef inline int plain_axis(object axis, int ndim):
+    """axis as 0..ndim-1 if it is a plain int in range, else -1."""
+    if type(axis) is not int:
+        return -1
+    cdef long a = axis
+    if a < -ndim or a >= ndim:
+        return -1
+    return a + ndim if a < 0 else a
+
+
+cdef inline bint plain_float(object v, double low, double high):
+    return type(v) is float and low <= <double>v <= high
+
+
+cdef inline Plan plan_of(cnp.ndarray x, int axis):
+    cdef Py_ssize_t outer = 1, inner = 1
+    cdef int i
+    for i in range(axis):
+        outer *= cnp.PyArray_DIM(x, i)
+    for i in range(axis + 1, cnp.PyArray_NDIM(x)):
+        inner *= cnp.PyArray_DIM(x, i)
+    return make_plan(outer, cnp.PyArray_DIM(x, axis), inner)
+
+
+cdef inline bint plain_out(object out, object x):
+    """out is None, or x itself and writeable (in place)."""
+    return out is None or (out is x and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>x))
+
+
+cdef inline cnp.ndarray output_for(cnp.ndarray x, object out):
+    """A new array like x, or out when it is x itself (in place)."""
+    if out is x:
+        return x
+    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+
+
+def infer_common(x, running_mean, running_var, weight, bias, eps, axis, out):
+    cdef int t = typenum_of(x)
+    if t < 0 or not plain_out(out, x):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int ax = plain_axis(axis, cnp.PyArray_NDIM(xa))
+    if ax < 0:
+        return None
+    cdef Py_ssize_t C = cnp.PyArray_DIM(xa, ax)
+    if not (channel_vector(running_mean, t, C, False) and channel_vector(running_var, t, C, False)
+            and channel_vector(weight, t, C, True) and channel_vector(bias, t, C, True)
+            and plain_float(eps, 0.0, INFINITY)):
+        return None
+    cdef Plan p = plan_of(xa, ax)
+    cdef cnp.ndarray y = output_for(xa, out)
+    forward_infer(xa, y, p.outer, C, p.inner, running_mean, running_var, weight, bias, eps)
+    return y
+
+
+def train_common(x, weight, bias, eps, axis, running_mean, running_var, momentum, out):
+    cdef int t = typenum_of(x)
+    if t < 0 or not plain_out(out, x):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int ax = plain_axis(axis, cnp.PyArray_NDIM(xa))
+    if ax < 0:
+        return None
+    cdef Py_ssize_t C = cnp.PyArray_DIM(xa, ax)
+    if not (channel_vector(weight, t, C, True) and channel_vector(bias, t, C, True)
+            and plain_float(eps, 0.0, INFINITY) and plain_float(momentum, 0.0, 1.0)):
+        return None
+    if (running_mean is None) != (running_var is None):
+        return None
+    if running_mean is not None and not (
+            channel_vector(running_mean, t, C, False) and channel_vector(running_var, t, C, False)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var)):
+        return None
+    cdef Plan p = plan_of(xa, ax)
+    if p.count < 2:
+        return None
+    cdef cnp.ndarray y = output_for(xa, out)
+    cdef cnp.npy_intp c_dim = C
+    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &c_dim, t, 0)
+    cdef cnp.ndarray invstd = cnp.PyArray_EMPTY(1, &c_dim, t, 0)
+    forward_train(xa, y, p.outer, C, p.inner, weight, bias, eps, running_mean, running_var,
+                  momentum, mean, invstd)
+    return y, mean, invstd
+
+
+def backward_common(dy, x, mean, invstd, weight, axis, out):
+    cdef int t = typenum_of(x)
+    if t < 0 or typenum_of(dy) != t or not (plain_out(out, x) or plain_out(out, dy)):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef cnp.ndarray dya = <cnp.ndarray>dy
+    cdef int ax = plain_axis(axis, cnp.PyArray_NDIM(xa))
+    if ax < 0 or not cnp.PyArray_SAMESHAPE(xa, dya):
+        return None
+    cdef Py_ssize_t C = cnp.PyArray_DIM(xa, ax)
+    if not (channel_vector(mean, t, C, False) and channel_vector(invstd, t, C, False)
+            and channel_vector(weight, t, C, True)):
+        return None
+    cdef Plan p = plan_of(xa, ax)
+    cdef cnp.ndarray dx = output_for(xa, out) if out is not dy else dya
+    cdef cnp.npy_intp c_dim = C
+    cdef cnp.ndarray dweight = cnp.PyArray_EMPTY(1, &c_dim, t, 0)
+    cdef cnp.ndarray dbias = cnp.PyArray_EMPTY(1, &c_dim, t, 0)
+    backward(dya, xa, dx, p.outer, C, p.inner, mean, invstd, weight, dweight, dbias)
+    return dx, dweight, dbias

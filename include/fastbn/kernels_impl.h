@@ -282,6 +282,25 @@ static inline double FBN_FN(train_coefficients)(fbn_moments m, double eps, doubl
     return invstd;
 }
 
+/* Inference coefficients (running statistics), C channels at once, vectorized:
+ *     hi = running_mean, lo = 0, scale = gamma / sqrt(running_var + eps), offset = beta
+ * weight or bias may be NULL (gamma = 1, beta = 0). The caller checks running_var >= 0. */
+FBN_DISPATCH static void FBN_FN(infer_coefficients)(fbn_index C, const T *running_mean,
+                                                    const T *running_var, const T *weight,
+                                                    const T *bias, double eps,
+                                                    T *FBN_RESTRICT coef)
+{
+    T *hi = coef, *lo = coef + C, *scale = coef + 2 * C, *offset = coef + 3 * C;
+#pragma omp simd
+    for (fbn_index c = 0; c < C; ++c) {
+        const double gamma = weight == NULL ? 1.0 : (double)weight[c];
+        hi[c] = running_mean[c];
+        lo[c] = 0;
+        scale[c] = (T)(gamma / sqrt((double)running_var[c] + eps));
+        offset[c] = bias == NULL ? 0 : bias[c];
+    }
+}
+
 /* PyTorch's running statistics, with the unbiased variance n/(n-1) of the batch:
  *     running <- (1 - momentum) * running + momentum * batch */
 static inline void FBN_FN(update_running)(T *running_mean, T *running_var, fbn_moments m,
