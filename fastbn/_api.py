@@ -2,8 +2,9 @@
 
 Every function checks all of its arguments before anything is written, so a failed call leaves
 its inputs, `out` and the running statistics as they were. The common call (C-contiguous
-arrays of one float dtype, no `out=` but x itself) is first offered to a fast path in
-_kernels, which checks the same rules cheaply in C and declines anything else. Wrong types raise TypeError, wrong
+arrays of one float dtype, `out=` absent, the input, or a disjoint C-contiguous array) is
+first offered to a fast path in _kernels, which checks the same rules cheaply in C and
+declines anything else. Wrong types raise TypeError, wrong
 shapes or values ValueError, each naming the argument.
 
 The canonical view: the kernels see any array as (outer, C, inner), C-contiguous, where C is

@@ -27,6 +27,7 @@ cdef extern from "fastbn/platform.h" nogil:
 
     int fbn_openmp_version()
     int fbn_max_threads()
+    void fbn_barrier()
     const char *fbn_compiler()
     const char *fbn_build_flags()
     const char *fbn_baseline_simd()
@@ -71,21 +72,22 @@ cdef extern from "fastbn/platform.h" nogil:
                                  fbn_index len, fbn_index p0, fbn_index p1, const double *m,
                                  const double *lo, const double *k_dy, const double *k_xc,
                                  const double *k_0)
-    void fbn_moments_rows_f32(const float *x, fbn_index nrows, fbn_index C, double *shift,
-                              double *dev_sum, double *m2)
-    void fbn_moments_rows_f64(const double *x, fbn_index nrows, fbn_index C, double *shift,
-                              double *dev_sum, double *m2)
+    void fbn_moments_rows_chunk_f32(const float *x, fbn_index nrows, fbn_index C,
+                                    fbn_index block_rows, double *part, double *scratch)
+    void fbn_moments_rows_chunk_f64(const double *x, fbn_index nrows, fbn_index C,
+                                    fbn_index block_rows, double *part, double *scratch)
+    void fbn_grad_sums_rows_chunk_f32(const float *dy, const float *x, fbn_index nrows,
+                                      fbn_index C, fbn_index block_rows, const float *m,
+                                      double *part, double *scratch)
+    void fbn_grad_sums_rows_chunk_f64(const double *dy, const double *x, fbn_index nrows,
+                                      fbn_index C, fbn_index block_rows, const double *m,
+                                      double *part, double *scratch)
     void fbn_normalize_rows_f32(const float *x, float *y, fbn_index nrows, fbn_index C,
                                 const float *hi, const float *lo, const float *scale,
                                 const float *offset)
     void fbn_normalize_rows_f64(const double *x, double *y, fbn_index nrows, fbn_index C,
                                 const double *hi, const double *lo, const double *scale,
                                 const double *offset)
-    void fbn_grad_sums_rows_f32(const float *dy, const float *x, fbn_index nrows, fbn_index C,
-                                const float *m, double *s_dy, double *s_dy_xc, double *s_xc)
-    void fbn_grad_sums_rows_f64(const double *dy, const double *x, fbn_index nrows,
-                                fbn_index C, const double *m, double *s_dy, double *s_dy_xc,
-                                double *s_xc)
     void fbn_grad_input_rows_f32(const float *dy, const float *x, float *dx, fbn_index nrows,
                                  fbn_index C, const float *m, const float *lo,
                                  const float *k_dy, const float *k_xc, const float *k_0)
@@ -172,13 +174,22 @@ cdef inline void grad_input_span(const floating *dy, const floating *x, floating
         fbn_grad_input_span_f64(dy, x, dx, C, len, p0, p1, m, lo, k_dy, k_xc, k_0)
 
 
-cdef inline void moments_rows(const floating *x, fbn_index nrows, fbn_index C, double *shift,
-                              double *dev_sum, double *m2) noexcept nogil:
-    if floating is float:
-        fbn_moments_rows_f32(x, nrows, C, shift, dev_sum, m2)
-    else:
-        fbn_moments_rows_f64(x, nrows, C, shift, dev_sum, m2)
 
+cdef inline void moments_rows_chunk(const floating *x, fbn_index nrows, fbn_index C,
+                                    fbn_index block_rows, double *part,
+                                    double *scratch) noexcept nogil:
+    if floating is float:
+        fbn_moments_rows_chunk_f32(x, nrows, C, block_rows, part, scratch)
+    else:
+        fbn_moments_rows_chunk_f64(x, nrows, C, block_rows, part, scratch)
+
+cdef inline void grad_sums_rows_chunk(const floating *dy, const floating *x, fbn_index nrows,
+                                      fbn_index C, fbn_index block_rows, const floating *m,
+                                      double *part, double *scratch) noexcept nogil:
+    if floating is float:
+        fbn_grad_sums_rows_chunk_f32(dy, x, nrows, C, block_rows, m, part, scratch)
+    else:
+        fbn_grad_sums_rows_chunk_f64(dy, x, nrows, C, block_rows, m, part, scratch)
 
 cdef inline void normalize_rows(const floating *x, floating *y, fbn_index nrows, fbn_index C,
                                 const floating *hi, const floating *lo, const floating *scale,
@@ -188,14 +199,6 @@ cdef inline void normalize_rows(const floating *x, floating *y, fbn_index nrows,
     else:
         fbn_normalize_rows_f64(x, y, nrows, C, hi, lo, scale, offset)
 
-
-cdef inline void grad_sums_rows(const floating *dy, const floating *x, fbn_index nrows,
-                                fbn_index C, const floating *m, double *s_dy, double *s_dy_xc,
-                                double *s_xc) noexcept nogil:
-    if floating is float:
-        fbn_grad_sums_rows_f32(dy, x, nrows, C, m, s_dy, s_dy_xc, s_xc)
-    else:
-        fbn_grad_sums_rows_f64(dy, x, nrows, C, m, s_dy, s_dy_xc, s_xc)
 
 
 cdef inline void grad_input_rows(const floating *dy, const floating *x, floating *dx,

@@ -165,18 +165,21 @@ cdef inline Py_ssize_t CL_PART(Py_ssize_t C) noexcept nogil:
     return 1 + 3 * C
 
 
+cdef inline void cl_chunk_rows(const Plan *p, Py_ssize_t k, Py_ssize_t *first_row,
+                               Py_ssize_t *nrows) noexcept nogil:
+    """First row and row count of channels-last chunk k (whole blocks)."""
+    cdef Py_ssize_t first, last
+    chunk_range(p.nblocks, k, p.nchunks, &first, &last)
+    first_row[0] = first * p.block_rows
+    nrows[0] = min(last * p.block_rows, p.outer) - first_row[0]
+
+
 cdef void cl_chunk_moments(const floating *x, const Plan *p, Py_ssize_t k, double *part,
                            double *scratch) noexcept nogil:
     """Chunk k's moments of every channel into part; scratch holds 3*C doubles."""
-    cdef Py_ssize_t C = p.C, b, first, last, first_row, nrows
-    part[0] = 0.0
-    chunk_range(p.nblocks, k, p.nchunks, &first, &last)
-    for b in range(first, last):
-        first_row = b * p.block_rows
-        nrows = min(p.block_rows, p.outer - first_row)
-        moments_rows(x + first_row * C, nrows, C, scratch, scratch + C, scratch + 2 * C)
-        fbn_moments_merge_rows(C, part, part + 1, part + 1 + C, part + 1 + 2 * C, <double>nrows,
-                               scratch, scratch + C, scratch + 2 * C)
+    cdef Py_ssize_t first_row, nrows
+    cl_chunk_rows(p, k, &first_row, &nrows)
+    moments_rows_chunk(x + first_row * p.C, nrows, p.C, p.block_rows, part, scratch)
 
 
 cdef fbn_moments cl_channel(const double *part, Py_ssize_t C, Py_ssize_t c) noexcept nogil:
@@ -212,64 +215,104 @@ cdef void normalize(const floating *x, floating *y, const Plan *p, const floatin
         normalize_part(x, y, p, coef, t, nthreads)
 
 
+cdef enum:
+    MERGE_CHANNELS = 64   # channels-last: channels per work item when merging chunk results
+
+
+cdef void cl_merge_train(const double *parts, Py_ssize_t K, const Plan *p, Py_ssize_t c0,
+                         Py_ssize_t c1, double *merged, floating *coef,
+                         const TrainArgs *a) noexcept nogil:
+    """Channels [c0, c1): chunk results merged in chunk order (into merged, 3*C doubles),
+    then finished. Each channel's merge order is fixed, whoever does it."""
+    cdef Py_ssize_t C = p.C, n = c1 - c0, k, c
+    cdef const double *part
+    cdef double count = 0.0
+    cdef double *shift = merged + c0
+    cdef double *dev_sum = merged + C + c0
+    cdef double *m2 = merged + 2 * C + c0
+    cdef fbn_moments m
+    for k in range(K):
+        part = parts + k * CL_PART(C)
+        fbn_moments_merge_rows(n, &count, shift, dev_sum, m2, part[0], part + 1 + c0,
+                               part + 1 + C + c0, part + 1 + 2 * C + c0)
+    for c in range(c0, c1):
+        m.count = count
+        m.shift = merged[c]
+        m.dev_sum = merged[C + c]
+        m.m2 = merged[2 * C + c]
+        finish_train_channel(coef, C, c, m, a)
+
+
+cdef void cf_merge_train(const fbn_moments *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c,
+                         floating *coef, const TrainArgs *a) noexcept nogil:
+    """Channel c: its chunk results (parts[c*K + k]) merged in chunk order, then finished."""
+    cdef fbn_moments m = parts[c * K]
+    cdef Py_ssize_t k
+    for k in range(1, K):
+        fbn_moments_merge(&m, parts[c * K + k])
+    finish_train_channel(coef, C, c, m, a)
+
+
 cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const TrainArgs *a,
                             int nthreads) noexcept nogil:
-    """Batch statistics, saved statistics, running statistics, then y. -1: out of memory."""
-    cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, i
+    """Batch statistics, saved statistics, running statistics, then y. -1: out of memory.
+
+    One OpenMP region; its phases (chunk statistics, merge and finish per channel, y) are
+    separated by explicit barriers: Cython ends each prange with nowait."""
+    cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, i, t
+    cdef Py_ssize_t nmerge = ceil_div(C, MERGE_CHANNELS)
+    cdef bint fused = p.inner > 1 and K == 1
     cdef floating *coef = <floating *>malloc(4 * C * sizeof(floating))
-    cdef fbn_moments *parts = NULL
-    cdef double *cl_parts = NULL
-    cdef double *scratch = NULL
-    cdef fbn_moments m
+    cdef fbn_moments *parts = NULL      # channels-first: parts[c*K + k]
+    cdef double *cl_parts = NULL        # channels-last: chunk k at k * CL_PART(C)
+    cdef double *scratch = NULL         # channels-last: 3*C doubles per thread
     if coef == NULL:
         return -1
-
-    if p.inner > 1 and K == 1:
-        # One channel per work item: its statistics, then y while the channel is in cache.
-        for c in prange(C, schedule='static', num_threads=nthreads, use_threads_if=nthreads > 1):
-            finish_train_channel(coef, C, c, cf_chunk_moments(x, p, c, 0), a)
-            normalize_channel(x + c * p.inner, y + c * p.inner, C * p.inner, p.inner, 0, p.count,
-                              coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c])
-        free(coef)
-        return 0
-
-    if p.inner > 1:
-        # Few channels: chunks of each channel, merged in chunk order; parts[c*K + k].
+    if fused:
+        pass
+    elif p.inner > 1:
         parts = <fbn_moments *>malloc(C * K * sizeof(fbn_moments))
-        if parts == NULL:
-            free(coef)
-            return -1
-        for i in prange(C * K, schedule='static', num_threads=nthreads,
-                        use_threads_if=nthreads > 1):
-            parts[i] = cf_chunk_moments(x, p, i // K, i % K)
-        for c in range(C):
-            m = parts[c * K]
-            for k in range(1, K):
-                fbn_moments_merge(&m, parts[c * K + k])
-            finish_train_channel(coef, C, c, m, a)
-        free(parts)
     else:
-        # Channels-last: chunks of rows, all channels at once, merged in chunk order.
         cl_parts = <double *>malloc(K * CL_PART(C) * sizeof(double))
-        scratch = <double *>malloc(nthreads * 3 * C * sizeof(double))
-        if cl_parts == NULL or scratch == NULL:
-            free(coef)
-            free(cl_parts)
-            free(scratch)
-            return -1
-        with parallel(num_threads=nthreads, use_threads_if=nthreads > 1):
-            for k in prange(K, schedule='static'):
-                cl_chunk_moments(x, p, k, cl_parts + k * CL_PART(C), scratch + threadid() * 3 * C)
-        for k in range(1, K):
-            i = k * CL_PART(C)
-            fbn_moments_merge_rows(C, cl_parts, cl_parts + 1, cl_parts + 1 + C,
-                                   cl_parts + 1 + 2 * C, cl_parts[i], cl_parts + i + 1,
-                                   cl_parts + i + 1 + C, cl_parts + i + 1 + 2 * C)
-        for c in range(C):
-            finish_train_channel(coef, C, c, cl_channel(cl_parts, C, c), a)
+        scratch = <double *>malloc(max(nthreads, 1) * 3 * C * sizeof(double))
+    if not fused and ((p.inner > 1 and parts == NULL)
+                      or (p.inner == 1 and (cl_parts == NULL or scratch == NULL))):
+        free(coef)
+        free(parts)
         free(cl_parts)
         free(scratch)
-    normalize(x, y, p, coef, nthreads)
+        return -1
+
+    with parallel(num_threads=nthreads, use_threads_if=nthreads > 1):
+        if fused:
+            # One channel per work item: its statistics, then y while it is in cache.
+            for c in prange(C, schedule='static'):
+                finish_train_channel(coef, C, c, cf_chunk_moments(x, p, c, 0), a)
+                normalize_channel(x + c * p.inner, y + c * p.inner, C * p.inner, p.inner, 0,
+                                  p.count, coef[c], coef[C + c], coef[2 * C + c],
+                                  coef[3 * C + c])
+        elif p.inner > 1:
+            for i in prange(C * K, schedule='static'):
+                parts[i] = cf_chunk_moments(x, p, i // K, i % K)
+            fbn_barrier()
+            for c in prange(C, schedule='static'):
+                cf_merge_train(parts, K, C, c, coef, a)
+            fbn_barrier()
+            for t in prange(nthreads, schedule='static'):
+                normalize_part(x, y, p, coef, t, nthreads)
+        else:
+            for k in prange(K, schedule='static'):
+                cl_chunk_moments(x, p, k, cl_parts + k * CL_PART(C), scratch + threadid() * 3 * C)
+            fbn_barrier()
+            for i in prange(nmerge, schedule='static'):
+                cl_merge_train(cl_parts, K, p, i * MERGE_CHANNELS,
+                               min(C, (i + 1) * MERGE_CHANNELS), scratch, coef, a)
+            fbn_barrier()
+            for t in prange(nthreads, schedule='static'):
+                normalize_part(x, y, p, coef, t, nthreads)
+    free(parts)
+    free(cl_parts)
+    free(scratch)
     free(coef)
     return 0
 
@@ -325,94 +368,117 @@ cdef fbn_grad_sums cf_chunk_grad_sums(const floating *dy, const floating *x, con
 
 cdef void cl_chunk_grad_sums(const floating *dy, const floating *x, const Plan *p, Py_ssize_t k,
                              const floating *mean, double *part, double *scratch) noexcept nogil:
-    """Chunk k's gradient sums into part = [dy (C) | dy_xc (C) | xc (C)]; block sums go
-    through scratch (3*C doubles) so that long chunks add block totals, not single values."""
-    cdef Py_ssize_t C = p.C, b, c, first, last, first_row, nrows
-    for c in range(3 * C):
-        part[c] = 0.0
-    chunk_range(p.nblocks, k, p.nchunks, &first, &last)
-    for b in range(first, last):
-        first_row = b * p.block_rows
-        nrows = min(p.block_rows, p.outer - first_row)
-        for c in range(3 * C):
-            scratch[c] = 0.0
-        grad_sums_rows(dy + first_row * C, x + first_row * C, nrows, C, mean, scratch,
-                       scratch + C, scratch + 2 * C)
-        for c in range(3 * C):
-            part[c] += scratch[c]
+    """Chunk k's gradient sums into part = [dy (C) | dy_xc (C) | xc (C)]; scratch: 3*C."""
+    cdef Py_ssize_t first_row, nrows, offset
+    cl_chunk_rows(p, k, &first_row, &nrows)
+    offset = first_row * p.C
+    grad_sums_rows_chunk(dy + offset, x + offset, nrows, p.C, p.block_rows, mean, part, scratch)
+
+
+cdef void grad_input_part(const floating *dy, const floating *x, floating *dx, const Plan *p,
+                          const floating *coef, Py_ssize_t t, Py_ssize_t nparts) noexcept nogil:
+    """Part t of nparts equal parts of the elementwise pass dx = f(dy, x)."""
+    cdef Py_ssize_t C = p.C, start, stop
+    if p.inner > 1:
+        chunk_range(p.outer * C * p.inner, t, nparts, &start, &stop)
+        grad_input_span(dy, x, dx, C, p.inner, start, stop, coef, coef + C, coef + 2 * C,
+                        coef + 3 * C, coef + 4 * C)
+    else:
+        chunk_range(p.outer, t, nparts, &start, &stop)
+        grad_input_rows(dy + start * C, x + start * C, dx + start * C, stop - start, C,
+                        coef, coef + C, coef + 2 * C, coef + 3 * C, coef + 4 * C)
+
+
+cdef void merge_grad(const fbn_grad_sums *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c,
+                     double count, floating *coef, const GradArgs *a) noexcept nogil:
+    """Channel c: its chunk sums (parts[c*K + k]) added in chunk order, then finished."""
+    cdef fbn_grad_sums s = parts[c * K]
+    cdef Py_ssize_t k
+    for k in range(1, K):
+        fbn_grad_sums_add(&s, parts[c * K + k])
+    finish_grad_channel(coef, C, c, s, count, a)
+
+
+cdef void cl_merge_grad(double *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c0,
+                        Py_ssize_t c1, double count, floating *coef,
+                        const GradArgs *a) noexcept nogil:
+    """Channels [c0, c1): chunk sums (chunk k at parts + k*3*C) added in chunk order into
+    chunk 0's, then finished."""
+    cdef fbn_grad_sums s
+    cdef Py_ssize_t c, k, j
+    for k in range(1, K):
+        for j in range(3):
+            for c in range(c0, c1):
+                parts[j * C + c] += parts[k * 3 * C + j * C + c]
+    for c in range(c0, c1):
+        s.dy = parts[c]
+        s.dy_xc = parts[C + c]
+        s.xc = parts[2 * C + c]
+        finish_grad_channel(coef, C, c, s, count, a)
 
 
 cdef int backward_impl(const floating *dy, const floating *x, floating *dx, const Plan *p,
                        const GradArgs *a, int nthreads) noexcept nogil:
-    """dweight, dbias, then dx. -1: out of memory."""
-    cdef Py_ssize_t C = p.C, K = p.nchunks, total = p.outer * C * p.inner, c, k, i, t
-    cdef Py_ssize_t start, stop
+    """dweight, dbias, then dx, in one OpenMP region (phases as in forward_train_impl).
+    -1: out of memory."""
+    cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, i, t
+    cdef Py_ssize_t nmerge = ceil_div(C, MERGE_CHANNELS)
     cdef double count = <double>p.count
-    cdef floating *coef = <floating *>malloc(5 * C * sizeof(floating))
-    cdef fbn_grad_sums *parts = NULL
-    cdef double *cl_parts = NULL
-    cdef double *scratch = NULL
-    cdef fbn_grad_sums s
+    cdef bint fused = p.inner > 1 and K == 1
     cdef const floating *mean = <const floating *>a.mean
+    cdef floating *coef = <floating *>malloc(5 * C * sizeof(floating))
+    cdef fbn_grad_sums *parts = NULL    # channels-first: parts[c*K + k]
+    cdef double *cl_parts = NULL        # channels-last: chunk k at k * 3*C
+    cdef double *scratch = NULL         # channels-last: 3*C doubles per thread
     if coef == NULL:
         return -1
-
-    if p.inner > 1 and K == 1:
-        # One channel per work item: its sums, then dx while the channel is in cache.
-        for c in prange(C, schedule='static', num_threads=nthreads, use_threads_if=nthreads > 1):
-            finish_grad_channel(coef, C, c, cf_chunk_grad_sums(dy, x, p, c, 0, mean[c]), count, a)
-            grad_input_channel(dy + c * p.inner, x + c * p.inner, dx + c * p.inner, C * p.inner,
-                               p.inner, 0, p.count, coef[c], coef[C + c], coef[2 * C + c],
-                               coef[3 * C + c], coef[4 * C + c])
-        free(coef)
-        return 0
-
-    if p.inner > 1:
-        parts = <fbn_grad_sums *>malloc(C * K * sizeof(fbn_grad_sums))      # parts[c*K + k]
-        if parts == NULL:
-            free(coef)
-            return -1
-        for i in prange(C * K, schedule='static', num_threads=nthreads,
-                        use_threads_if=nthreads > 1):
-            parts[i] = cf_chunk_grad_sums(dy, x, p, i // K, i % K, mean[i // K])
-        for c in range(C):
-            s = parts[c * K]
-            for k in range(1, K):
-                fbn_grad_sums_add(&s, parts[c * K + k])
-            finish_grad_channel(coef, C, c, s, count, a)
-        free(parts)
+    if fused:
+        pass
+    elif p.inner > 1:
+        parts = <fbn_grad_sums *>malloc(C * K * sizeof(fbn_grad_sums))
     else:
-        cl_parts = <double *>malloc(K * 3 * C * sizeof(double))             # chunk k at k*3C
-        scratch = <double *>malloc(nthreads * 3 * C * sizeof(double))
-        if cl_parts == NULL or scratch == NULL:
-            free(coef)
-            free(cl_parts)
-            free(scratch)
-            return -1
-        with parallel(num_threads=nthreads, use_threads_if=nthreads > 1):
+        cl_parts = <double *>malloc(K * 3 * C * sizeof(double))
+        scratch = <double *>malloc(max(nthreads, 1) * 3 * C * sizeof(double))
+    if not fused and ((p.inner > 1 and parts == NULL)
+                      or (p.inner == 1 and (cl_parts == NULL or scratch == NULL))):
+        free(coef)
+        free(parts)
+        free(cl_parts)
+        free(scratch)
+        return -1
+
+    with parallel(num_threads=nthreads, use_threads_if=nthreads > 1):
+        if fused:
+            # One channel per work item: its sums, then dx while it is in cache.
+            for c in prange(C, schedule='static'):
+                finish_grad_channel(coef, C, c, cf_chunk_grad_sums(dy, x, p, c, 0, mean[c]),
+                                    count, a)
+                grad_input_channel(dy + c * p.inner, x + c * p.inner, dx + c * p.inner,
+                                   C * p.inner, p.inner, 0, p.count, coef[c], coef[C + c],
+                                   coef[2 * C + c], coef[3 * C + c], coef[4 * C + c])
+        elif p.inner > 1:
+            for i in prange(C * K, schedule='static'):
+                parts[i] = cf_chunk_grad_sums(dy, x, p, i // K, i % K, mean[i // K])
+            fbn_barrier()
+            for c in prange(C, schedule='static'):
+                merge_grad(parts, K, C, c, count, coef, a)
+            fbn_barrier()
+            for t in prange(nthreads, schedule='static'):
+                grad_input_part(dy, x, dx, p, coef, t, nthreads)
+        else:
             for k in prange(K, schedule='static'):
                 cl_chunk_grad_sums(dy, x, p, k, mean, cl_parts + k * 3 * C,
                                    scratch + threadid() * 3 * C)
-        for k in range(1, K):
-            for i in range(3 * C):
-                cl_parts[i] += cl_parts[k * 3 * C + i]
-        for c in range(C):
-            s.dy = cl_parts[c]
-            s.dy_xc = cl_parts[C + c]
-            s.xc = cl_parts[2 * C + c]
-            finish_grad_channel(coef, C, c, s, count, a)
-        free(cl_parts)
-        free(scratch)
-
-    for t in prange(nthreads, schedule='static', num_threads=nthreads, use_threads_if=nthreads > 1):
-        if p.inner > 1:
-            chunk_range(total, t, nthreads, &start, &stop)
-            grad_input_span(dy, x, dx, C, p.inner, start, stop, coef, coef + C, coef + 2 * C,
-                            coef + 3 * C, coef + 4 * C)
-        else:
-            chunk_range(p.outer, t, nthreads, &start, &stop)
-            grad_input_rows(dy + start * C, x + start * C, dx + start * C, stop - start, C,
-                            coef, coef + C, coef + 2 * C, coef + 3 * C, coef + 4 * C)
+            fbn_barrier()
+            for i in prange(nmerge, schedule='static'):
+                cl_merge_grad(cl_parts, K, C, i * MERGE_CHANNELS,
+                              min(C, (i + 1) * MERGE_CHANNELS), count, coef, a)
+            fbn_barrier()
+            for t in prange(nthreads, schedule='static'):
+                grad_input_part(dy, x, dx, p, coef, t, nthreads)
+    free(parts)
+    free(cl_parts)
+    free(scratch)
     free(coef)
     return 0
 
@@ -540,7 +606,8 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst):
 # ------------------------------------------------------------------------- the common call
 # Per-call cost matters for small tensors (edge inference is often batch 1). These functions
 # take the common call -- C-contiguous float32/float64 ndarrays, per-channel arrays of x's
-# dtype, a plain float eps/momentum, no out= or out=x -- with cheap C-level checks, and return
+# dtype, a plain float eps/momentum, out= absent, the input itself, or a C-contiguous array
+# that does not overlap the inputs -- with cheap C-level checks, and return
 # None for anything else. They accept only calls that fastbn._api's full checks would pass
 # unchanged; _api owns the error messages and the conversions.
 
@@ -595,21 +662,33 @@ cdef inline Plan plan_of(cnp.ndarray x, int axis):
     return make_plan(outer, cnp.PyArray_DIM(x, axis), inner)
 
 
-cdef inline bint plain_out(object out, object x):
-    """out is None, or x itself and writeable (in place)."""
-    return out is None or (out is x and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>x))
+cdef inline bint disjoint(cnp.ndarray a, cnp.ndarray b):
+    """No byte of C-contiguous a lies in b."""
+    cdef char *pa = <char *>cnp.PyArray_DATA(a)
+    cdef char *pb = <char *>cnp.PyArray_DATA(b)
+    return pa + cnp.PyArray_NBYTES(a) <= pb or pb + cnp.PyArray_NBYTES(b) <= pa
+
+
+cdef inline bint plain_out(object out, cnp.ndarray x, int typenum):
+    """out is None, or a writeable plain array like x that is x itself or does not overlap it."""
+    if out is None:
+        return True
+    if not (plain_array(out, typenum) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
+            and cnp.PyArray_SAMESHAPE(<cnp.ndarray>out, x)):
+        return False
+    return out is x or disjoint(<cnp.ndarray>out, x)
 
 
 cdef inline cnp.ndarray output_for(cnp.ndarray x, object out):
-    """A new array like x, or out when it is x itself (in place)."""
-    if out is x:
-        return x
+    """out, or a new array like x."""
+    if out is not None:
+        return <cnp.ndarray>out
     return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
 
 
 def infer_common(x, running_mean, running_var, weight, bias, eps, axis, out):
     cdef int t = typenum_of(x)
-    if t < 0 or not plain_out(out, x):
+    if t < 0 or not plain_out(out, <cnp.ndarray>x, t):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef int ax = plain_axis(axis, cnp.PyArray_NDIM(xa))
@@ -628,7 +707,7 @@ def infer_common(x, running_mean, running_var, weight, bias, eps, axis, out):
 
 def train_common(x, weight, bias, eps, axis, running_mean, running_var, momentum, out):
     cdef int t = typenum_of(x)
-    if t < 0 or not plain_out(out, x):
+    if t < 0 or not plain_out(out, <cnp.ndarray>x, t):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef int ax = plain_axis(axis, cnp.PyArray_NDIM(xa))
@@ -659,7 +738,9 @@ def train_common(x, weight, bias, eps, axis, running_mean, running_var, momentum
 
 def backward_common(dy, x, mean, invstd, weight, axis, out):
     cdef int t = typenum_of(x)
-    if t < 0 or typenum_of(dy) != t or not (plain_out(out, x) or plain_out(out, dy)):
+    if t < 0 or typenum_of(dy) != t:
+        return None
+    if not (plain_out(out, <cnp.ndarray>x, t) and plain_out(out, <cnp.ndarray>dy, t)):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef cnp.ndarray dya = <cnp.ndarray>dy
@@ -671,7 +752,7 @@ def backward_common(dy, x, mean, invstd, weight, axis, out):
             and channel_vector(weight, t, C, True)):
         return None
     cdef Plan p = plan_of(xa, ax)
-    cdef cnp.ndarray dx = output_for(xa, out) if out is not dy else dya
+    cdef cnp.ndarray dx = output_for(xa, out)
     cdef cnp.npy_intp c_dim = C
     cdef cnp.ndarray dweight = cnp.PyArray_EMPTY(1, &c_dim, t, 0)
     cdef cnp.ndarray dbias = cnp.PyArray_EMPTY(1, &c_dim, t, 0)

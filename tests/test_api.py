@@ -147,3 +147,27 @@ def test_info_command():
     for field in ("fastbn", "openmp", "threads", "compiler", "baseline simd"):
         assert field in out
     assert fastbn.__version__ in out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((4, 3, 5, 6), 1), ((4, 5, 6, 3), -1)])
+def test_fast_path_and_full_path_agree(shape, axis, dtype, rng):
+    """Plain arrays take the C-level fast path; a list for weight forces the full path."""
+    x = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+    rm2, rv2 = rm.copy(), rv.copy()
+    fast = fastbn.batch_norm_train(x, w, b, axis=axis, running_mean=rm, running_var=rv)
+    full = fastbn.batch_norm_train(x, w.tolist(), b, axis=axis, running_mean=rm2, running_var=rv2)
+    for a, f in zip(fast + (rm, rv), full + (rm2, rv2)):
+        assert a.tobytes() == f.tobytes()
+    out = np.empty_like(x)
+    assert fastbn.batch_norm_infer(x, rm, rv, w, b, axis=axis, out=out) is out
+    assert out.tobytes() == fastbn.batch_norm_infer(x, rm, rv, w.tolist(), b, axis=axis).tobytes()
+    dy = rng.standard_normal(shape).astype(dtype)
+    _, mean, invstd = fast
+    grads = fastbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, out=out)
+    assert grads[0] is out
+    for a, f in zip(grads, fastbn.batch_norm_backward(dy, x, mean, invstd, w.tolist(), axis=axis)):
+        assert a.tobytes() == f.tobytes()

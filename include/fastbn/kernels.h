@@ -53,7 +53,7 @@
  * first element relative to the channel's first element. */
 #define FBN_CHANNEL_WALK(e0, e1, stride, len, SEGMENT)                                   \
     do {                                                                                 \
-        fbn_index o_ = (e0) / (len), i_ = (e0) - o_ * (len);                             \
+        fbn_index o_ = (e0) < (len) ? 0 : (e0) / (len), i_ = (e0) - o_ * (len);        \
         for (fbn_index e_ = (e0); e_ < (e1);) {                                          \
             const fbn_index n_ = ((len) - i_ < (e1) - e_) ? (len) - i_ : (e1) - e_;      \
             SEGMENT(o_ * (stride) + i_, n_);                                             \
@@ -66,8 +66,8 @@
 /* Calls SEGMENT(p, n, c) for each segment of memory [p0, p1), c being its channel */
 #define FBN_SPAN_WALK(p0, p1, C, len, SEGMENT)                                           \
     do {                                                                                 \
-        const fbn_index run_ = (p0) / (len);                                             \
-        fbn_index i_ = (p0) - run_ * (len), c_ = run_ % (C);                             \
+        const fbn_index run_ = (p0) < (len) ? 0 : (p0) / (len);                          \
+        fbn_index i_ = (p0) - run_ * (len), c_ = run_ < (C) ? run_ : run_ % (C);         \
         for (fbn_index p_ = (p0); p_ < (p1);) {                                          \
             const fbn_index n_ = ((len) - i_ < (p1) - p_) ? (len) - i_ : (p1) - p_;      \
             SEGMENT(p_, n_, c_);                                                         \

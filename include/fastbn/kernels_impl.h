@@ -38,13 +38,24 @@ FBN_SEGMENT void FBN_FN(deviation_segment)(const T *x, fbn_index n, double shift
     *dev_sq += s2;
 }
 
-/* y = ((x - hi) - lo) * scale + offset. x and y may be the same array: each value is read
- * before it is written, so no restrict. */
+/* y = ((x - hi) - lo) * scale + offset: x - hi is exact near the mean */
+FBN_SEGMENT T FBN_FN(normalize_value)(T x, T hi, T lo, T scale, T offset)
+{
+    return ((x - hi) - lo) * scale + offset;
+}
+
+/* dx = k_dy * dy + k_xc * ((x - m) - lo) + k_0 */
+FBN_SEGMENT T FBN_FN(grad_input_value)(T dy, T x, T m, T lo, T k_dy, T k_xc, T k_0)
+{
+    return k_dy * dy + k_xc * ((x - m) - lo) + k_0;
+}
+
+/* x and y may be the same array: each value is read before it is written, so no restrict */
 FBN_SEGMENT void FBN_FN(normalize_segment)(const T *x, T *y, fbn_index n, T hi, T lo, T scale,
                                              T offset)
 {
 #pragma omp simd
-    for (fbn_index i = 0; i < n; ++i) y[i] = ((x[i] - hi) - lo) * scale + offset;
+    for (fbn_index i = 0; i < n; ++i) y[i] = FBN_FN(normalize_value)(x[i], hi, lo, scale, offset);
 }
 
 /* sum dy, sum dy (x - m), sum (x - m)   (see fbn_grad_sums) */
@@ -65,12 +76,13 @@ FBN_SEGMENT void FBN_FN(grad_sums_segment)(const T *dy, const T *x, fbn_index n,
     s->xc += s_xc;
 }
 
-/* dx = k_dy * dy + k_xc * ((x - m) - lo) + k_0; dx may be dy or x (in place) */
+/* dx may be dy or x (in place) */
 FBN_SEGMENT void FBN_FN(grad_input_segment)(const T *dy, const T *x, T *dx, fbn_index n, T m,
                                               T lo, T k_dy, T k_xc, T k_0)
 {
 #pragma omp simd
-    for (fbn_index i = 0; i < n; ++i) dx[i] = k_dy * dy[i] + k_xc * ((x[i] - m) - lo) + k_0;
+    for (fbn_index i = 0; i < n; ++i)
+        dx[i] = FBN_FN(grad_input_value)(dy[i], x[i], m, lo, k_dy, k_xc, k_0);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -173,29 +185,50 @@ FBN_DISPATCH static void FBN_FN(grad_input_span)(const T *dy, const T *x, T *dx,
  * Rows (channels-last): nrows x C blocks, all channels at once
  * ------------------------------------------------------------------------------------------ */
 
+/* Channels-last rows are taken four at a time: every C-length accumulator or coefficient
+ * vector is then loaded and stored once per four rows instead of once per row. */
+
 /* Moments of an nrows x C block, every channel at once (vectorized across channels), by the
  * corrected two-pass method of moments_channel. The count is nrows for each channel.
  * Writes C values into each of shift, dev_sum, m2. */
-FBN_DISPATCH static void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C,
+FBN_SEGMENT void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C,
                                               double *FBN_RESTRICT shift,
                                               double *FBN_RESTRICT dev_sum,
                                               double *FBN_RESTRICT m2)
 {
-    const double n = (double)nrows;
+    const double inv_n = 1.0 / (double)nrows;
+    fbn_index r;
     for (fbn_index c = 0; c < C; ++c) shift[c] = dev_sum[c] = m2[c] = 0.0;
-    for (fbn_index r = 0; r < nrows; ++r) {
-        const T *row = x + r * C;
+    for (r = 0; r + 4 <= nrows; r += 4) {
+        const T *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
 #pragma omp simd
-        for (fbn_index c = 0; c < C; ++c) shift[c] += (double)row[c];
+        for (fbn_index c = 0; c < C; ++c)
+            shift[c] += ((double)x0[c] + (double)x1[c]) + ((double)x2[c] + (double)x3[c]);
     }
-    const double inv_n = 1.0 / n;
+    for (; r < nrows; ++r) {
+        const T *x0 = x + r * C;
+#pragma omp simd
+        for (fbn_index c = 0; c < C; ++c) shift[c] += (double)x0[c];
+    }
 #pragma omp simd
     for (fbn_index c = 0; c < C; ++c) shift[c] *= inv_n;
-    for (fbn_index r = 0; r < nrows; ++r) {      /* m2 holds sum d^2 until the correction */
-        const T *row = x + r * C;
+
+    /* m2 holds sum d^2 until the correction */
+    for (r = 0; r + 4 <= nrows; r += 4) {
+        const T *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
-            const double d = (double)row[c] - shift[c];
+            const double d0 = (double)x0[c] - shift[c], d1 = (double)x1[c] - shift[c];
+            const double d2 = (double)x2[c] - shift[c], d3 = (double)x3[c] - shift[c];
+            dev_sum[c] += (d0 + d1) + (d2 + d3);
+            m2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        }
+    }
+    for (; r < nrows; ++r) {
+        const T *x0 = x + r * C;
+#pragma omp simd
+        for (fbn_index c = 0; c < C; ++c) {
+            const double d = (double)x0[c] - shift[c];
             dev_sum[c] += d;
             m2[c] += d * d;
         }
@@ -207,42 +240,71 @@ FBN_DISPATCH static void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_i
     }
 }
 
-/* The same over nrows x C channels-last rows, with C-length coefficient vectors */
+/* normalize_segment over nrows x C channels-last rows, with C-length coefficient vectors */
 FBN_DISPATCH static void FBN_FN(normalize_rows)(const T *x, T *y, fbn_index nrows, fbn_index C,
                                                 const T *FBN_RESTRICT hi,
                                                 const T *FBN_RESTRICT lo,
                                                 const T *FBN_RESTRICT scale,
                                                 const T *FBN_RESTRICT offset)
 {
-    for (fbn_index r = 0; r < nrows; ++r) {
-        const T *row = x + r * C;
-        T *out = y + r * C;
+    fbn_index r;
+    for (r = 0; r + 4 <= nrows; r += 4) {
+        const T *x0 = x + r * C;
+        T *y0 = y + r * C;
 #pragma omp simd
-        for (fbn_index c = 0; c < C; ++c) out[c] = ((row[c] - hi[c]) - lo[c]) * scale[c] + offset[c];
+        for (fbn_index c = 0; c < C; ++c) {
+            const T h = hi[c], l = lo[c], s = scale[c], o = offset[c];
+            y0[c] = FBN_FN(normalize_value)(x0[c], h, l, s, o);
+            y0[C + c] = FBN_FN(normalize_value)(x0[C + c], h, l, s, o);
+            y0[2 * C + c] = FBN_FN(normalize_value)(x0[2 * C + c], h, l, s, o);
+            y0[3 * C + c] = FBN_FN(normalize_value)(x0[3 * C + c], h, l, s, o);
+        }
+    }
+    for (; r < nrows; ++r) {
+        const T *x0 = x + r * C;
+        T *y0 = y + r * C;
+#pragma omp simd
+        for (fbn_index c = 0; c < C; ++c)
+            y0[c] = FBN_FN(normalize_value)(x0[c], hi[c], lo[c], scale[c], offset[c]);
     }
 }
 
-/* Gradient sums of an nrows x C block; adds into C-length s_dy, s_dy_xc, s_xc */
-FBN_DISPATCH static void FBN_FN(grad_sums_rows)(const T *dy, const T *x, fbn_index nrows,
+/* Gradient sums of an nrows x C block; writes C-length s_dy, s_dy_xc, s_xc */
+FBN_SEGMENT void FBN_FN(grad_sums_rows)(const T *dy, const T *x, fbn_index nrows,
                                                 fbn_index C, const T *FBN_RESTRICT m,
                                                 double *FBN_RESTRICT s_dy,
                                                 double *FBN_RESTRICT s_dy_xc,
                                                 double *FBN_RESTRICT s_xc)
 {
-    for (fbn_index r = 0; r < nrows; ++r) {
-        const T *row = x + r * C;
-        const T *g_row = dy + r * C;
+    fbn_index r;
+    for (fbn_index c = 0; c < C; ++c) s_dy[c] = s_dy_xc[c] = s_xc[c] = 0.0;
+    for (r = 0; r + 4 <= nrows; r += 4) {
+        const T *x0 = x + r * C, *g0 = dy + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
-            const double xc = (double)row[c] - (double)m[c];
-            const double g = (double)g_row[c];
-            s_dy[c] += g;
-            s_dy_xc[c] += g * xc;
-            s_xc[c] += xc;
+            const double mc = (double)m[c];
+            const double a0 = (double)x0[c] - mc, a1 = (double)x0[C + c] - mc;
+            const double a2 = (double)x0[2 * C + c] - mc, a3 = (double)x0[3 * C + c] - mc;
+            const double b0 = (double)g0[c], b1 = (double)g0[C + c];
+            const double b2 = (double)g0[2 * C + c], b3 = (double)g0[3 * C + c];
+            s_dy[c] += (b0 + b1) + (b2 + b3);
+            s_dy_xc[c] += (b0 * a0 + b1 * a1) + (b2 * a2 + b3 * a3);
+            s_xc[c] += (a0 + a1) + (a2 + a3);
+        }
+    }
+    for (; r < nrows; ++r) {
+        const T *x0 = x + r * C, *g0 = dy + r * C;
+#pragma omp simd
+        for (fbn_index c = 0; c < C; ++c) {
+            const double a = (double)x0[c] - (double)m[c], b = (double)g0[c];
+            s_dy[c] += b;
+            s_dy_xc[c] += b * a;
+            s_xc[c] += a;
         }
     }
 }
 
+/* grad_input_segment over nrows x C channels-last rows, with C-length coefficient vectors */
 FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx, fbn_index nrows,
                                                  fbn_index C, const T *FBN_RESTRICT m,
                                                  const T *FBN_RESTRICT lo,
@@ -250,13 +312,59 @@ FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx,
                                                  const T *FBN_RESTRICT k_xc,
                                                  const T *FBN_RESTRICT k_0)
 {
-    for (fbn_index r = 0; r < nrows; ++r) {
-        const T *row = x + r * C;
-        const T *g_row = dy + r * C;
-        T *out = dx + r * C;
+    fbn_index r;
+    for (r = 0; r + 4 <= nrows; r += 4) {
+        const T *x0 = x + r * C, *g0 = dy + r * C;
+        T *d0 = dx + r * C;
+#pragma omp simd
+        for (fbn_index c = 0; c < C; ++c) {
+            const T mc = m[c], l = lo[c], a = k_dy[c], b = k_xc[c], z = k_0[c];
+            d0[c] = FBN_FN(grad_input_value)(g0[c], x0[c], mc, l, a, b, z);
+            d0[C + c] = FBN_FN(grad_input_value)(g0[C + c], x0[C + c], mc, l, a, b, z);
+            d0[2 * C + c] = FBN_FN(grad_input_value)(g0[2 * C + c], x0[2 * C + c], mc, l, a, b, z);
+            d0[3 * C + c] = FBN_FN(grad_input_value)(g0[3 * C + c], x0[3 * C + c], mc, l, a, b, z);
+        }
+    }
+    for (; r < nrows; ++r) {
+        const T *x0 = x + r * C, *g0 = dy + r * C;
+        T *d0 = dx + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c)
-            out[c] = k_dy[c] * g_row[c] + k_xc[c] * ((row[c] - m[c]) - lo[c]) + k_0[c];
+            d0[c] = FBN_FN(grad_input_value)(g0[c], x0[c], m[c], lo[c], k_dy[c], k_xc[c], k_0[c]);
+    }
+}
+
+/* A chunk of channels-last rows: nrows rows in blocks of block_rows, each block's moments
+ * merged in order into part = [count | shift (C) | dev_sum (C) | m2 (C)]. scratch: 3*C. */
+FBN_DISPATCH static void FBN_FN(moments_rows_chunk)(const T *x, fbn_index nrows, fbn_index C,
+                                                    fbn_index block_rows,
+                                                    double *FBN_RESTRICT part,
+                                                    double *FBN_RESTRICT scratch)
+{
+    part[0] = 0.0;
+    for (fbn_index r = 0; r < nrows; r += block_rows) {
+        const fbn_index n = nrows - r < block_rows ? nrows - r : block_rows;
+        FBN_FN(moments_rows)(x + r * C, n, C, scratch, scratch + C, scratch + 2 * C);
+        fbn_moments_merge_rows(C, part, part + 1, part + 1 + C, part + 1 + 2 * C, (double)n,
+                               scratch, scratch + C, scratch + 2 * C);
+    }
+}
+
+/* A chunk of channels-last rows: block sums of the gradient, added in order into
+ * part = [dy (C) | dy_xc (C) | xc (C)]. scratch: 3*C. */
+FBN_DISPATCH static void FBN_FN(grad_sums_rows_chunk)(const T *dy, const T *x, fbn_index nrows,
+                                                      fbn_index C, fbn_index block_rows,
+                                                      const T *FBN_RESTRICT m,
+                                                      double *FBN_RESTRICT part,
+                                                      double *FBN_RESTRICT scratch)
+{
+    for (fbn_index c = 0; c < 3 * C; ++c) part[c] = 0.0;
+    for (fbn_index r = 0; r < nrows; r += block_rows) {
+        const fbn_index n = nrows - r < block_rows ? nrows - r : block_rows;
+        FBN_FN(grad_sums_rows)(dy + r * C, x + r * C, n, C, m, scratch, scratch + C,
+                               scratch + 2 * C);
+#pragma omp simd
+        for (fbn_index c = 0; c < 3 * C; ++c) part[c] += scratch[c];
     }
 }
 

@@ -9,9 +9,12 @@
 #  include <omp.h>
 static inline int fbn_openmp_version(void) { return _OPENMP; }
 static inline int fbn_max_threads(void) { return omp_get_max_threads(); }
+/* A barrier between the phases of one parallel region (Cython's prange ends in nowait) */
+#  define fbn_barrier() _Pragma("omp barrier")
 #else
 static inline int fbn_openmp_version(void) { return 0; }
 static inline int fbn_max_threads(void) { return 1; }
+#  define fbn_barrier() ((void)0)
 #endif
 
 #if defined(__clang__)
