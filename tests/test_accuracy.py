@@ -57,3 +57,18 @@ def test_outlier_first_in_block(dtype, rng):
     y_ref, _, invstd_ref = ref.batch_norm_train(x)
     assert_close(y, y_ref, TOL_Y[dtype], "y")
     assert_rel(invstd, invstd_ref, TOL_STAT[dtype], "invstd")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((64, 2, 4096), 1), ((65536, 4), 1)])
+def test_sorted_data(shape, axis, dtype, rng):
+    """Each channel's values in increasing order: every block's mean drifts away from the mean
+    of the blocks before it (the shift later blocks start from)."""
+    x = make_input(shape, axis, dtype, rng, offset=1e4)
+    moved = np.moveaxis(x, axis, -1)
+    flat = np.sort(moved.reshape(-1, moved.shape[-1]), axis=0)
+    x = np.ascontiguousarray(np.moveaxis(flat.reshape(moved.shape), -1, axis))
+    y, mean, invstd = fastbn.batch_norm_train(x, axis=axis)
+    y_ref, _, invstd_ref = ref.batch_norm_train(x, axis=axis)
+    assert_close(y, y_ref, TOL_Y[dtype], "y")
+    assert_rel(invstd, invstd_ref, TOL_STAT[dtype], "invstd")

@@ -89,10 +89,12 @@ FBN_SEGMENT void FBN_FN(grad_input_segment)(const T *dy, const T *x, T *dx, fbn_
  * Channel walks (channels-first): positions [e0, e1) of one channel
  * ------------------------------------------------------------------------------------------ */
 
-/* Moments of positions [e0, e1) of a channel, in blocks of FBN_BLOCK positions (they sit in
- * L1 for a second read), each by the corrected two-pass method
- *     shift = sum x / n,   d = x - shift,   m2 = sum d^2 - (sum d)^2 / n
- * and merged in order (fbn_moments_merge). */
+/* Moments of positions [e0, e1) of a channel, in blocks of FBN_BLOCK positions merged in
+ * order (fbn_moments_merge). Each block needs a shift near its mean:
+ *   the first block finds its own, by the corrected two-pass method (it sits in L1):
+ *       shift = sum x / n,   d = x - shift,   m2 = sum d^2 - (sum d)^2 / n
+ *   later blocks take the mean of the blocks before them, already within a fraction of a
+ *   standard deviation of theirs, and need one pass: d = x - shift, same m2. */
 FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const T *x, fbn_index stride,
                                                         fbn_index len, fbn_index e0,
                                                         fbn_index e1)
@@ -101,11 +103,16 @@ FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const T *x, fbn_index st
     for (fbn_index b = e0; b < e1; b += FBN_BLOCK) {
         const fbn_index end = (e1 - b < FBN_BLOCK) ? e1 : b + FBN_BLOCK;
         const double n = (double)(end - b);
-        double sum = 0.0, dev_sum = 0.0, dev_sq = 0.0;
+        double shift, dev_sum = 0.0, dev_sq = 0.0;
+        if (acc.count == 0.0) {
+            double sum = 0.0;
 #define FBN_SUM(off, cnt) sum += FBN_FN(sum_segment)(x + (off), (cnt))
-        FBN_CHANNEL_WALK(b, end, stride, len, FBN_SUM);
+            FBN_CHANNEL_WALK(b, end, stride, len, FBN_SUM);
 #undef FBN_SUM
-        const double shift = sum / n;
+            shift = sum / n;
+        } else {
+            shift = acc.shift + acc.dev_sum / acc.count;
+        }
 #define FBN_DEV(off, cnt) FBN_FN(deviation_segment)(x + (off), (cnt), shift, &dev_sum, &dev_sq)
         FBN_CHANNEL_WALK(b, end, stride, len, FBN_DEV);
 #undef FBN_DEV
@@ -188,30 +195,33 @@ FBN_DISPATCH static void FBN_FN(grad_input_span)(const T *dy, const T *x, T *dx,
 /* Channels-last rows are taken four at a time: every C-length accumulator or coefficient
  * vector is then loaded and stored once per four rows instead of once per row. */
 
-/* Moments of an nrows x C block, every channel at once (vectorized across channels), by the
- * corrected two-pass method of moments_channel. The count is nrows for each channel.
- * Writes C values into each of shift, dev_sum, m2. */
-FBN_SEGMENT void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C,
-                                              double *FBN_RESTRICT shift,
-                                              double *FBN_RESTRICT dev_sum,
-                                              double *FBN_RESTRICT m2)
+/* Moments of an nrows x C block, every channel at once (vectorized across channels), as in
+ * moments_channel: with have_shift == 0 the block finds its shift (two passes), otherwise
+ * shift already holds the mean of the blocks before it (one pass). The count is nrows for
+ * each channel. Writes C values into each of shift, dev_sum, m2. */
+FBN_SEGMENT void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C, int have_shift,
+                                      double *FBN_RESTRICT shift, double *FBN_RESTRICT dev_sum,
+                                      double *FBN_RESTRICT m2)
 {
     const double inv_n = 1.0 / (double)nrows;
     fbn_index r;
-    for (fbn_index c = 0; c < C; ++c) shift[c] = dev_sum[c] = m2[c] = 0.0;
-    for (r = 0; r + 4 <= nrows; r += 4) {
-        const T *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+    for (fbn_index c = 0; c < C; ++c) dev_sum[c] = m2[c] = 0.0;
+    if (!have_shift) {
+        for (fbn_index c = 0; c < C; ++c) shift[c] = 0.0;
+        for (r = 0; r + 4 <= nrows; r += 4) {
+            const T *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
 #pragma omp simd
-        for (fbn_index c = 0; c < C; ++c)
-            shift[c] += ((double)x0[c] + (double)x1[c]) + ((double)x2[c] + (double)x3[c]);
+            for (fbn_index c = 0; c < C; ++c)
+                shift[c] += ((double)x0[c] + (double)x1[c]) + ((double)x2[c] + (double)x3[c]);
+        }
+        for (; r < nrows; ++r) {
+            const T *x0 = x + r * C;
+#pragma omp simd
+            for (fbn_index c = 0; c < C; ++c) shift[c] += (double)x0[c];
+        }
+#pragma omp simd
+        for (fbn_index c = 0; c < C; ++c) shift[c] *= inv_n;
     }
-    for (; r < nrows; ++r) {
-        const T *x0 = x + r * C;
-#pragma omp simd
-        for (fbn_index c = 0; c < C; ++c) shift[c] += (double)x0[c];
-    }
-#pragma omp simd
-    for (fbn_index c = 0; c < C; ++c) shift[c] *= inv_n;
 
     /* m2 holds sum d^2 until the correction */
     for (r = 0; r + 4 <= nrows; r += 4) {
@@ -341,12 +351,19 @@ FBN_DISPATCH static void FBN_FN(moments_rows_chunk)(const T *x, fbn_index nrows,
                                                     double *FBN_RESTRICT part,
                                                     double *FBN_RESTRICT scratch)
 {
-    part[0] = 0.0;
+    double *count = part, *shift = part + 1, *dev_sum = part + 1 + C, *m2 = part + 1 + 2 * C;
+    *count = 0.0;
     for (fbn_index r = 0; r < nrows; r += block_rows) {
         const fbn_index n = nrows - r < block_rows ? nrows - r : block_rows;
-        FBN_FN(moments_rows)(x + r * C, n, C, scratch, scratch + C, scratch + 2 * C);
-        fbn_moments_merge_rows(C, part, part + 1, part + 1 + C, part + 1 + 2 * C, (double)n,
-                               scratch, scratch + C, scratch + 2 * C);
+        if (*count > 0.0) {        /* later blocks: shift = the mean so far */
+            const double inv_count = 1.0 / *count;
+#pragma omp simd
+            for (fbn_index c = 0; c < C; ++c) scratch[c] = shift[c] + dev_sum[c] * inv_count;
+        }
+        FBN_FN(moments_rows)(x + r * C, n, C, *count > 0.0, scratch, scratch + C,
+                             scratch + 2 * C);
+        fbn_moments_merge_rows(C, count, shift, dev_sum, m2, (double)n, scratch, scratch + C,
+                               scratch + 2 * C);
     }
 }
 
