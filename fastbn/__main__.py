@@ -43,6 +43,8 @@ def main(argv=None):
                        help="threads for fastbn and every peer (default: get_num_threads())")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="also plot the speedups (matplotlib)")
+    bench.add_argument("--no-reference", action="store_true",
+                       help="leave out fastbn.reference (slow: extended precision)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())

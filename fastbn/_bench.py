@@ -8,7 +8,10 @@ the same bytes, the yardstick of the one-pass memory limit (DESIGN.md section 4)
     train, infer   read x once, write y once          limit = t(copy of x)
     backward       read x and dy once, write dx once  limit = 1.5 t(copy of x)
 
-fastbn is timed twice: allocating its output like the peers do (the speedups), and writing
+Peers: PyTorch (torch.ops.aten.native_batch_norm and its backward, the kernels under
+torch.nn.BatchNorm), ONNX Runtime's BatchNormalization (inference, NCHW), NumPy as a user
+writes it (in x's dtype), and fastbn.reference (plain NumPy in extended precision, timed once
+per cell). fastbn is timed twice: allocating its output like the peers do (the speedups), and writing
 into a preallocated ``out=`` like the copy does (GB/s and the fraction of the limit). A fresh
 output costs page faults on first touch that no kernel can avoid.
 """
@@ -23,13 +26,14 @@ import time
 import numpy as np
 
 from . import __version__, _kernels, batch_norm_backward, batch_norm_infer, batch_norm_train
-from . import get_num_threads, set_num_threads
+from . import get_num_threads, reference, set_num_threads
 
 SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (1, 64, 112, 112), (1, 512, 7, 7),
           (8, 32, 16, 16), (256, 1024)]
 QUICK_SHAPES = [(8, 64, 56, 56), (1, 64, 112, 112), (1, 512, 7, 7), (8, 32, 16, 16),
                 (256, 1024)]
 OPS = ("train", "infer", "backward")
+PEERS = ("torch", "onnxruntime", "numpy", "reference")
 DTYPES = (np.float32, np.float64)
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -90,6 +94,18 @@ def fastbn_impl(case, out=None):
                                         eps=EPS, axis=c.axis, out=out)
     return lambda: batch_norm_backward(c.dy, c.x, c.mean, c.invstd, c.weight, axis=c.axis,
                                        out=out)[0]
+
+
+def reference_impl(case):
+    """fastbn.reference: plain NumPy in extended precision, the oracle of the tests."""
+    c = case
+    if c.op == "train":
+        return lambda: reference.batch_norm_train(c.x, c.weight, c.bias, eps=EPS, axis=c.axis)[0]
+    if c.op == "infer":
+        return lambda: reference.batch_norm_infer(c.x, c.running_mean, c.running_var, c.weight,
+                                                  c.bias, eps=EPS, axis=c.axis)
+    return lambda: reference.batch_norm_backward(c.dy, c.x, c.mean, c.invstd, c.weight,
+                                                 axis=c.axis)[0]
 
 
 def numpy_impl(case):
@@ -231,7 +247,13 @@ def load_peers(threads):
     return peers
 
 
-def run(shapes, threads, seconds, progress=sys.stderr):
+def time_once(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def run(shapes, threads, seconds, with_reference=True, progress=sys.stderr):
     set_num_threads(threads)
     peers = load_peers(threads)
     rng = np.random.default_rng(0)
@@ -248,10 +270,14 @@ def run(shapes, threads, seconds, progress=sys.stderr):
                 fns[name] = fn
         fns["copy"] = lambda: _kernels.parallel_copy(case.x, case.copy_dst)
         print(f"[{i}/{len(cells)}] {case.name}", end="", file=progress, flush=True)
-        reference = fns["fastbn"]()
+        expected = fns["fastbn"]()
         wrong = [n for n in fns if n not in ("copy", "fastbn") and
-                 not close_enough(fns[n](), reference, case.dtype)]
+                 not close_enough(fns[n](), expected, case.dtype)]
         times = interleaved_medians(fns, seconds)
+        if with_reference:     # hundreds of times slower: one call says enough
+            times["reference"], result = time_once(reference_impl(case))
+            if not close_enough(result, expected, case.dtype):
+                wrong.append("reference")
         limit = times.pop("copy") * case.limit_bytes / (2 * case.x.nbytes)
         record = {"op": op, "layout": layout, "dtype": case.dtype.name, "shape": list(shape),
                   "threads": threads, "seconds": times, "limit_seconds": limit,
@@ -273,8 +299,7 @@ def geomean(values):
 
 
 def table(results):
-    peers = [p for p in ("torch", "onnxruntime", "numpy")
-             if any(p in r["speedup"] for r in results)]
+    peers = [p for p in PEERS if any(p in r["speedup"] for r in results)]
     head = ["op", "layout", "dtype", "shape", "fastbn us", "out= us"]
     for p in peers:
         head += [f"{p} us", f"x{p}"]
@@ -304,7 +329,7 @@ def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    peers = [p for p in ("torch", "onnxruntime", "numpy") if any(p in r["speedup"] for r in results)]
+    peers = [p for p in PEERS if any(p in r["speedup"] for r in results)]
     labels = [f"{r['op']} {r['layout']} {r['dtype'][5:]} {'x'.join(map(str, r['shape']))}"
               for r in results]
     fig, ax = plt.subplots(figsize=(10, 0.22 * len(results) + 1.5))
@@ -331,7 +356,7 @@ def main(args):
     info = machine()
     print(f"fastbn {__version__} on {info['cpu']} ({info['cores']} cores), {threads} threads, "
           f"numpy {info['numpy']}", file=sys.stderr)
-    results = run(shapes, threads, seconds)
+    results = run(shapes, threads, seconds, with_reference=not args.no_reference)
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -39,11 +39,10 @@ cdef extern from "fastbn/platform.h" nogil:
     fbn_moments fbn_moments_channel_f64(const double *x, fbn_index stride, fbn_index len,
                                         fbn_index e0, fbn_index e1)
     void fbn_normalize_channel_f32(const float *x, float *y, fbn_index stride, fbn_index len,
-                                   fbn_index e0, fbn_index e1, float hi, float lo, float scale,
+                                   fbn_index e0, fbn_index e1, float hi, float scale,
                                    float offset)
     void fbn_normalize_channel_f64(const double *x, double *y, fbn_index stride, fbn_index len,
-                                   fbn_index e0, fbn_index e1, double hi, double lo,
-                                   double scale, double offset)
+                                   fbn_index e0, fbn_index e1, double hi, double scale, double offset)
     fbn_grad_sums fbn_grad_sums_channel_f32(const float *dy, const float *x, fbn_index stride,
                                             fbn_index len, fbn_index e0, fbn_index e1,
                                             double m)
@@ -52,25 +51,23 @@ cdef extern from "fastbn/platform.h" nogil:
                                             fbn_index e1, double m)
     void fbn_grad_input_channel_f32(const float *dy, const float *x, float *dx,
                                     fbn_index stride, fbn_index len, fbn_index e0,
-                                    fbn_index e1, float m, float lo, float k_dy, float k_xc,
+                                    fbn_index e1, float m, float k_dy, float k_xc,
                                     float k_0)
     void fbn_grad_input_channel_f64(const double *dy, const double *x, double *dx,
                                     fbn_index stride, fbn_index len, fbn_index e0,
-                                    fbn_index e1, double m, double lo, double k_dy,
+                                    fbn_index e1, double m, double k_dy,
                                     double k_xc, double k_0)
     void fbn_normalize_span_f32(const float *x, float *y, fbn_index C, fbn_index len,
-                                fbn_index p0, fbn_index p1, const float *hi, const float *lo,
-                                const float *scale, const float *offset)
+                                fbn_index p0, fbn_index p1, const float *hi, const float *scale, const float *offset)
     void fbn_normalize_span_f64(const double *x, double *y, fbn_index C, fbn_index len,
-                                fbn_index p0, fbn_index p1, const double *hi, const double *lo,
-                                const double *scale, const double *offset)
+                                fbn_index p0, fbn_index p1, const double *hi, const double *scale, const double *offset)
     void fbn_grad_input_span_f32(const float *dy, const float *x, float *dx, fbn_index C,
                                  fbn_index len, fbn_index p0, fbn_index p1, const float *m,
-                                 const float *lo, const float *k_dy, const float *k_xc,
+                                 const float *k_dy, const float *k_xc,
                                  const float *k_0)
     void fbn_grad_input_span_f64(const double *dy, const double *x, double *dx, fbn_index C,
                                  fbn_index len, fbn_index p0, fbn_index p1, const double *m,
-                                 const double *lo, const double *k_dy, const double *k_xc,
+                                 const double *k_dy, const double *k_xc,
                                  const double *k_0)
     void fbn_moments_rows_chunk_f32(const float *x, fbn_index nrows, fbn_index C,
                                     fbn_index block_rows, double *part, double *scratch)
@@ -83,22 +80,21 @@ cdef extern from "fastbn/platform.h" nogil:
                                       fbn_index C, fbn_index block_rows, const double *m,
                                       double *part, double *scratch)
     void fbn_normalize_rows_f32(const float *x, float *y, fbn_index nrows, fbn_index C,
-                                const float *hi, const float *lo, const float *scale,
+                                const float *hi, const float *scale,
                                 const float *offset)
     void fbn_normalize_rows_f64(const double *x, double *y, fbn_index nrows, fbn_index C,
-                                const double *hi, const double *lo, const double *scale,
+                                const double *hi, const double *scale,
                                 const double *offset)
     void fbn_grad_input_rows_f32(const float *dy, const float *x, float *dx, fbn_index nrows,
-                                 fbn_index C, const float *m, const float *lo,
-                                 const float *k_dy, const float *k_xc, const float *k_0)
+                                 fbn_index C, const float *m, const float *k_dy, const float *k_xc, const float *k_0)
     void fbn_grad_input_rows_f64(const double *dy, const double *x, double *dx,
                                  fbn_index nrows, fbn_index C, const double *m,
-                                 const double *lo, const double *k_dy, const double *k_xc,
+                                 const double *k_dy, const double *k_xc,
                                  const double *k_0)
     double fbn_train_coefficients_f32(fbn_moments m, double eps, double gamma, double beta,
-                                      float *hi, float *lo, float *scale, float *offset)
+                                      float *hi, float *scale, float *offset)
     double fbn_train_coefficients_f64(fbn_moments m, double eps, double gamma, double beta,
-                                      double *hi, double *lo, double *scale, double *offset)
+                                      double *hi, double *scale, double *offset)
     void fbn_infer_coefficients_f32(fbn_index C, const float *running_mean,
                                     const float *running_var, const float *weight,
                                     const float *bias, double eps, float *coef)
@@ -110,10 +106,10 @@ cdef extern from "fastbn/platform.h" nogil:
     void fbn_update_running_f64(double *running_mean, double *running_var, fbn_moments m,
                                 double momentum)
     void fbn_grad_coefficients_f32(fbn_grad_sums s, double count, double invstd, double gamma,
-                                   float *lo, float *k_dy, float *k_xc, float *k_0,
+                                   float *k_dy, float *k_xc, float *k_0,
                                    double *dweight, double *dbias)
     void fbn_grad_coefficients_f64(fbn_grad_sums s, double count, double invstd, double gamma,
-                                   double *lo, double *k_dy, double *k_xc, double *k_0,
+                                   double *k_dy, double *k_xc, double *k_0,
                                    double *dweight, double *dbias)
 
 
@@ -127,12 +123,12 @@ cdef inline fbn_moments moments_channel(const floating *x, fbn_index stride, fbn
 
 cdef inline void normalize_channel(const floating *x, floating *y, fbn_index stride,
                                    fbn_index len, fbn_index e0, fbn_index e1, floating hi,
-                                   floating lo, floating scale,
+                                   floating scale,
                                    floating offset) noexcept nogil:
     if floating is float:
-        fbn_normalize_channel_f32(x, y, stride, len, e0, e1, hi, lo, scale, offset)
+        fbn_normalize_channel_f32(x, y, stride, len, e0, e1, hi, scale, offset)
     else:
-        fbn_normalize_channel_f64(x, y, stride, len, e0, e1, hi, lo, scale, offset)
+        fbn_normalize_channel_f64(x, y, stride, len, e0, e1, hi, scale, offset)
 
 
 cdef inline fbn_grad_sums grad_sums_channel(const floating *dy, const floating *x,
@@ -146,32 +142,32 @@ cdef inline fbn_grad_sums grad_sums_channel(const floating *dy, const floating *
 
 cdef inline void grad_input_channel(const floating *dy, const floating *x, floating *dx,
                                     fbn_index stride, fbn_index len, fbn_index e0,
-                                    fbn_index e1, floating m, floating lo, floating k_dy,
+                                    fbn_index e1, floating m, floating k_dy,
                                     floating k_xc, floating k_0) noexcept nogil:
     if floating is float:
-        fbn_grad_input_channel_f32(dy, x, dx, stride, len, e0, e1, m, lo, k_dy, k_xc, k_0)
+        fbn_grad_input_channel_f32(dy, x, dx, stride, len, e0, e1, m, k_dy, k_xc, k_0)
     else:
-        fbn_grad_input_channel_f64(dy, x, dx, stride, len, e0, e1, m, lo, k_dy, k_xc, k_0)
+        fbn_grad_input_channel_f64(dy, x, dx, stride, len, e0, e1, m, k_dy, k_xc, k_0)
 
 
 cdef inline void normalize_span(const floating *x, floating *y, fbn_index C, fbn_index len,
                                 fbn_index p0, fbn_index p1, const floating *hi,
-                                const floating *lo, const floating *scale,
+                                const floating *scale,
                                 const floating *offset) noexcept nogil:
     if floating is float:
-        fbn_normalize_span_f32(x, y, C, len, p0, p1, hi, lo, scale, offset)
+        fbn_normalize_span_f32(x, y, C, len, p0, p1, hi, scale, offset)
     else:
-        fbn_normalize_span_f64(x, y, C, len, p0, p1, hi, lo, scale, offset)
+        fbn_normalize_span_f64(x, y, C, len, p0, p1, hi, scale, offset)
 
 
 cdef inline void grad_input_span(const floating *dy, const floating *x, floating *dx,
                                  fbn_index C, fbn_index len, fbn_index p0, fbn_index p1,
-                                 const floating *m, const floating *lo, const floating *k_dy,
+                                 const floating *m, const floating *k_dy,
                                  const floating *k_xc, const floating *k_0) noexcept nogil:
     if floating is float:
-        fbn_grad_input_span_f32(dy, x, dx, C, len, p0, p1, m, lo, k_dy, k_xc, k_0)
+        fbn_grad_input_span_f32(dy, x, dx, C, len, p0, p1, m, k_dy, k_xc, k_0)
     else:
-        fbn_grad_input_span_f64(dy, x, dx, C, len, p0, p1, m, lo, k_dy, k_xc, k_0)
+        fbn_grad_input_span_f64(dy, x, dx, C, len, p0, p1, m, k_dy, k_xc, k_0)
 
 
 
@@ -192,32 +188,32 @@ cdef inline void grad_sums_rows_chunk(const floating *dy, const floating *x, fbn
         fbn_grad_sums_rows_chunk_f64(dy, x, nrows, C, block_rows, m, part, scratch)
 
 cdef inline void normalize_rows(const floating *x, floating *y, fbn_index nrows, fbn_index C,
-                                const floating *hi, const floating *lo, const floating *scale,
+                                const floating *hi, const floating *scale,
                                 const floating *offset) noexcept nogil:
     if floating is float:
-        fbn_normalize_rows_f32(x, y, nrows, C, hi, lo, scale, offset)
+        fbn_normalize_rows_f32(x, y, nrows, C, hi, scale, offset)
     else:
-        fbn_normalize_rows_f64(x, y, nrows, C, hi, lo, scale, offset)
+        fbn_normalize_rows_f64(x, y, nrows, C, hi, scale, offset)
 
 
 
 cdef inline void grad_input_rows(const floating *dy, const floating *x, floating *dx,
                                  fbn_index nrows, fbn_index C, const floating *m,
-                                 const floating *lo, const floating *k_dy,
+                                 const floating *k_dy,
                                  const floating *k_xc, const floating *k_0) noexcept nogil:
     if floating is float:
-        fbn_grad_input_rows_f32(dy, x, dx, nrows, C, m, lo, k_dy, k_xc, k_0)
+        fbn_grad_input_rows_f32(dy, x, dx, nrows, C, m, k_dy, k_xc, k_0)
     else:
-        fbn_grad_input_rows_f64(dy, x, dx, nrows, C, m, lo, k_dy, k_xc, k_0)
+        fbn_grad_input_rows_f64(dy, x, dx, nrows, C, m, k_dy, k_xc, k_0)
 
 
 cdef inline double train_coefficients(fbn_moments m, double eps, double gamma, double beta,
-                                      floating *hi, floating *lo, floating *scale,
+                                      floating *hi, floating *scale,
                                       floating *offset) noexcept nogil:
     if floating is float:
-        return fbn_train_coefficients_f32(m, eps, gamma, beta, hi, lo, scale, offset)
+        return fbn_train_coefficients_f32(m, eps, gamma, beta, hi, scale, offset)
     else:
-        return fbn_train_coefficients_f64(m, eps, gamma, beta, hi, lo, scale, offset)
+        return fbn_train_coefficients_f64(m, eps, gamma, beta, hi, scale, offset)
 
 
 cdef inline void infer_coefficients(fbn_index C, const floating *running_mean,
@@ -238,9 +234,9 @@ cdef inline void update_running(floating *running_mean, floating *running_var, f
 
 
 cdef inline void grad_coefficients(fbn_grad_sums s, double count, double invstd, double gamma,
-                                   floating *lo, floating *k_dy, floating *k_xc, floating *k_0,
+                                   floating *k_dy, floating *k_xc, floating *k_0,
                                    double *dweight, double *dbias) noexcept nogil:
     if floating is float:
-        fbn_grad_coefficients_f32(s, count, invstd, gamma, lo, k_dy, k_xc, k_0, dweight, dbias)
+        fbn_grad_coefficients_f32(s, count, invstd, gamma, k_dy, k_xc, k_0, dweight, dbias)
     else:
-        fbn_grad_coefficients_f64(s, count, invstd, gamma, lo, k_dy, k_xc, k_0, dweight, dbias)
+        fbn_grad_coefficients_f64(s, count, invstd, gamma, k_dy, k_xc, k_0, dweight, dbias)

@@ -135,8 +135,11 @@ cdef struct TrainArgs:
     void *save_invstd
 
 
-# Normalizing coefficients, 4*C values: hi | lo | scale | offset, so that
-#     y = ((x - hi[c]) - lo[c]) * scale[c] + offset[c]          (see kernels_impl.h)
+# Normalizing coefficients, NORM_COEFS*C values: hi | scale | offset, so that
+#     y = (x - hi[c]) * scale[c] + offset[c]          (see kernels_impl.h)
+cdef enum:
+    NORM_COEFS = 3
+    GRAD_COEFS = 4
 
 cdef void finish_train_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_moments m,
                                const TrainArgs *a) noexcept nogil:
@@ -144,7 +147,7 @@ cdef void finish_train_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_m
     cdef double gamma = 1.0 if a.weight == NULL else (<const floating *>a.weight)[c]
     cdef double beta = 0.0 if a.bias == NULL else (<const floating *>a.bias)[c]
     cdef double invstd = train_coefficients(m, a.eps, gamma, beta, &coef[c], &coef[C + c],
-                                            &coef[2 * C + c], &coef[3 * C + c])
+                                            &coef[2 * C + c])
     (<floating *>a.save_mean)[c] = coef[c]
     (<floating *>a.save_invstd)[c] = <floating>invstd
     if a.running_mean != NULL:
@@ -197,11 +200,10 @@ cdef void normalize_part(const floating *x, floating *y, const Plan *p, const fl
     cdef Py_ssize_t C = p.C, start, stop
     if p.inner > 1:
         chunk_range(p.outer * C * p.inner, t, nparts, &start, &stop)
-        normalize_span(x, y, C, p.inner, start, stop, coef, coef + C, coef + 2 * C, coef + 3 * C)
+        normalize_span(x, y, C, p.inner, start, stop, coef, coef + C, coef + 2 * C)
     else:
         chunk_range(p.outer, t, nparts, &start, &stop)
-        normalize_rows(x + start * C, y + start * C, stop - start, C,
-                       coef, coef + C, coef + 2 * C, coef + 3 * C)
+        normalize_rows(x + start * C, y + start * C, stop - start, C, coef, coef + C, coef + 2 * C)
 
 
 cdef void normalize(const floating *x, floating *y, const Plan *p, const floating *coef,
@@ -262,7 +264,7 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
     cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, i, t
     cdef Py_ssize_t nmerge = ceil_div(C, MERGE_CHANNELS)
     cdef bint fused = p.inner > 1 and K == 1
-    cdef floating *coef = <floating *>malloc(4 * C * sizeof(floating))
+    cdef floating *coef = <floating *>malloc(NORM_COEFS * C * sizeof(floating))
     cdef fbn_moments *parts = NULL      # channels-first: parts[c*K + k]
     cdef double *cl_parts = NULL        # channels-last: chunk k at k * CL_PART(C)
     cdef double *scratch = NULL         # channels-last: 3*C doubles per thread
@@ -289,8 +291,7 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
             for c in prange(C, schedule='static'):
                 finish_train_channel(coef, C, c, cf_chunk_moments(x, p, c, 0), a)
                 normalize_channel(x + c * p.inner, y + c * p.inner, C * p.inner, p.inner, 0,
-                                  p.count, coef[c], coef[C + c], coef[2 * C + c],
-                                  coef[3 * C + c])
+                                  p.count, coef[c], coef[C + c], coef[2 * C + c])
         elif p.inner > 1:
             for i in prange(C * K, schedule='static'):
                 parts[i] = cf_chunk_moments(x, p, i // K, i % K)
@@ -326,7 +327,7 @@ cdef Py_ssize_t infer_impl(const floating *x, floating *y, const Plan *p,
     for c in range(C):
         if running_var[c] < 0:   # checked before y is touched
             return c + 1
-    cdef floating *coef = <floating *>malloc(4 * C * sizeof(floating))
+    cdef floating *coef = <floating *>malloc(NORM_COEFS * C * sizeof(floating))
     if coef == NULL:
         return -1
     infer_coefficients(C, running_mean, running_var, weight, bias, eps, coef)
@@ -345,8 +346,8 @@ cdef struct GradArgs:
     void *dbias
 
 
-# Gradient coefficients, 5*C values: m | lo | k_dy | k_xc | k_0, so that
-#     dx = k_dy[c] * dy + k_xc[c] * ((x - m[c]) - lo[c]) + k_0[c]      (see kernels_impl.h)
+# Gradient coefficients, GRAD_COEFS*C values: m | k_dy | k_xc | k_0, so that
+#     dx = k_dy[c] * dy + k_xc[c] * (x - m[c]) + k_0[c]      (see kernels_impl.h)
 
 cdef void finish_grad_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_grad_sums s,
                               double count, const GradArgs *a) noexcept nogil:
@@ -354,7 +355,7 @@ cdef void finish_grad_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_gr
     cdef double dweight, dbias
     coef[c] = (<const floating *>a.mean)[c]
     grad_coefficients(s, count, (<const floating *>a.invstd)[c], gamma, &coef[C + c],
-                      &coef[2 * C + c], &coef[3 * C + c], &coef[4 * C + c], &dweight, &dbias)
+                      &coef[2 * C + c], &coef[3 * C + c], &dweight, &dbias)
     (<floating *>a.dweight)[c] = <floating>dweight
     (<floating *>a.dbias)[c] = <floating>dbias
 
@@ -382,11 +383,11 @@ cdef void grad_input_part(const floating *dy, const floating *x, floating *dx, c
     if p.inner > 1:
         chunk_range(p.outer * C * p.inner, t, nparts, &start, &stop)
         grad_input_span(dy, x, dx, C, p.inner, start, stop, coef, coef + C, coef + 2 * C,
-                        coef + 3 * C, coef + 4 * C)
+                        coef + 3 * C)
     else:
         chunk_range(p.outer, t, nparts, &start, &stop)
         grad_input_rows(dy + start * C, x + start * C, dx + start * C, stop - start, C,
-                        coef, coef + C, coef + 2 * C, coef + 3 * C, coef + 4 * C)
+                        coef, coef + C, coef + 2 * C, coef + 3 * C)
 
 
 cdef void merge_grad(const fbn_grad_sums *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c,
@@ -426,7 +427,7 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
     cdef double count = <double>p.count
     cdef bint fused = p.inner > 1 and K == 1
     cdef const floating *mean = <const floating *>a.mean
-    cdef floating *coef = <floating *>malloc(5 * C * sizeof(floating))
+    cdef floating *coef = <floating *>malloc(GRAD_COEFS * C * sizeof(floating))
     cdef fbn_grad_sums *parts = NULL    # channels-first: parts[c*K + k]
     cdef double *cl_parts = NULL        # channels-last: chunk k at k * 3*C
     cdef double *scratch = NULL         # channels-last: 3*C doubles per thread
@@ -455,7 +456,7 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
                                     count, a)
                 grad_input_channel(dy + c * p.inner, x + c * p.inner, dx + c * p.inner,
                                    C * p.inner, p.inner, 0, p.count, coef[c], coef[C + c],
-                                   coef[2 * C + c], coef[3 * C + c], coef[4 * C + c])
+                                   coef[2 * C + c], coef[3 * C + c])
         elif p.inner > 1:
             for i in prange(C * K, schedule='static'):
                 parts[i] = cf_chunk_grad_sums(dy, x, p, i // K, i % K, mean[i // K])

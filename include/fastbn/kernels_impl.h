@@ -38,24 +38,25 @@ FBN_SEGMENT void FBN_FN(deviation_segment)(const T *x, fbn_index n, double shift
     *dev_sq += s2;
 }
 
-/* y = ((x - hi) - lo) * scale + offset: x - hi is exact near the mean */
-FBN_SEGMENT T FBN_FN(normalize_value)(T x, T hi, T lo, T scale, T offset)
+/* y = (x - hi) * scale + offset: x - hi is exact near the mean (hi is the mean rounded to T;
+ * what rounding left out is folded into offset, see train_coefficients) */
+FBN_SEGMENT T FBN_FN(normalize_value)(T x, T hi, T scale, T offset)
 {
-    return ((x - hi) - lo) * scale + offset;
+    return (x - hi) * scale + offset;
 }
 
-/* dx = k_dy * dy + k_xc * ((x - m) - lo) + k_0 */
-FBN_SEGMENT T FBN_FN(grad_input_value)(T dy, T x, T m, T lo, T k_dy, T k_xc, T k_0)
+/* dx = k_dy * dy + k_xc * (x - m) + k_0 */
+FBN_SEGMENT T FBN_FN(grad_input_value)(T dy, T x, T m, T k_dy, T k_xc, T k_0)
 {
-    return k_dy * dy + k_xc * ((x - m) - lo) + k_0;
+    return k_dy * dy + k_xc * (x - m) + k_0;
 }
 
 /* x and y may be the same array: each value is read before it is written, so no restrict */
-FBN_SEGMENT void FBN_FN(normalize_segment)(const T *x, T *y, fbn_index n, T hi, T lo, T scale,
+FBN_SEGMENT void FBN_FN(normalize_segment)(const T *x, T *y, fbn_index n, T hi, T scale,
                                              T offset)
 {
 #pragma omp simd
-    for (fbn_index i = 0; i < n; ++i) y[i] = FBN_FN(normalize_value)(x[i], hi, lo, scale, offset);
+    for (fbn_index i = 0; i < n; ++i) y[i] = FBN_FN(normalize_value)(x[i], hi, scale, offset);
 }
 
 /* sum dy, sum dy (x - m), sum (x - m)   (see fbn_grad_sums) */
@@ -78,11 +79,10 @@ FBN_SEGMENT void FBN_FN(grad_sums_segment)(const T *dy, const T *x, fbn_index n,
 
 /* dx may be dy or x (in place) */
 FBN_SEGMENT void FBN_FN(grad_input_segment)(const T *dy, const T *x, T *dx, fbn_index n, T m,
-                                              T lo, T k_dy, T k_xc, T k_0)
+                                              T k_dy, T k_xc, T k_0)
 {
 #pragma omp simd
-    for (fbn_index i = 0; i < n; ++i)
-        dx[i] = FBN_FN(grad_input_value)(dy[i], x[i], m, lo, k_dy, k_xc, k_0);
+    for (fbn_index i = 0; i < n; ++i) dx[i] = FBN_FN(grad_input_value)(dy[i], x[i], m, k_dy, k_xc, k_0);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -125,9 +125,9 @@ FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const T *x, fbn_index st
 
 FBN_DISPATCH static void FBN_FN(normalize_channel)(const T *x, T *y, fbn_index stride,
                                                    fbn_index len, fbn_index e0, fbn_index e1,
-                                                   T hi, T lo, T scale, T offset)
+                                                   T hi, T scale, T offset)
 {
-#define FBN_NORM(off, cnt) FBN_FN(normalize_segment)(x + (off), y + (off), (cnt), hi, lo, scale, offset)
+#define FBN_NORM(off, cnt) FBN_FN(normalize_segment)(x + (off), y + (off), (cnt), hi, scale, offset)
     FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_NORM);
 #undef FBN_NORM
 }
@@ -151,10 +151,10 @@ FBN_DISPATCH static fbn_grad_sums FBN_FN(grad_sums_channel)(const T *dy, const T
 
 FBN_DISPATCH static void FBN_FN(grad_input_channel)(const T *dy, const T *x, T *dx,
                                                     fbn_index stride, fbn_index len,
-                                                    fbn_index e0, fbn_index e1, T m, T lo,
-                                                    T k_dy, T k_xc, T k_0)
+                                                    fbn_index e0, fbn_index e1, T m, T k_dy,
+                                                    T k_xc, T k_0)
 {
-#define FBN_GIN(off, cnt) FBN_FN(grad_input_segment)(dy + (off), x + (off), dx + (off), (cnt), m, lo, k_dy, k_xc, k_0)
+#define FBN_GIN(off, cnt) FBN_FN(grad_input_segment)(dy + (off), x + (off), dx + (off), (cnt), m, k_dy, k_xc, k_0)
     FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_GIN);
 #undef FBN_GIN
 }
@@ -166,11 +166,10 @@ FBN_DISPATCH static void FBN_FN(grad_input_channel)(const T *dy, const T *x, T *
 FBN_DISPATCH static void FBN_FN(normalize_span)(const T *x, T *y, fbn_index C, fbn_index len,
                                                 fbn_index p0, fbn_index p1,
                                                 const T *FBN_RESTRICT hi,
-                                                const T *FBN_RESTRICT lo,
                                                 const T *FBN_RESTRICT scale,
                                                 const T *FBN_RESTRICT offset)
 {
-#define FBN_NORM(p, cnt, c) FBN_FN(normalize_segment)(x + (p), y + (p), (cnt), hi[c], lo[c], scale[c], offset[c])
+#define FBN_NORM(p, cnt, c) FBN_FN(normalize_segment)(x + (p), y + (p), (cnt), hi[c], scale[c], offset[c])
     FBN_SPAN_WALK(p0, p1, C, len, FBN_NORM);
 #undef FBN_NORM
 }
@@ -178,12 +177,11 @@ FBN_DISPATCH static void FBN_FN(normalize_span)(const T *x, T *y, fbn_index C, f
 FBN_DISPATCH static void FBN_FN(grad_input_span)(const T *dy, const T *x, T *dx, fbn_index C,
                                                  fbn_index len, fbn_index p0, fbn_index p1,
                                                  const T *FBN_RESTRICT m,
-                                                 const T *FBN_RESTRICT lo,
                                                  const T *FBN_RESTRICT k_dy,
                                                  const T *FBN_RESTRICT k_xc,
                                                  const T *FBN_RESTRICT k_0)
 {
-#define FBN_GIN(p, cnt, c) FBN_FN(grad_input_segment)(dy + (p), x + (p), dx + (p), (cnt), m[c], lo[c], k_dy[c], k_xc[c], k_0[c])
+#define FBN_GIN(p, cnt, c) FBN_FN(grad_input_segment)(dy + (p), x + (p), dx + (p), (cnt), m[c], k_dy[c], k_xc[c], k_0[c])
     FBN_SPAN_WALK(p0, p1, C, len, FBN_GIN);
 #undef FBN_GIN
 }
@@ -253,7 +251,6 @@ FBN_SEGMENT void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C, 
 /* normalize_segment over nrows x C channels-last rows, with C-length coefficient vectors */
 FBN_DISPATCH static void FBN_FN(normalize_rows)(const T *x, T *y, fbn_index nrows, fbn_index C,
                                                 const T *FBN_RESTRICT hi,
-                                                const T *FBN_RESTRICT lo,
                                                 const T *FBN_RESTRICT scale,
                                                 const T *FBN_RESTRICT offset)
 {
@@ -263,11 +260,11 @@ FBN_DISPATCH static void FBN_FN(normalize_rows)(const T *x, T *y, fbn_index nrow
         T *y0 = y + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
-            const T h = hi[c], l = lo[c], s = scale[c], o = offset[c];
-            y0[c] = FBN_FN(normalize_value)(x0[c], h, l, s, o);
-            y0[C + c] = FBN_FN(normalize_value)(x0[C + c], h, l, s, o);
-            y0[2 * C + c] = FBN_FN(normalize_value)(x0[2 * C + c], h, l, s, o);
-            y0[3 * C + c] = FBN_FN(normalize_value)(x0[3 * C + c], h, l, s, o);
+            const T h = hi[c], s = scale[c], o = offset[c];
+            y0[c] = FBN_FN(normalize_value)(x0[c], h, s, o);
+            y0[C + c] = FBN_FN(normalize_value)(x0[C + c], h, s, o);
+            y0[2 * C + c] = FBN_FN(normalize_value)(x0[2 * C + c], h, s, o);
+            y0[3 * C + c] = FBN_FN(normalize_value)(x0[3 * C + c], h, s, o);
         }
     }
     for (; r < nrows; ++r) {
@@ -275,7 +272,7 @@ FBN_DISPATCH static void FBN_FN(normalize_rows)(const T *x, T *y, fbn_index nrow
         T *y0 = y + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c)
-            y0[c] = FBN_FN(normalize_value)(x0[c], hi[c], lo[c], scale[c], offset[c]);
+            y0[c] = FBN_FN(normalize_value)(x0[c], hi[c], scale[c], offset[c]);
     }
 }
 
@@ -317,7 +314,6 @@ FBN_SEGMENT void FBN_FN(grad_sums_rows)(const T *dy, const T *x, fbn_index nrows
 /* grad_input_segment over nrows x C channels-last rows, with C-length coefficient vectors */
 FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx, fbn_index nrows,
                                                  fbn_index C, const T *FBN_RESTRICT m,
-                                                 const T *FBN_RESTRICT lo,
                                                  const T *FBN_RESTRICT k_dy,
                                                  const T *FBN_RESTRICT k_xc,
                                                  const T *FBN_RESTRICT k_0)
@@ -328,11 +324,11 @@ FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx,
         T *d0 = dx + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
-            const T mc = m[c], l = lo[c], a = k_dy[c], b = k_xc[c], z = k_0[c];
-            d0[c] = FBN_FN(grad_input_value)(g0[c], x0[c], mc, l, a, b, z);
-            d0[C + c] = FBN_FN(grad_input_value)(g0[C + c], x0[C + c], mc, l, a, b, z);
-            d0[2 * C + c] = FBN_FN(grad_input_value)(g0[2 * C + c], x0[2 * C + c], mc, l, a, b, z);
-            d0[3 * C + c] = FBN_FN(grad_input_value)(g0[3 * C + c], x0[3 * C + c], mc, l, a, b, z);
+            const T mc = m[c], a = k_dy[c], b = k_xc[c], z = k_0[c];
+            d0[c] = FBN_FN(grad_input_value)(g0[c], x0[c], mc, a, b, z);
+            d0[C + c] = FBN_FN(grad_input_value)(g0[C + c], x0[C + c], mc, a, b, z);
+            d0[2 * C + c] = FBN_FN(grad_input_value)(g0[2 * C + c], x0[2 * C + c], mc, a, b, z);
+            d0[3 * C + c] = FBN_FN(grad_input_value)(g0[3 * C + c], x0[3 * C + c], mc, a, b, z);
         }
     }
     for (; r < nrows; ++r) {
@@ -340,7 +336,7 @@ FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx,
         T *d0 = dx + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c)
-            d0[c] = FBN_FN(grad_input_value)(g0[c], x0[c], m[c], lo[c], k_dy[c], k_xc[c], k_0[c]);
+            d0[c] = FBN_FN(grad_input_value)(g0[c], x0[c], m[c], k_dy[c], k_xc[c], k_0[c]);
     }
 }
 
@@ -390,37 +386,39 @@ FBN_DISPATCH static void FBN_FN(grad_sums_rows_chunk)(const T *dy, const T *x, f
  * ------------------------------------------------------------------------------------------ */
 
 /* From a channel's moments to what normalizing it needs:
- *     mean = hi + lo      hi = the mean rounded to T, so x - hi is exact near the mean
- *     var  = m2 / n       biased, as normalizing uses
- *     y    = ((x - hi) - lo) * scale + offset,   scale = gamma / sqrt(var + eps), offset = beta
+ *     mean = hi + lo      hi = the mean rounded to T, so x - hi is exact near the mean,
+ *                         lo = what rounding left out (two-sum)
+ *     var  = m2 / n       biased, as normalizing uses;  invstd = 1 / sqrt(var + eps)
+ *     y    = (x - mean) * scale + beta = (x - hi) * scale + offset
+ *            with scale = gamma * invstd and offset = beta - lo * scale (formed in double)
  * Returns invstd in double; the caller keeps it (and mean, var) for the outputs. */
 static inline double FBN_FN(train_coefficients)(fbn_moments m, double eps, double gamma,
-                                                double beta, T *hi, T *lo, T *scale, T *offset)
+                                                double beta, T *hi, T *scale, T *offset)
 {
     const double mean_rest = m.dev_sum / m.count;
     const T mean_hi = (T)(m.shift + mean_rest);
+    const double lo = (m.shift - (double)mean_hi) + mean_rest;
     const double invstd = 1.0 / sqrt(m.m2 / m.count + eps);
+    const double a = gamma * invstd;
     *hi = mean_hi;
-    *lo = (T)((m.shift - (double)mean_hi) + mean_rest);    /* two-sum: what hi left out */
-    *scale = (T)(gamma * invstd);
-    *offset = (T)beta;
+    *scale = (T)a;
+    *offset = (T)(beta - lo * a);
     return invstd;
 }
 
 /* Inference coefficients (running statistics), C channels at once, vectorized:
- *     hi = running_mean, lo = 0, scale = gamma / sqrt(running_var + eps), offset = beta
+ *     hi = running_mean, scale = gamma / sqrt(running_var + eps), offset = beta
  * weight or bias may be NULL (gamma = 1, beta = 0). The caller checks running_var >= 0. */
 FBN_DISPATCH static void FBN_FN(infer_coefficients)(fbn_index C, const T *running_mean,
                                                     const T *running_var, const T *weight,
                                                     const T *bias, double eps,
                                                     T *FBN_RESTRICT coef)
 {
-    T *hi = coef, *lo = coef + C, *scale = coef + 2 * C, *offset = coef + 3 * C;
+    T *hi = coef, *scale = coef + C, *offset = coef + 2 * C;
 #pragma omp simd
     for (fbn_index c = 0; c < C; ++c) {
         const double gamma = weight == NULL ? 1.0 : (double)weight[c];
         hi[c] = running_mean[c];
-        lo[c] = 0;
         scale[c] = (T)(gamma / sqrt((double)running_var[c] + eps));
         offset[c] = bias == NULL ? 0 : bias[c];
     }
@@ -443,19 +441,20 @@ static inline void FBN_FN(update_running)(T *running_mean, T *running_var, fbn_m
  *     dbias   = sum dy
  *     dweight = invstd * S
  *     dx      = gamma invstd (dy - sum dy / n - (x - mu) invstd^2 S / n)
- *             = k_dy * dy + k_xc * ((x - m) - lo) + k_0
- * with k_dy = gamma invstd, k_xc = -gamma invstd^3 S / n, k_0 = -gamma invstd sum dy / n. */
+ *             = k_dy * dy + k_xc * (x - m) + k_0
+ * with k_dy = gamma invstd, k_xc = -gamma invstd^3 S / n, k_0 = -gamma invstd sum dy / n - k_xc lo
+ * (x - m is exact near the mean; lo is folded into k_0, formed in double). */
 static inline void FBN_FN(grad_coefficients)(fbn_grad_sums s, double count, double invstd,
-                                             double gamma, T *lo, T *k_dy, T *k_xc, T *k_0,
+                                             double gamma, T *k_dy, T *k_xc, T *k_0,
                                              double *dweight, double *dbias)
 {
-    const double mean_rest = s.xc / count;
-    const double dy_xmu = s.dy_xc - mean_rest * s.dy;
+    const double lo = s.xc / count;
+    const double dy_xmu = s.dy_xc - lo * s.dy;
     const double g_inv = gamma * invstd;
-    *lo = (T)mean_rest;
+    const double kx = -g_inv * invstd * invstd * dy_xmu / count;
     *k_dy = (T)g_inv;
-    *k_xc = (T)(-g_inv * invstd * invstd * dy_xmu / count);
-    *k_0 = (T)(-g_inv * s.dy / count);
+    *k_xc = (T)kx;
+    *k_0 = (T)(-g_inv * s.dy / count - kx * lo);
     *dweight = invstd * dy_xmu;
     *dbias = s.dy;
 }
