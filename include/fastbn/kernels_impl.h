@@ -90,11 +90,16 @@ FBN_SEGMENT void FBN_FN(grad_input_segment)(const T *dy, const T *x, T *dx, fbn_
  * ------------------------------------------------------------------------------------------ */
 
 /* Moments of positions [e0, e1) of a channel, in blocks of FBN_BLOCK positions merged in
- * order (fbn_moments_merge). Each block needs a shift near its mean:
- *   the first block finds its own, by the corrected two-pass method (it sits in L1):
- *       shift = sum x / n,   d = x - shift,   m2 = sum d^2 - (sum d)^2 / n
- *   later blocks take the mean of the blocks before them, already within a fraction of a
- *   standard deviation of theirs, and need one pass: d = x - shift, same m2. */
+ * order (fbn_moments_merge). Each block is summed in one pass around a shift near its mean,
+ *     d = x - shift,   m2 = sum d^2 - (sum d)^2 / n       (d exact near the mean: Sterbenz)
+ * and sum d^2 / m2 = 1 + (mean - shift)^2 / var is how many digits the subtraction loses:
+ *   later blocks shift by the mean of the blocks before them (within a fraction of a
+ *   standard deviation of theirs);
+ *   the first block shifts by its first value, and if that loses more than a factor
+ *   FBN_MAX_LOSS (a first value more than ~2.6 sd out) it takes its mean first (two passes).*/
+#ifndef FBN_MAX_LOSS
+#define FBN_MAX_LOSS 8.0
+#endif
 FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const T *x, fbn_index stride,
                                                         fbn_index len, fbn_index e0,
                                                         fbn_index e1)
@@ -104,19 +109,26 @@ FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const T *x, fbn_index st
         const fbn_index end = (e1 - b < FBN_BLOCK) ? e1 : b + FBN_BLOCK;
         const double n = (double)(end - b);
         double shift, dev_sum = 0.0, dev_sq = 0.0;
-        if (acc.count == 0.0) {
+        if (acc.count > 0.0) {
+            shift = acc.shift + acc.dev_sum / acc.count;
+        } else {
+            const fbn_index o = b < len ? 0 : b / len;
+            shift = (double)x[o * stride + (b - o * len)];
+        }
+#define FBN_DEV(off, cnt) FBN_FN(deviation_segment)(x + (off), (cnt), shift, &dev_sum, &dev_sq)
+        FBN_CHANNEL_WALK(b, end, stride, len, FBN_DEV);
+        double m2 = dev_sq - dev_sum * dev_sum / n;
+        if (acc.count == 0.0 && !(dev_sq <= FBN_MAX_LOSS * m2) && dev_sq != 0.0) {
             double sum = 0.0;
 #define FBN_SUM(off, cnt) sum += FBN_FN(sum_segment)(x + (off), (cnt))
             FBN_CHANNEL_WALK(b, end, stride, len, FBN_SUM);
 #undef FBN_SUM
             shift = sum / n;
-        } else {
-            shift = acc.shift + acc.dev_sum / acc.count;
+            dev_sum = dev_sq = 0.0;
+            FBN_CHANNEL_WALK(b, end, stride, len, FBN_DEV);
+            m2 = dev_sq - dev_sum * dev_sum / n;
         }
-#define FBN_DEV(off, cnt) FBN_FN(deviation_segment)(x + (off), (cnt), shift, &dev_sum, &dev_sq)
-        FBN_CHANNEL_WALK(b, end, stride, len, FBN_DEV);
 #undef FBN_DEV
-        const double m2 = dev_sq - dev_sum * dev_sum / n;
         fbn_moments block = {n, shift, dev_sum, m2 < 0.0 ? 0.0 : m2};   /* NaN stays NaN */
         fbn_moments_merge(&acc, block);
     }
