@@ -21,7 +21,8 @@ def info():
         ("numpy", np.__version__),
         ("openmp", openmp),
         ("threads", str(get_num_threads())),
-        ("serial below", f"{_kernels.SERIAL_THRESHOLD} values per call"),
+        ("serial below", ", ".join(f"{op} {n}" for op, n in _kernels.SERIAL_THRESHOLDS.items())
+         + " values per call"),
         ("compiler", build["compiler"]),
         ("build flags", build["build_flags"] or "(none recorded)"),
         ("baseline simd", build["baseline_simd"]),
@@ -29,6 +30,20 @@ def info():
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def parse_shapes(text):
+    """'8x32x16x16,256x1024' -> [(8, 32, 16, 16), (256, 1024)]; ranks 2 and 4."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            shape = tuple(int(n) for n in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a shape: {item!r} (write e.g. 8x32x16x16)")
+        if len(shape) not in (2, 4) or min(shape) < 1:
+            raise argparse.ArgumentTypeError(f"shapes are NxC or NxCxHxW with sizes >= 1, got {item!r}")
+        shapes.append(shape)
+    return shapes
 
 
 def main(argv=None):
@@ -45,12 +60,18 @@ def main(argv=None):
     bench.add_argument("--plot", metavar="FILE.png", help="also plot the speedups (matplotlib)")
     bench.add_argument("--no-reference", action="store_true",
                        help="leave out fastbn.reference (slow: extended precision)")
+    bench.add_argument("--shapes", metavar="NxCxHxW,...", type=parse_shapes,
+                       help="shapes to time instead of the default matrix, e.g. 8x32x16x16,256x1024")
+    bench.add_argument("--seconds", type=float, default=None,
+                       help="timing budget per cell (default 1.0, 0.3 with --quick)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
         return 0
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.seconds is not None and not args.seconds > 0:
+        parser.error("--seconds must be positive")
     from . import _bench
     return _bench.main(args)
 

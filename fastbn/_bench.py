@@ -351,8 +351,8 @@ def plot(results, path):
 
 def main(args):
     threads = args.threads or get_num_threads()
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    seconds = 0.3 if args.quick else 1.0
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+    seconds = args.seconds or (0.3 if args.quick else 1.0)
     info = machine()
     print(f"fastbn {__version__} on {info['cpu']} ({info['cores']} cores), {threads} threads, "
           f"numpy {info['numpy']}", file=sys.stderr)

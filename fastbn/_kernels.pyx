@@ -21,9 +21,14 @@ cdef enum:
     MIN_CHUNK = 16384     # values per chunk at least: smaller chunks cost more than they give
     MAX_CHUNKS = 64       # work items aimed for when channels are few: enough for 64 threads
     MIN_BLOCK_ROWS = 16   # channels-last statistics blocks: rows at least
-    SERIAL_BELOW = 65536  # total values under which one thread does everything (no fork/join)
+    # Total values under which one thread does everything: a fork/join costs ~1.5 us here.
+    # Measured on 2 cores (1 vs 2 threads): two threads win from ~8-16K values for the
+    # statistics ops, from ~32K for a single elementwise pass.
+    SERIAL_BELOW_STATS = 16384   # training, backward
+    SERIAL_BELOW_PASS = 32768    # inference
 
-SERIAL_THRESHOLD = SERIAL_BELOW
+SERIAL_THRESHOLDS = {"train": SERIAL_BELOW_STATS, "backward": SERIAL_BELOW_STATS,
+                     "infer": SERIAL_BELOW_PASS}
 
 
 # ------------------------------------------------------------------------------------ threads
@@ -53,8 +58,8 @@ def get_num_threads():
     return _requested_threads if _requested_threads > 0 else fbn_max_threads()
 
 
-cdef int threads_for(Py_ssize_t size) noexcept:
-    if size < SERIAL_BELOW:
+cdef int threads_for(Py_ssize_t size, Py_ssize_t serial_below) noexcept:
+    if size < serial_below:
         return 1
     return _requested_threads if _requested_threads > 0 else fbn_max_threads()
 
@@ -110,7 +115,8 @@ def plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner):
     cdef Plan p = make_plan(outer, C, inner)
     return {"family": "channels_first" if inner > 1 else "channels_last",
             "nchunks": p.nchunks, "block_rows": p.block_rows,
-            "threads": threads_for(outer * C * inner)}
+            "threads": threads_for(outer * C * inner, SERIAL_BELOW_STATS),
+            "threads_infer": threads_for(outer * C * inner, SERIAL_BELOW_PASS)}
 
 
 cdef inline void chunk_range(Py_ssize_t total, Py_ssize_t k, Py_ssize_t nchunks,
@@ -183,15 +189,6 @@ cdef void cl_chunk_moments(const floating *x, const Plan *p, Py_ssize_t k, doubl
     cdef Py_ssize_t first_row, nrows
     cl_chunk_rows(p, k, &first_row, &nrows)
     moments_rows_chunk(x + first_row * p.C, nrows, p.C, p.block_rows, part, scratch)
-
-
-cdef fbn_moments cl_channel(const double *part, Py_ssize_t C, Py_ssize_t c) noexcept nogil:
-    cdef fbn_moments m
-    m.count = part[0]
-    m.shift = part[1 + c]
-    m.dev_sum = part[1 + C + c]
-    m.m2 = part[1 + 2 * C + c]
-    return m
 
 
 cdef void normalize_part(const floating *x, floating *y, const Plan *p, const floating *coef,
@@ -506,7 +503,7 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
     or None) updated in place."""
     cdef Plan p = make_plan(outer, C, inner)
     cdef TrainArgs a
-    cdef int nthreads = threads_for(outer * C * inner), status
+    cdef int nthreads = threads_for(outer * C * inner, SERIAL_BELOW_STATS), status
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *yp = cnp.PyArray_DATA(y)
     a.weight = data_or_null(weight)
@@ -533,7 +530,7 @@ def forward_infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
                   cnp.ndarray running_mean, cnp.ndarray running_var, weight, bias, double eps):
     """Inference forward into y. Raises ValueError, before writing, if running_var < 0."""
     cdef Plan p = make_plan(outer, C, inner)
-    cdef int nthreads = threads_for(outer * C * inner)
+    cdef int nthreads = threads_for(outer * C * inner, SERIAL_BELOW_PASS)
     cdef Py_ssize_t status
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *yp = cnp.PyArray_DATA(y)
@@ -564,7 +561,7 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
     """Gradients of the training forward into dx, dweight, dbias."""
     cdef Plan p = make_plan(outer, C, inner)
     cdef GradArgs a
-    cdef int nthreads = threads_for(outer * C * inner), status
+    cdef int nthreads = threads_for(outer * C * inner, SERIAL_BELOW_STATS), status
     cdef void *dyp = cnp.PyArray_DATA(dy)
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *dxp = cnp.PyArray_DATA(dx)
