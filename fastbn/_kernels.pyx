@@ -20,7 +20,8 @@ cnp.import_array()
 cdef enum:
     MIN_CHUNK = 16384     # values per chunk at least: smaller chunks cost more than they give
     MAX_CHUNKS = 64       # work items aimed for when channels are few: enough for 64 threads
-    MIN_BLOCK_ROWS = 16   # channels-last statistics blocks: rows at least
+    MIN_BLOCK_ROWS = 16   # channels-last statistics blocks: rows at least,
+    MAX_BLOCK_ROWS = 64   # and at most, unless FBN_BLOCK values need more
     # Total values under which one thread does everything: a fork/join costs ~1.5 us here.
     # Measured on 2 cores (1 vs 2 threads): two threads win from ~8-16K values for the
     # statistics ops, from ~32K for a single elementwise pass.
@@ -103,8 +104,10 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept n
         p.block_rows = p.nblocks = 0
         p.nchunks = max(1, min(ceil_div(MAX_CHUNKS, C), p.count // MIN_CHUNK))
     else:
-        # blocks of at least MIN_BLOCK_ROWS rows keep the per-block merge cheap when C is large
-        p.block_rows = max(MIN_BLOCK_ROWS, FBN_BLOCK // C)
+        # Each block costs ~15 operations per channel besides its rows (shift, merge): blocks of
+        # up to MAX_BLOCK_ROWS rows amortize that, while leaving ~MAX_CHUNKS chunks to share.
+        p.block_rows = max(FBN_BLOCK // C,
+                           min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, outer // MAX_CHUNKS)))
         p.nblocks = ceil_div(outer, p.block_rows)
         p.nchunks = max(1, min(MAX_CHUNKS, p.nblocks, outer * C // MIN_CHUNK))
     return p
