@@ -212,22 +212,24 @@ class _Views:
         return self.result
 
 
-def _avoid_partial_overlap(out, *inputs):
-    """out, or a fresh array when out overlaps an input without being exactly it (the kernels
-    are safe in place, not for shifted overlaps); the caller copies the result into out."""
-    if out is None:
-        return None, None
-    for a in inputs:
-        if not _same_view(out, a) and np.may_share_memory(out, a):
-            return None, out
-    return out, None
+def _run(kernel, x, axis, out, dy=None):
+    """kernel(views) on the canonical views of x (and dy); returns the output array.
 
-
-def _finish(result, deferred_out):
-    if deferred_out is None:
+    When out overlaps an input without being exactly it, the kernel writes a fresh array
+    that is then copied into out (the kernels are safe in place, not for shifted overlaps)."""
+    deferred = None
+    if out is not None:
+        for a in (x,) if dy is None else (x, dy):
+            if not _same_view(out, a) and np.may_share_memory(out, a):
+                out, deferred = None, out
+                break
+    v = _Views(x, axis, out, dy=dy)
+    kernel(v)
+    result = v.finish()
+    if deferred is None:
         return result
-    np.copyto(deferred_out, result)
-    return deferred_out
+    np.copyto(deferred, result)
+    return deferred
 
 
 # ------------------------------------------------------------------------------- functions
@@ -271,11 +273,10 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
         mean.fill(np.nan)
         invstd.fill(np.nan)
         return (np.empty_like(x) if out is None else out), mean, invstd
-    out, deferred = _avoid_partial_overlap(out, x)
-    v = _Views(x, axis, out)
-    _kernels.forward_train(v.x, v.y, v.outer, C, v.inner, weight, bias, eps,
-                           running_mean, running_var, momentum, mean, invstd)
-    return _finish(v.finish(), deferred), mean, invstd
+    y = _run(lambda v: _kernels.forward_train(v.x, v.y, v.outer, C, v.inner, weight, bias, eps,
+                                              running_mean, running_var, momentum, mean,
+                                              invstd), x, axis, out)
+    return y, mean, invstd
 
 
 def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5, axis=1,
@@ -299,11 +300,8 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     out = _out(out, x)
     if x.size == 0:
         return np.empty_like(x) if out is None else out
-    out, deferred = _avoid_partial_overlap(out, x)
-    v = _Views(x, axis, out)
-    _kernels.forward_infer(v.x, v.y, v.outer, C, v.inner, running_mean, running_var,
-                           weight, bias, eps)
-    return _finish(v.finish(), deferred)
+    return _run(lambda v: _kernels.forward_infer(v.x, v.y, v.outer, C, v.inner, running_mean,
+                                                 running_var, weight, bias, eps), x, axis, out)
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
@@ -332,10 +330,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
     dbias = np.zeros(C, x.dtype)
     if x.size == 0:
         return (np.empty_like(x) if out is None else out), dweight, dbias
-    out, deferred = _avoid_partial_overlap(out, x, dy)
-    v = _Views(x, axis, out, dy=dy)
-    _kernels.backward(v.dy, v.x, v.y, v.outer, C, v.inner, mean, invstd, weight, dweight, dbias)
-    return _finish(v.finish(), deferred), dweight, dbias
+    dx = _run(lambda v: _kernels.backward(v.dy, v.x, v.y, v.outer, C, v.inner, mean, invstd,
+                                          weight, dweight, dbias), x, axis, out, dy=dy)
+    return dx, dweight, dbias
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,

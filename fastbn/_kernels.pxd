@@ -70,25 +70,25 @@ cdef extern from "fastbn/platform.h" nogil:
                                  const double *k_dy, const double *k_xc,
                                  const double *k_0)
     void fbn_moments_rows_chunk_f32(const float *x, fbn_index nrows, fbn_index C,
-                                    fbn_index block_rows, double *part, double *scratch)
+                                    fbn_index block_rows, int step, double *part, double *scratch)
     void fbn_moments_rows_chunk_f64(const double *x, fbn_index nrows, fbn_index C,
-                                    fbn_index block_rows, double *part, double *scratch)
+                                    fbn_index block_rows, int step, double *part, double *scratch)
     void fbn_grad_sums_rows_chunk_f32(const float *dy, const float *x, fbn_index nrows,
-                                      fbn_index C, fbn_index block_rows, const float *m,
+                                      fbn_index C, fbn_index block_rows, int step, const float *m,
                                       double *part, double *scratch)
     void fbn_grad_sums_rows_chunk_f64(const double *dy, const double *x, fbn_index nrows,
-                                      fbn_index C, fbn_index block_rows, const double *m,
+                                      fbn_index C, fbn_index block_rows, int step, const double *m,
                                       double *part, double *scratch)
-    void fbn_normalize_rows_f32(const float *x, float *y, fbn_index nrows, fbn_index C,
+    void fbn_normalize_rows_f32(const float *x, float *y, fbn_index nrows, fbn_index C, int step,
                                 const float *hi, const float *scale,
                                 const float *offset)
-    void fbn_normalize_rows_f64(const double *x, double *y, fbn_index nrows, fbn_index C,
+    void fbn_normalize_rows_f64(const double *x, double *y, fbn_index nrows, fbn_index C, int step,
                                 const double *hi, const double *scale,
                                 const double *offset)
     void fbn_grad_input_rows_f32(const float *dy, const float *x, float *dx, fbn_index nrows,
-                                 fbn_index C, const float *m, const float *k_dy, const float *k_xc, const float *k_0)
+                                 fbn_index C, int step, const float *m, const float *k_dy, const float *k_xc, const float *k_0)
     void fbn_grad_input_rows_f64(const double *dy, const double *x, double *dx,
-                                 fbn_index nrows, fbn_index C, const double *m,
+                                 fbn_index nrows, fbn_index C, int step, const double *m,
                                  const double *k_dy, const double *k_xc,
                                  const double *k_0)
     double fbn_train_coefficients_f32(fbn_moments m, double eps, double gamma, double beta,
@@ -172,39 +172,39 @@ cdef inline void grad_input_span(const floating *dy, const floating *x, floating
 
 
 cdef inline void moments_rows_chunk(const floating *x, fbn_index nrows, fbn_index C,
-                                    fbn_index block_rows, double *part,
+                                    fbn_index block_rows, int step, double *part,
                                     double *scratch) noexcept nogil:
     if floating is float:
-        fbn_moments_rows_chunk_f32(x, nrows, C, block_rows, part, scratch)
+        fbn_moments_rows_chunk_f32(x, nrows, C, block_rows, step, part, scratch)
     else:
-        fbn_moments_rows_chunk_f64(x, nrows, C, block_rows, part, scratch)
+        fbn_moments_rows_chunk_f64(x, nrows, C, block_rows, step, part, scratch)
 
 cdef inline void grad_sums_rows_chunk(const floating *dy, const floating *x, fbn_index nrows,
-                                      fbn_index C, fbn_index block_rows, const floating *m,
+                                      fbn_index C, fbn_index block_rows, int step, const floating *m,
                                       double *part, double *scratch) noexcept nogil:
     if floating is float:
-        fbn_grad_sums_rows_chunk_f32(dy, x, nrows, C, block_rows, m, part, scratch)
+        fbn_grad_sums_rows_chunk_f32(dy, x, nrows, C, block_rows, step, m, part, scratch)
     else:
-        fbn_grad_sums_rows_chunk_f64(dy, x, nrows, C, block_rows, m, part, scratch)
+        fbn_grad_sums_rows_chunk_f64(dy, x, nrows, C, block_rows, step, m, part, scratch)
 
-cdef inline void normalize_rows(const floating *x, floating *y, fbn_index nrows, fbn_index C,
+cdef inline void normalize_rows(const floating *x, floating *y, fbn_index nrows, fbn_index C, int step,
                                 const floating *hi, const floating *scale,
                                 const floating *offset) noexcept nogil:
     if floating is float:
-        fbn_normalize_rows_f32(x, y, nrows, C, hi, scale, offset)
+        fbn_normalize_rows_f32(x, y, nrows, C, step, hi, scale, offset)
     else:
-        fbn_normalize_rows_f64(x, y, nrows, C, hi, scale, offset)
+        fbn_normalize_rows_f64(x, y, nrows, C, step, hi, scale, offset)
 
 
 
 cdef inline void grad_input_rows(const floating *dy, const floating *x, floating *dx,
-                                 fbn_index nrows, fbn_index C, const floating *m,
+                                 fbn_index nrows, fbn_index C, int step, const floating *m,
                                  const floating *k_dy,
                                  const floating *k_xc, const floating *k_0) noexcept nogil:
     if floating is float:
-        fbn_grad_input_rows_f32(dy, x, dx, nrows, C, m, k_dy, k_xc, k_0)
+        fbn_grad_input_rows_f32(dy, x, dx, nrows, C, step, m, k_dy, k_xc, k_0)
     else:
-        fbn_grad_input_rows_f64(dy, x, dx, nrows, C, m, k_dy, k_xc, k_0)
+        fbn_grad_input_rows_f64(dy, x, dx, nrows, C, step, m, k_dy, k_xc, k_0)
 
 
 cdef inline double train_coefficients(fbn_moments m, double eps, double gamma, double beta,

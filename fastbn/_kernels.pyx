@@ -22,6 +22,7 @@ cdef enum:
     MAX_CHUNKS = 64       # work items aimed for when channels are few: enough for 64 threads
     MIN_BLOCK_ROWS = 16   # channels-last statistics blocks: rows at least,
     MAX_BLOCK_ROWS = 64   # and at most, unless FBN_BLOCK values need more
+    STREAMING_BYTES = 16 << 20   # arrays this large stream from memory (L3 is 32 MB here)
     # Total values under which one thread does everything: a fork/join costs ~1.5 us here.
     # Measured on 2 cores (1 vs 2 threads): two threads win from ~8-16K values for the
     # statistics ops, from ~32K for a single elementwise pass.
@@ -86,13 +87,15 @@ cdef struct Plan:
                            # channels-last: chunks of row blocks. One chunk = one work item.
     Py_ssize_t block_rows  # channels-last: rows per statistics block
     Py_ssize_t nblocks     # channels-last: row blocks
+    int row_step           # channels-last: rows per step (4 in cache, 1 streaming)
 
 
 cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept nogil:
+cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                    Py_ssize_t itemsize) noexcept nogil:
     """Chunks (and channels-last blocks) for an (outer, C, inner) problem; all sizes >= 1."""
     cdef Plan p
     p.outer = outer
@@ -110,14 +113,16 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept n
                            min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, outer // MAX_CHUNKS)))
         p.nblocks = ceil_div(outer, p.block_rows)
         p.nchunks = max(1, min(MAX_CHUNKS, p.nblocks, outer * C // MIN_CHUNK))
+    # a shape-only choice (like everything in the plan), so results stay the same bits
+    p.row_step = 1 if outer * C * inner * itemsize >= STREAMING_BYTES else 4
     return p
 
 
-def plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner):
+def plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize=4):
     """The work split for an (outer, C, inner) problem, as a dict (for tests and benchmarks)."""
-    cdef Plan p = make_plan(outer, C, inner)
+    cdef Plan p = make_plan(outer, C, inner, itemsize)
     return {"family": "channels_first" if inner > 1 else "channels_last",
-            "nchunks": p.nchunks, "block_rows": p.block_rows,
+            "nchunks": p.nchunks, "block_rows": p.block_rows, "row_step": p.row_step,
             "threads": threads_for(outer * C * inner, SERIAL_BELOW_STATS),
             "threads_infer": threads_for(outer * C * inner, SERIAL_BELOW_PASS)}
 
@@ -191,7 +196,7 @@ cdef void cl_chunk_moments(const floating *x, const Plan *p, Py_ssize_t k, doubl
     """Chunk k's moments of every channel into part; scratch holds 3*C doubles."""
     cdef Py_ssize_t first_row, nrows
     cl_chunk_rows(p, k, &first_row, &nrows)
-    moments_rows_chunk(x + first_row * p.C, nrows, p.C, p.block_rows, part, scratch)
+    moments_rows_chunk(x + first_row * p.C, nrows, p.C, p.block_rows, p.row_step, part, scratch)
 
 
 cdef void normalize_part(const floating *x, floating *y, const Plan *p, const floating *coef,
@@ -203,7 +208,8 @@ cdef void normalize_part(const floating *x, floating *y, const Plan *p, const fl
         normalize_span(x, y, C, p.inner, start, stop, coef, coef + C, coef + 2 * C)
     else:
         chunk_range(p.outer, t, nparts, &start, &stop)
-        normalize_rows(x + start * C, y + start * C, stop - start, C, coef, coef + C, coef + 2 * C)
+        normalize_rows(x + start * C, y + start * C, stop - start, C, p.row_step, coef, coef + C,
+                       coef + 2 * C)
 
 
 cdef void normalize(const floating *x, floating *y, const Plan *p, const floating *coef,
@@ -373,7 +379,8 @@ cdef void cl_chunk_grad_sums(const floating *dy, const floating *x, const Plan *
     cdef Py_ssize_t first_row, nrows, offset
     cl_chunk_rows(p, k, &first_row, &nrows)
     offset = first_row * p.C
-    grad_sums_rows_chunk(dy + offset, x + offset, nrows, p.C, p.block_rows, mean, part, scratch)
+    grad_sums_rows_chunk(dy + offset, x + offset, nrows, p.C, p.block_rows, p.row_step, mean,
+                         part, scratch)
 
 
 cdef void grad_input_part(const floating *dy, const floating *x, floating *dx, const Plan *p,
@@ -387,7 +394,7 @@ cdef void grad_input_part(const floating *dy, const floating *x, floating *dx, c
     else:
         chunk_range(p.outer, t, nparts, &start, &stop)
         grad_input_rows(dy + start * C, x + start * C, dx + start * C, stop - start, C,
-                        coef, coef + C, coef + 2 * C, coef + 3 * C)
+                        p.row_step, coef, coef + C, coef + 2 * C, coef + 3 * C)
 
 
 cdef void merge_grad(const fbn_grad_sums *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c,
@@ -504,7 +511,7 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
                   cnp.ndarray save_mean, cnp.ndarray save_invstd):
     """Training forward into y, save_mean, save_invstd; running statistics (1-D, any stride,
     or None) updated in place."""
-    cdef Plan p = make_plan(outer, C, inner)
+    cdef Plan p = make_plan(outer, C, inner, x.itemsize)
     cdef TrainArgs a
     cdef int nthreads = threads_for(outer * C * inner, SERIAL_BELOW_STATS), status
     cdef void *xp = cnp.PyArray_DATA(x)
@@ -532,7 +539,7 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
 def forward_infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
                   cnp.ndarray running_mean, cnp.ndarray running_var, weight, bias, double eps):
     """Inference forward into y. Raises ValueError, before writing, if running_var < 0."""
-    cdef Plan p = make_plan(outer, C, inner)
+    cdef Plan p = make_plan(outer, C, inner, x.itemsize)
     cdef int nthreads = threads_for(outer * C * inner, SERIAL_BELOW_PASS)
     cdef Py_ssize_t status
     cdef void *xp = cnp.PyArray_DATA(x)
@@ -562,7 +569,7 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
              Py_ssize_t inner, cnp.ndarray mean, cnp.ndarray invstd, weight,
              cnp.ndarray dweight, cnp.ndarray dbias):
     """Gradients of the training forward into dx, dweight, dbias."""
-    cdef Plan p = make_plan(outer, C, inner)
+    cdef Plan p = make_plan(outer, C, inner, x.itemsize)
     cdef GradArgs a
     cdef int nthreads = threads_for(outer * C * inner, SERIAL_BELOW_STATS), status
     cdef void *dyp = cnp.PyArray_DATA(dy)
@@ -660,7 +667,7 @@ cdef inline Plan plan_of(cnp.ndarray x, int axis):
         outer *= cnp.PyArray_DIM(x, i)
     for i in range(axis + 1, cnp.PyArray_NDIM(x)):
         inner *= cnp.PyArray_DIM(x, i)
-    return make_plan(outer, cnp.PyArray_DIM(x, axis), inner)
+    return make_plan(outer, cnp.PyArray_DIM(x, axis), inner, cnp.PyArray_ITEMSIZE(x))
 
 
 cdef inline bint disjoint(cnp.ndarray a, cnp.ndarray b):

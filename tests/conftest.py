@@ -44,6 +44,7 @@ PARALLEL_CASES = [
     ((8, 64, 64, 8), -1),      # channels-last, many row chunks
     ((3, 2, 5, 4099), 1),      # channels-first, runs longer than a statistics block
     ((40000, 3), 1),           # (N, C) with few channels: channels-last family
+    ((131072, 32), 1),         # 16 MiB and more: channels-last kernels in streaming mode
 ]
 
 
@@ -102,5 +103,5 @@ def threads():
     fastbn.set_num_threads(None)
 
 
-def plan(shape, axis):
-    return _kernels.plan(*canonical(shape, axis))
+def plan(shape, axis, dtype=np.float32):
+    return _kernels.plan(*canonical(shape, axis), np.dtype(dtype).itemsize)

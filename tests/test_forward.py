@@ -18,6 +18,9 @@ def test_cases_cover_every_kernel_path():
                                  ("channels_last", True)}
     serial = {plan(s, a)["family"] for s, a in SMALL_CASES if plan(s, a)["threads"] == 1}
     assert serial == {"channels_first", "channels_last"}
+    row_steps = {plan(s, a, d)["row_step"] for s, a in PARALLEL_CASES for d in DTYPES
+                 if plan(s, a)["family"] == "channels_last"}
+    assert row_steps == {1, 4}      # cached and streaming channels-last kernels
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

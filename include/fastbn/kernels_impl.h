@@ -202,14 +202,17 @@ FBN_DISPATCH static void FBN_FN(grad_input_span)(const T *dy, const T *x, T *dx,
  * Rows (channels-last): nrows x C blocks, all channels at once
  * ------------------------------------------------------------------------------------------ */
 
-/* Channels-last rows are taken four at a time: every C-length accumulator or coefficient
- * vector is then loaded and stored once per four rows instead of once per row. */
+/* Channels-last rows are taken `step` at a time: with step 4, every C-length accumulator or
+ * coefficient vector is loaded and stored once per four rows instead of once per row, which
+ * pays while the data sit in cache; data streaming from memory go faster one row at a time
+ * (step 1: one stream per array for the prefetchers, measured). */
 
 /* Moments of an nrows x C block, every channel at once (vectorized across channels), as in
  * moments_channel: with have_shift == 0 the block finds its shift (two passes), otherwise
  * shift already holds the mean of the blocks before it (one pass). The count is nrows for
  * each channel. Writes C values into each of shift, dev_sum, m2. */
-FBN_SEGMENT void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C, int have_shift,
+FBN_SEGMENT void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C, int step,
+                                      int have_shift,
                                       double *FBN_RESTRICT shift, double *FBN_RESTRICT dev_sum,
                                       double *FBN_RESTRICT m2)
 {
@@ -218,7 +221,7 @@ FBN_SEGMENT void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C, 
     for (fbn_index c = 0; c < C; ++c) dev_sum[c] = m2[c] = 0.0;
     if (!have_shift) {
         for (fbn_index c = 0; c < C; ++c) shift[c] = 0.0;
-        for (r = 0; r + 4 <= nrows; r += 4) {
+        for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
             const T *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
 #pragma omp simd
             for (fbn_index c = 0; c < C; ++c)
@@ -234,7 +237,7 @@ FBN_SEGMENT void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C, 
     }
 
     /* m2 holds sum d^2 until the correction */
-    for (r = 0; r + 4 <= nrows; r += 4) {
+    for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
         const T *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
@@ -262,12 +265,13 @@ FBN_SEGMENT void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C, 
 
 /* normalize_segment over nrows x C channels-last rows, with C-length coefficient vectors */
 FBN_DISPATCH static void FBN_FN(normalize_rows)(const T *x, T *y, fbn_index nrows, fbn_index C,
+                                                int step,
                                                 const T *FBN_RESTRICT hi,
                                                 const T *FBN_RESTRICT scale,
                                                 const T *FBN_RESTRICT offset)
 {
     fbn_index r;
-    for (r = 0; r + 4 <= nrows; r += 4) {
+    for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
         const T *x0 = x + r * C;
         T *y0 = y + r * C;
 #pragma omp simd
@@ -290,14 +294,14 @@ FBN_DISPATCH static void FBN_FN(normalize_rows)(const T *x, T *y, fbn_index nrow
 
 /* Gradient sums of an nrows x C block; writes C-length s_dy, s_dy_xc, s_xc */
 FBN_SEGMENT void FBN_FN(grad_sums_rows)(const T *dy, const T *x, fbn_index nrows,
-                                                fbn_index C, const T *FBN_RESTRICT m,
+                                                fbn_index C, int step, const T *FBN_RESTRICT m,
                                                 double *FBN_RESTRICT s_dy,
                                                 double *FBN_RESTRICT s_dy_xc,
                                                 double *FBN_RESTRICT s_xc)
 {
     fbn_index r;
     for (fbn_index c = 0; c < C; ++c) s_dy[c] = s_dy_xc[c] = s_xc[c] = 0.0;
-    for (r = 0; r + 4 <= nrows; r += 4) {
+    for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
         const T *x0 = x + r * C, *g0 = dy + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
@@ -325,13 +329,13 @@ FBN_SEGMENT void FBN_FN(grad_sums_rows)(const T *dy, const T *x, fbn_index nrows
 
 /* grad_input_segment over nrows x C channels-last rows, with C-length coefficient vectors */
 FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx, fbn_index nrows,
-                                                 fbn_index C, const T *FBN_RESTRICT m,
+                                                 fbn_index C, int step, const T *FBN_RESTRICT m,
                                                  const T *FBN_RESTRICT k_dy,
                                                  const T *FBN_RESTRICT k_xc,
                                                  const T *FBN_RESTRICT k_0)
 {
     fbn_index r;
-    for (r = 0; r + 4 <= nrows; r += 4) {
+    for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
         const T *x0 = x + r * C, *g0 = dy + r * C;
         T *d0 = dx + r * C;
 #pragma omp simd
@@ -355,7 +359,7 @@ FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx,
 /* A chunk of channels-last rows: nrows rows in blocks of block_rows, each block's moments
  * merged in order into part = [count | shift (C) | dev_sum (C) | m2 (C)]. scratch: 3*C. */
 FBN_DISPATCH static void FBN_FN(moments_rows_chunk)(const T *x, fbn_index nrows, fbn_index C,
-                                                    fbn_index block_rows,
+                                                    fbn_index block_rows, int step,
                                                     double *FBN_RESTRICT part,
                                                     double *FBN_RESTRICT scratch)
 {
@@ -368,7 +372,7 @@ FBN_DISPATCH static void FBN_FN(moments_rows_chunk)(const T *x, fbn_index nrows,
 #pragma omp simd
             for (fbn_index c = 0; c < C; ++c) scratch[c] = shift[c] + dev_sum[c] * inv_count;
         }
-        FBN_FN(moments_rows)(x + r * C, n, C, *count > 0.0, scratch, scratch + C,
+        FBN_FN(moments_rows)(x + r * C, n, C, step, *count > 0.0, scratch, scratch + C,
                              scratch + 2 * C);
         fbn_moments_merge_rows(C, count, shift, dev_sum, m2, (double)n, scratch, scratch + C,
                                scratch + 2 * C);
@@ -378,7 +382,7 @@ FBN_DISPATCH static void FBN_FN(moments_rows_chunk)(const T *x, fbn_index nrows,
 /* A chunk of channels-last rows: block sums of the gradient, added in order into
  * part = [dy (C) | dy_xc (C) | xc (C)]. scratch: 3*C. */
 FBN_DISPATCH static void FBN_FN(grad_sums_rows_chunk)(const T *dy, const T *x, fbn_index nrows,
-                                                      fbn_index C, fbn_index block_rows,
+                                                      fbn_index C, fbn_index block_rows, int step,
                                                       const T *FBN_RESTRICT m,
                                                       double *FBN_RESTRICT part,
                                                       double *FBN_RESTRICT scratch)
@@ -386,7 +390,7 @@ FBN_DISPATCH static void FBN_FN(grad_sums_rows_chunk)(const T *dy, const T *x, f
     for (fbn_index c = 0; c < 3 * C; ++c) part[c] = 0.0;
     for (fbn_index r = 0; r < nrows; r += block_rows) {
         const fbn_index n = nrows - r < block_rows ? nrows - r : block_rows;
-        FBN_FN(grad_sums_rows)(dy + r * C, x + r * C, n, C, m, scratch, scratch + C,
+        FBN_FN(grad_sums_rows)(dy + r * C, x + r * C, n, C, step, m, scratch, scratch + C,
                                scratch + 2 * C);
 #pragma omp simd
         for (fbn_index c = 0; c < 3 * C; ++c) part[c] += scratch[c];
