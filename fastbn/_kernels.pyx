@@ -261,6 +261,40 @@ cdef void cf_merge_train(const fbn_moments *parts, Py_ssize_t K, Py_ssize_t C, P
     finish_train_channel(coef, C, c, m, a)
 
 
+cdef struct Work:
+    void *parts          # channels-first split path: C*K per-chunk results
+    double *cl_parts     # channels-last: K chunks of results
+    double *scratch      # channels-last: 3*C doubles per thread
+
+
+cdef int alloc_work(Work *w, const Plan *p, int nthreads, size_t cf_part_bytes,
+                    Py_ssize_t cl_part_doubles) noexcept nogil:
+    """Buffers of the paths that merge chunk results (none for the fused channels-first path).
+    -1, with nothing left allocated, when out of memory."""
+    cdef Py_ssize_t C = p.C, K = p.nchunks
+    w.parts = NULL
+    w.cl_parts = NULL
+    w.scratch = NULL
+    if p.inner > 1:
+        if K > 1:
+            w.parts = malloc(C * K * cf_part_bytes)
+            if w.parts == NULL:
+                return -1
+        return 0
+    w.cl_parts = <double *>malloc(K * cl_part_doubles * sizeof(double))
+    w.scratch = <double *>malloc(nthreads * 3 * C * sizeof(double))
+    if w.cl_parts == NULL or w.scratch == NULL:
+        free_work(w)
+        return -1
+    return 0
+
+
+cdef void free_work(Work *w) noexcept nogil:
+    free(w.parts)
+    free(w.cl_parts)
+    free(w.scratch)
+
+
 cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const TrainArgs *a,
                             int nthreads) noexcept nogil:
     """Batch statistics, saved statistics, running statistics, then y. -1: out of memory.
@@ -270,26 +304,17 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
     cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, i, t
     cdef Py_ssize_t nmerge = ceil_div(C, MERGE_CHANNELS)
     cdef bint fused = p.inner > 1 and K == 1
+    cdef Work w
+    cdef fbn_moments *parts           # channels-first: parts[c*K + k]
+    cdef double *cl_parts             # channels-last: chunk k at k * CL_PART(C)
     cdef floating *coef = <floating *>malloc(NORM_COEFS * C * sizeof(floating))
-    cdef fbn_moments *parts = NULL      # channels-first: parts[c*K + k]
-    cdef double *cl_parts = NULL        # channels-last: chunk k at k * CL_PART(C)
-    cdef double *scratch = NULL         # channels-last: 3*C doubles per thread
     if coef == NULL:
         return -1
-    if fused:
-        pass
-    elif p.inner > 1:
-        parts = <fbn_moments *>malloc(C * K * sizeof(fbn_moments))
-    else:
-        cl_parts = <double *>malloc(K * CL_PART(C) * sizeof(double))
-        scratch = <double *>malloc(max(nthreads, 1) * 3 * C * sizeof(double))
-    if not fused and ((p.inner > 1 and parts == NULL)
-                      or (p.inner == 1 and (cl_parts == NULL or scratch == NULL))):
+    if alloc_work(&w, p, nthreads, sizeof(fbn_moments), CL_PART(C)) != 0:
         free(coef)
-        free(parts)
-        free(cl_parts)
-        free(scratch)
         return -1
+    parts = <fbn_moments *>w.parts
+    cl_parts = w.cl_parts
 
     with parallel(num_threads=nthreads, use_threads_if=nthreads > 1):
         if fused:
@@ -309,17 +334,15 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
                 normalize_part(x, y, p, coef, t, nthreads)
         else:
             for k in prange(K, schedule='static'):
-                cl_chunk_moments(x, p, k, cl_parts + k * CL_PART(C), scratch + threadid() * 3 * C)
+                cl_chunk_moments(x, p, k, cl_parts + k * CL_PART(C), w.scratch + threadid() * 3 * C)
             fbn_barrier()
             for i in prange(nmerge, schedule='static'):
                 cl_merge_train(cl_parts, K, p, i * MERGE_CHANNELS,
-                               min(C, (i + 1) * MERGE_CHANNELS), scratch, coef, a)
+                               min(C, (i + 1) * MERGE_CHANNELS), w.scratch, coef, a)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
                 normalize_part(x, y, p, coef, t, nthreads)
-    free(parts)
-    free(cl_parts)
-    free(scratch)
+    free_work(&w)
     free(coef)
     return 0
 
@@ -434,26 +457,17 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
     cdef double count = <double>p.count
     cdef bint fused = p.inner > 1 and K == 1
     cdef const floating *mean = <const floating *>a.mean
+    cdef Work w
+    cdef fbn_grad_sums *parts         # channels-first: parts[c*K + k]
+    cdef double *cl_parts             # channels-last: chunk k at k * 3*C
     cdef floating *coef = <floating *>malloc(GRAD_COEFS * C * sizeof(floating))
-    cdef fbn_grad_sums *parts = NULL    # channels-first: parts[c*K + k]
-    cdef double *cl_parts = NULL        # channels-last: chunk k at k * 3*C
-    cdef double *scratch = NULL         # channels-last: 3*C doubles per thread
     if coef == NULL:
         return -1
-    if fused:
-        pass
-    elif p.inner > 1:
-        parts = <fbn_grad_sums *>malloc(C * K * sizeof(fbn_grad_sums))
-    else:
-        cl_parts = <double *>malloc(K * 3 * C * sizeof(double))
-        scratch = <double *>malloc(max(nthreads, 1) * 3 * C * sizeof(double))
-    if not fused and ((p.inner > 1 and parts == NULL)
-                      or (p.inner == 1 and (cl_parts == NULL or scratch == NULL))):
+    if alloc_work(&w, p, nthreads, sizeof(fbn_grad_sums), 3 * C) != 0:
         free(coef)
-        free(parts)
-        free(cl_parts)
-        free(scratch)
         return -1
+    parts = <fbn_grad_sums *>w.parts
+    cl_parts = w.cl_parts
 
     with parallel(num_threads=nthreads, use_threads_if=nthreads > 1):
         if fused:
@@ -476,7 +490,7 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
         else:
             for k in prange(K, schedule='static'):
                 cl_chunk_grad_sums(dy, x, p, k, mean, cl_parts + k * 3 * C,
-                                   scratch + threadid() * 3 * C)
+                                   w.scratch + threadid() * 3 * C)
             fbn_barrier()
             for i in prange(nmerge, schedule='static'):
                 cl_merge_grad(cl_parts, K, C, i * MERGE_CHANNELS,
@@ -484,9 +498,7 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
                 grad_input_part(dy, x, dx, p, coef, t, nthreads)
-    free(parts)
-    free(cl_parts)
-    free(scratch)
+    free_work(&w)
     free(coef)
     return 0
 
