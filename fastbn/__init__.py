@@ -13,9 +13,12 @@ from ._api import (
     batch_norm_infer,
     batch_norm_train,
     get_num_threads,
+    get_output_cache,
     set_num_threads,
+    set_output_cache,
 )
 from ._version import __version__
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "batch_norm",
-           "set_num_threads", "get_num_threads", "__version__"]
+           "set_num_threads", "get_num_threads", "set_output_cache", "get_output_cache",
+           "__version__"]

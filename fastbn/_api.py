@@ -20,10 +20,12 @@ import numpy as np
 from . import _kernels
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "batch_norm",
-           "set_num_threads", "get_num_threads"]
+           "set_num_threads", "get_num_threads", "set_output_cache", "get_output_cache"]
 
 set_num_threads = _kernels.set_num_threads
 get_num_threads = _kernels.get_num_threads
+set_output_cache = _kernels.set_output_cache
+get_output_cache = _kernels.get_output_cache
 
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
@@ -195,7 +197,7 @@ class _Views:
     def _set_output(self, x, order, out):
         self.copy_back = None
         if out is None:
-            self.y = np.empty(x.shape, x.dtype)
+            self.y = _kernels.empty(x.shape, x.dtype)
             self.result = self.y if order is None else _from_order(self.y, order)
             return
         target = out if order is None else _to_order(out, order)
@@ -203,7 +205,7 @@ class _Views:
         if target.flags.c_contiguous and target.shape == x.shape:
             self.y = target
         else:
-            self.y = np.empty(x.shape, x.dtype)
+            self.y = _kernels.empty(x.shape, x.dtype)
             self.copy_back = target
 
     def finish(self):

@@ -13,6 +13,7 @@ from cython.parallel cimport parallel, prange, threadid
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from libc.math cimport sqrt, INFINITY
+import numpy as np
 cimport numpy as cnp
 
 cnp.import_array()
@@ -623,6 +624,103 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst):
             memcpy(d + start, s + start, stop - start)
 
 
+# --------------------------------------------------------------------------- output memory
+# A fresh output of tens of MB costs the kernel's page zeroing on first touch (~3 ms per
+# 100 MB here), every call: large blocks go back to the system when freed. Outputs of
+# CACHE_MIN_BYTES or more therefore come from a small cache of freed blocks, the way ONNX
+# Runtime's arena works; set_output_cache(0) turns it off. Touched only with the GIL held.
+
+cdef enum:
+    CACHE_MIN_BYTES = 8 << 20
+
+cdef Py_ssize_t _cache_limit = 1 << 30     # bytes the cache may keep
+cdef Py_ssize_t _cache_bytes = 0           # bytes it keeps now
+cdef list _cache = []                      # free blocks: (nbytes, address), oldest first
+
+
+def set_output_cache(nbytes):
+    """Keep at most nbytes of freed output blocks for reuse (0: none). Default 1 GiB."""
+    global _cache_limit
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    _cache_limit = nbytes
+    while _cache_bytes > _cache_limit:
+        _drop_oldest()
+
+
+def get_output_cache():
+    """(limit, bytes held now, blocks held now) of the output cache."""
+    return _cache_limit, _cache_bytes, len(_cache)
+
+
+cdef void _drop_oldest():
+    global _cache_bytes
+    cdef Py_ssize_t nbytes
+    cdef size_t address
+    nbytes, address = _cache.pop(0)
+    _cache_bytes -= nbytes
+    free(<void *>address)
+
+
+cdef class _Block:
+    """Owns one block of output memory (the base of the array on it): back to the cache, or
+    to the system, when the array is gone."""
+    cdef void *ptr
+    cdef Py_ssize_t nbytes
+
+    def __dealloc__(self):
+        global _cache_bytes
+        if self.nbytes > _cache_limit:
+            free(self.ptr)
+            return
+        while _cache_bytes + self.nbytes > _cache_limit:
+            _drop_oldest()
+        _cache.append((self.nbytes, <size_t>self.ptr))
+        _cache_bytes += self.nbytes
+
+
+cdef cnp.ndarray new_array(int ndim, cnp.npy_intp *dims, int typenum):
+    """An uninitialized C-contiguous array, from the output cache when large."""
+    global _cache_bytes
+    cdef Py_ssize_t itemsize = 4 if typenum == cnp.NPY_FLOAT32 else 8
+    cdef Py_ssize_t nbytes = cnp.PyArray_MultiplyList(dims, ndim) * itemsize
+    cdef Py_ssize_t i
+    cdef void *ptr = NULL
+    cdef _Block block
+    cdef cnp.ndarray a
+    if nbytes < CACHE_MIN_BYTES or _cache_limit == 0:
+        return cnp.PyArray_EMPTY(ndim, dims, typenum, 0)
+    for i in range(len(_cache) - 1, -1, -1):      # newest first: warmest in cache and TLB
+        if _cache[i][0] == nbytes:
+            ptr = <void *><size_t>_cache.pop(i)[1]
+            _cache_bytes -= nbytes
+            break
+    if ptr == NULL:
+        ptr = malloc(nbytes)
+        if ptr == NULL:
+            raise MemoryError(f"fastbn: cannot allocate {nbytes} bytes for the output")
+    block = _Block.__new__(_Block)
+    block.ptr = ptr
+    block.nbytes = nbytes
+    a = cnp.PyArray_SimpleNewFromData(ndim, dims, typenum, ptr)
+    cnp.set_array_base(a, block)
+    return a
+
+
+def empty(shape, dtype):
+    """numpy.empty(shape, dtype) for float32/float64 (C order), through the output cache."""
+    cdef cnp.npy_intp dims[32]
+    cdef int ndim = len(shape), i
+    cdef int typenum = np.dtype(dtype).num
+    if ndim > 32 or (typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64):
+        return np.empty(shape, dtype)
+    for i in range(ndim):
+        dims[i] = shape[i]
+    return new_array(ndim, dims, typenum)
+
+
 # ------------------------------------------------------------------------- the common call
 # Per-call cost matters for small tensors (edge inference is often batch 1). These functions
 # take the common call -- C-contiguous float32/float64 ndarrays, per-channel arrays of x's
@@ -703,7 +801,7 @@ cdef inline cnp.ndarray output_for(cnp.ndarray x, object out):
     """out, or a new array like x."""
     if out is not None:
         return <cnp.ndarray>out
-    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+    return new_array(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x))
 
 
 def infer_common(x, running_mean, running_var, weight, bias, eps, axis, out):
