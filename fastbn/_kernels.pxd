@@ -105,10 +105,10 @@ cdef extern from "fastbn/platform.h" nogil:
                                 double momentum)
     void fbn_update_running_f64(double *running_mean, double *running_var, fbn_moments m,
                                 double momentum)
-    void fbn_grad_coefficients_f32(fbn_grad_sums s, double count, double invstd, double gamma,
+    void fbn_grad_coefficients_f32(fbn_grad_sums s, double inv_count, double invstd, double gamma,
                                    float *k_dy, float *k_xc, float *k_0,
                                    double *dweight, double *dbias)
-    void fbn_grad_coefficients_f64(fbn_grad_sums s, double count, double invstd, double gamma,
+    void fbn_grad_coefficients_f64(fbn_grad_sums s, double inv_count, double invstd, double gamma,
                                    double *k_dy, double *k_xc, double *k_0,
                                    double *dweight, double *dbias)
 
@@ -233,10 +233,10 @@ cdef inline void update_running(floating *running_mean, floating *running_var, f
         fbn_update_running_f64(running_mean, running_var, m, momentum)
 
 
-cdef inline void grad_coefficients(fbn_grad_sums s, double count, double invstd, double gamma,
+cdef inline void grad_coefficients(fbn_grad_sums s, double inv_count, double invstd, double gamma,
                                    floating *k_dy, floating *k_xc, floating *k_0,
                                    double *dweight, double *dbias) noexcept nogil:
     if floating is float:
-        fbn_grad_coefficients_f32(s, count, invstd, gamma, k_dy, k_xc, k_0, dweight, dbias)
+        fbn_grad_coefficients_f32(s, inv_count, invstd, gamma, k_dy, k_xc, k_0, dweight, dbias)
     else:
-        fbn_grad_coefficients_f64(s, count, invstd, gamma, k_dy, k_xc, k_0, dweight, dbias)
+        fbn_grad_coefficients_f64(s, inv_count, invstd, gamma, k_dy, k_xc, k_0, dweight, dbias)

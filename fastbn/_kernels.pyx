@@ -380,11 +380,11 @@ cdef struct GradArgs:
 #     dx = k_dy[c] * dy + k_xc[c] * (x - m[c]) + k_0[c]      (see kernels_impl.h)
 
 cdef void finish_grad_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_grad_sums s,
-                              double count, const GradArgs *a) noexcept nogil:
+                              double inv_count, const GradArgs *a) noexcept nogil:
     cdef double gamma = 1.0 if a.weight == NULL else (<const floating *>a.weight)[c]
     cdef double dweight, dbias
     coef[c] = (<const floating *>a.mean)[c]
-    grad_coefficients(s, count, (<const floating *>a.invstd)[c], gamma, &coef[C + c],
+    grad_coefficients(s, inv_count, (<const floating *>a.invstd)[c], gamma, &coef[C + c],
                       &coef[2 * C + c], &coef[3 * C + c], &dweight, &dbias)
     (<floating *>a.dweight)[c] = <floating>dweight
     (<floating *>a.dbias)[c] = <floating>dbias
@@ -422,17 +422,17 @@ cdef void grad_input_part(const floating *dy, const floating *x, floating *dx, c
 
 
 cdef void merge_grad(const fbn_grad_sums *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c,
-                     double count, floating *coef, const GradArgs *a) noexcept nogil:
+                     double inv_count, floating *coef, const GradArgs *a) noexcept nogil:
     """Channel c: its chunk sums (parts[c*K + k]) added in chunk order, then finished."""
     cdef fbn_grad_sums s = parts[c * K]
     cdef Py_ssize_t k
     for k in range(1, K):
         fbn_grad_sums_add(&s, parts[c * K + k])
-    finish_grad_channel(coef, C, c, s, count, a)
+    finish_grad_channel(coef, C, c, s, inv_count, a)
 
 
 cdef void cl_merge_grad(double *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c0,
-                        Py_ssize_t c1, double count, floating *coef,
+                        Py_ssize_t c1, double inv_count, floating *coef,
                         const GradArgs *a) noexcept nogil:
     """Channels [c0, c1): chunk sums (chunk k at parts + k*3*C) added in chunk order into
     chunk 0's, then finished."""
@@ -446,7 +446,7 @@ cdef void cl_merge_grad(double *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c0
         s.dy = parts[c]
         s.dy_xc = parts[C + c]
         s.xc = parts[2 * C + c]
-        finish_grad_channel(coef, C, c, s, count, a)
+        finish_grad_channel(coef, C, c, s, inv_count, a)
 
 
 cdef int backward_impl(const floating *dy, const floating *x, floating *dx, const Plan *p,
@@ -455,7 +455,7 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
     -1: out of memory."""
     cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, i, t
     cdef Py_ssize_t nmerge = ceil_div(C, MERGE_CHANNELS)
-    cdef double count = <double>p.count
+    cdef double inv_count = 1.0 / <double>p.count
     cdef bint fused = p.inner > 1 and K == 1
     cdef const floating *mean = <const floating *>a.mean
     cdef Work w
@@ -475,7 +475,7 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
             # One channel per work item: its sums, then dx while it is in cache.
             for c in prange(C, schedule='static'):
                 finish_grad_channel(coef, C, c, cf_chunk_grad_sums(dy, x, p, c, 0, mean[c]),
-                                    count, a)
+                                    inv_count, a)
                 grad_input_channel(dy + c * p.inner, x + c * p.inner, dx + c * p.inner,
                                    C * p.inner, p.inner, 0, p.count, coef[c], coef[C + c],
                                    coef[2 * C + c], coef[3 * C + c])
@@ -484,7 +484,7 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
                 parts[i] = cf_chunk_grad_sums(dy, x, p, i // K, i % K, mean[i // K])
             fbn_barrier()
             for c in prange(C, schedule='static'):
-                merge_grad(parts, K, C, c, count, coef, a)
+                merge_grad(parts, K, C, c, inv_count, coef, a)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
                 grad_input_part(dy, x, dx, p, coef, t, nthreads)
@@ -495,7 +495,7 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
             fbn_barrier()
             for i in prange(nmerge, schedule='static'):
                 cl_merge_grad(cl_parts, K, C, i * MERGE_CHANNELS,
-                              min(C, (i + 1) * MERGE_CHANNELS), count, coef, a)
+                              min(C, (i + 1) * MERGE_CHANNELS), inv_count, coef, a)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
                 grad_input_part(dy, x, dx, p, coef, t, nthreads)

@@ -411,10 +411,11 @@ FBN_DISPATCH static void FBN_FN(grad_sums_rows_chunk)(const T *dy, const T *x, f
 static inline double FBN_FN(train_coefficients)(fbn_moments m, double eps, double gamma,
                                                 double beta, T *hi, T *scale, T *offset)
 {
-    const double mean_rest = m.dev_sum / m.count;
+    const double inv_n = 1.0 / m.count;
+    const double mean_rest = m.dev_sum * inv_n;
     const T mean_hi = (T)(m.shift + mean_rest);
     const double lo = (m.shift - (double)mean_hi) + mean_rest;
-    const double invstd = 1.0 / sqrt(m.m2 / m.count + eps);
+    const double invstd = 1.0 / sqrt(m.m2 * inv_n + eps);
     const double a = gamma * invstd;
     *hi = mean_hi;
     *scale = (T)a;
@@ -459,18 +460,19 @@ static inline void FBN_FN(update_running)(T *running_mean, T *running_var, fbn_m
  *     dx      = gamma invstd (dy - sum dy / n - (x - mu) invstd^2 S / n)
  *             = k_dy * dy + k_xc * (x - m) + k_0
  * with k_dy = gamma invstd, k_xc = -gamma invstd^3 S / n, k_0 = -gamma invstd sum dy / n - k_xc lo
- * (x - m is exact near the mean; lo is folded into k_0, formed in double). */
-static inline void FBN_FN(grad_coefficients)(fbn_grad_sums s, double count, double invstd,
+ * (x - m is exact near the mean; lo is folded into k_0, formed in double). The caller passes
+ * 1/n, the same for every channel. */
+static inline void FBN_FN(grad_coefficients)(fbn_grad_sums s, double inv_count, double invstd,
                                              double gamma, T *k_dy, T *k_xc, T *k_0,
                                              double *dweight, double *dbias)
 {
-    const double lo = s.xc / count;
+    const double lo = s.xc * inv_count;
     const double dy_xmu = s.dy_xc - lo * s.dy;
     const double g_inv = gamma * invstd;
-    const double kx = -g_inv * invstd * invstd * dy_xmu / count;
+    const double kx = -g_inv * invstd * invstd * dy_xmu * inv_count;
     *k_dy = (T)g_inv;
     *k_xc = (T)kx;
-    *k_0 = (T)(-g_inv * s.dy / count - kx * lo);
+    *k_0 = (T)(-g_inv * s.dy * inv_count - kx * lo);
     *dweight = invstd * dy_xmu;
     *dbias = s.dy;
 }
