@@ -330,7 +330,7 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     peers = [p for p in PEERS if any(p in r["speedup"] for r in results)]
-    labels = [f"{r['op']} {r['layout']} {r['dtype'][5:]} {'x'.join(map(str, r['shape']))}"
+    labels = [f"{r['op']} {r['layout']} f{r['dtype'][5:]} {'x'.join(map(str, r['shape']))}"
               for r in results]
     fig, ax = plt.subplots(figsize=(10, 0.22 * len(results) + 1.5))
     height = 0.8 / max(1, len(peers))
