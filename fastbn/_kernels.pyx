@@ -804,14 +804,22 @@ cdef inline cnp.ndarray output_for(cnp.ndarray x, object out):
     return new_array(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x))
 
 
-def infer_common(x, running_mean, running_var, weight, bias, eps, axis, out):
+cdef int plain_call(object x, object axis, object out, int *typenum):
+    """The channel axis (0..ndim-1) when x, axis and out take the common form, else -1;
+    x's type number goes to typenum."""
     cdef int t = typenum_of(x)
     if t < 0 or not plain_out(out, <cnp.ndarray>x, t):
-        return None
-    cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int ax = plain_axis(axis, cnp.PyArray_NDIM(xa))
+        return -1
+    typenum[0] = t
+    return plain_axis(axis, cnp.PyArray_NDIM(<cnp.ndarray>x))
+
+
+def infer_common(x, running_mean, running_var, weight, bias, eps, axis, out):
+    cdef int t
+    cdef int ax = plain_call(x, axis, out, &t)
     if ax < 0:
         return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef Py_ssize_t C = cnp.PyArray_DIM(xa, ax)
     if not (channel_vector(running_mean, t, C, False) and channel_vector(running_var, t, C, False)
             and channel_vector(weight, t, C, True) and channel_vector(bias, t, C, True)
@@ -824,13 +832,11 @@ def infer_common(x, running_mean, running_var, weight, bias, eps, axis, out):
 
 
 def train_common(x, weight, bias, eps, axis, running_mean, running_var, momentum, out):
-    cdef int t = typenum_of(x)
-    if t < 0 or not plain_out(out, <cnp.ndarray>x, t):
-        return None
-    cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int ax = plain_axis(axis, cnp.PyArray_NDIM(xa))
+    cdef int t
+    cdef int ax = plain_call(x, axis, out, &t)
     if ax < 0:
         return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef Py_ssize_t C = cnp.PyArray_DIM(xa, ax)
     if not (channel_vector(weight, t, C, True) and channel_vector(bias, t, C, True)
             and plain_float(eps, 0.0, INFINITY) and plain_float(momentum, 0.0, 1.0)):
@@ -855,15 +861,13 @@ def train_common(x, weight, bias, eps, axis, running_mean, running_var, momentum
 
 
 def backward_common(dy, x, mean, invstd, weight, axis, out):
-    cdef int t = typenum_of(x)
-    if t < 0 or typenum_of(dy) != t:
-        return None
-    if not (plain_out(out, <cnp.ndarray>x, t) and plain_out(out, <cnp.ndarray>dy, t)):
+    cdef int t
+    cdef int ax = plain_call(x, axis, out, &t)
+    if ax < 0 or typenum_of(dy) != t or not plain_out(out, <cnp.ndarray>dy, t):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef cnp.ndarray dya = <cnp.ndarray>dy
-    cdef int ax = plain_axis(axis, cnp.PyArray_NDIM(xa))
-    if ax < 0 or not cnp.PyArray_SAMESHAPE(xa, dya):
+    if not cnp.PyArray_SAMESHAPE(xa, dya):
         return None
     cdef Py_ssize_t C = cnp.PyArray_DIM(xa, ax)
     if not (channel_vector(mean, t, C, False) and channel_vector(invstd, t, C, False)
