@@ -49,6 +49,9 @@
  * from L1. Block boundaries depend on the problem size only, never on the thread count. */
 #define FBN_BLOCK 2048
 
+/* Runs of at most this many values are normalized four at a time (normalize_span) */
+#define FBN_SHORT_RUN 256
+
 /* Calls SEGMENT(offset, n) for each segment of positions [e0, e1): offset is the segment's
  * first element relative to the channel's first element. */
 #define FBN_CHANNEL_WALK(e0, e1, stride, len, SEGMENT)                                   \

@@ -175,13 +175,48 @@ FBN_DISPATCH static void FBN_FN(grad_input_channel)(const T *dy, const T *x, T *
  * Span walks (channels-first): memory [p0, p1), coefficients per channel (C each)
  * ------------------------------------------------------------------------------------------ */
 
+/* Four consecutive whole runs of len values, channels c0..c3 (runs this short pay their loop
+ * set-up and tail once per four runs instead of once per run) */
+FBN_SEGMENT void FBN_FN(normalize_runs4)(const T *x, T *y, fbn_index len, const T *hi,
+                                         const T *scale, const T *offset, fbn_index c0,
+                                         fbn_index c1, fbn_index c2, fbn_index c3)
+{
+    const T h0 = hi[c0], s0 = scale[c0], o0 = offset[c0], h1 = hi[c1], s1 = scale[c1], o1 = offset[c1];
+    const T h2 = hi[c2], s2 = scale[c2], o2 = offset[c2], h3 = hi[c3], s3 = scale[c3], o3 = offset[c3];
+#pragma omp simd
+    for (fbn_index i = 0; i < len; ++i) {
+        y[i] = FBN_FN(normalize_value)(x[i], h0, s0, o0);
+        y[len + i] = FBN_FN(normalize_value)(x[len + i], h1, s1, o1);
+        y[2 * len + i] = FBN_FN(normalize_value)(x[2 * len + i], h2, s2, o2);
+        y[3 * len + i] = FBN_FN(normalize_value)(x[3 * len + i], h3, s3, o3);
+    }
+}
+
 FBN_DISPATCH static void FBN_FN(normalize_span)(const T *x, T *y, fbn_index C, fbn_index len,
                                                 fbn_index p0, fbn_index p1,
                                                 const T *FBN_RESTRICT hi,
                                                 const T *FBN_RESTRICT scale,
                                                 const T *FBN_RESTRICT offset)
 {
-#define FBN_NORM(p, cnt, c) FBN_FN(normalize_segment)(x + (p), y + (p), (cnt), hi[c], scale[c], offset[c])
+    const fbn_index run = p0 < len ? 0 : p0 / len;
+    fbn_index c = run < C ? run : run % C, p = p0;
+    if (len <= FBN_SHORT_RUN) {
+        if (p > run * len) {                       /* the rest of a run begun before p0 */
+            const fbn_index n = ((run + 1) * len < p1 ? (run + 1) * len : p1) - p;
+            FBN_FN(normalize_segment)(x + p, y + p, n, hi[c], scale[c], offset[c]);
+            p += n;
+            if (++c == C) c = 0;
+        }
+        for (; p + 4 * len <= p1; p += 4 * len) {
+            const fbn_index c1 = c + 1 < C ? c + 1 : (c + 1) % C;
+            const fbn_index c2 = c1 + 1 < C ? c1 + 1 : (c1 + 1) % C;
+            const fbn_index c3 = c2 + 1 < C ? c2 + 1 : (c2 + 1) % C;
+            FBN_FN(normalize_runs4)(x + p, y + p, len, hi, scale, offset, c, c1, c2, c3);
+            c = c3 + 1 < C ? c3 + 1 : (c3 + 1) % C;
+        }
+        p0 = p;                                    /* the last runs, one at a time */
+    }
+#define FBN_NORM(q, cnt, ch) FBN_FN(normalize_segment)(x + (q), y + (q), (cnt), hi[ch], scale[ch], offset[ch])
     FBN_SPAN_WALK(p0, p1, C, len, FBN_NORM);
 #undef FBN_NORM
 }
