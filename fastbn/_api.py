@@ -1,11 +1,11 @@
 """The NumPy face of fastbn: validation, dtype and out= rules, the canonical view, dispatch.
 
 Every function checks all of its arguments before anything is written, so a failed call leaves
-its inputs, `out` and the running statistics as they were. The common call (C-contiguous
-arrays of one float dtype, `out=` absent, the input, or a disjoint C-contiguous array) is
+its inputs, `out` and the running statistics as they were. Wrong types raise TypeError, wrong
+shapes or values ValueError, each naming the argument. The common call (C-contiguous arrays
+of one float dtype; `out=` absent, the input itself, or a disjoint C-contiguous array) is
 first offered to a fast path in _kernels, which checks the same rules cheaply in C and
-declines anything else. Wrong types raise TypeError, wrong
-shapes or values ValueError, each naming the argument.
+declines anything else, so the messages and conversions live here only.
 
 The canonical view: the kernels see any array as (outer, C, inner), C-contiguous, where C is
 the channel axis. An array whose elements fill one block of memory in some axis order (NCHW,
@@ -174,11 +174,6 @@ class _Views:
                 x = np.ascontiguousarray(x)
                 if dy is not None:
                     dy = np.ascontiguousarray(dy)
-                if out is not None and not out.flags.c_contiguous:
-                    self._set_output(x, None, out)
-                    self._set_shape(x, axis)
-                    self.dy = dy
-                    return
             else:
                 axis = order[1].index(axis)
                 x = _to_order(x, order)
@@ -186,13 +181,9 @@ class _Views:
                     dy = np.ascontiguousarray(_to_order(dy, order))
         self.x = x
         self.dy = dy
-        self._set_shape(x, axis)
-        self._set_output(x, order, out)
-
-    def _set_shape(self, x, axis):
         self.outer = math.prod(x.shape[:axis])
         self.inner = math.prod(x.shape[axis + 1:])
-        self.x = x
+        self._set_output(x, order, out)
 
     def _set_output(self, x, order, out):
         self.copy_back = None
