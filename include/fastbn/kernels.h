@@ -45,8 +45,9 @@
 #  define FBN_RESTRICT restrict
 #endif
 
-/* Values per statistics block: a block is read twice (corrected two-pass), the second time
- * from L1. Block boundaries depend on the problem size only, never on the thread count. */
+/* Values per statistics block: the unit of float64 partial sums, merged in order. A block
+ * that must find its own shift is read twice, the second time from L1. Block boundaries
+ * depend on the problem size only, never on the thread count. */
 #define FBN_BLOCK 2048
 
 /* Runs of at most this many values are normalized four at a time (normalize_span) */
