@@ -56,15 +56,51 @@ def set_num_threads(n):
     _requested_threads = min(n, 1 << 16)
 
 
+cdef inline int pool_threads() noexcept:
+    return _requested_threads if _requested_threads > 0 else fbn_max_threads()
+
+
 def get_num_threads():
     """The number of threads a large enough fastbn call uses."""
-    return _requested_threads if _requested_threads > 0 else fbn_max_threads()
+    return pool_threads()
 
 
 cdef int threads_for(Py_ssize_t size, Py_ssize_t serial_below) noexcept:
-    if size < serial_below:
-        return 1
-    return _requested_threads if _requested_threads > 0 else fbn_max_threads()
+    return 1 if size < serial_below else pool_threads()
+
+
+# Calls from several Python threads share one pool of get_num_threads() threads: a call
+# runs on its caller's thread plus as many OpenMP workers as the pool has free, so however
+# many user threads call at once, fastbn adds at most get_num_threads() - 1 workers (it never
+# multiplies user threads by OpenMP threads). Results do not depend on the thread count, so
+# a smaller team changes nothing but time. The counters change with the GIL held.
+cdef int _busy_threads = 0          # callers and workers of the calls running now
+cdef int _workers = 0               # OpenMP workers among them
+cdef int _peak_workers = 0
+
+
+cdef int reserve_threads(Py_ssize_t size, Py_ssize_t serial_below) noexcept:
+    global _busy_threads, _workers, _peak_workers
+    cdef int n = max(1, min(threads_for(size, serial_below), pool_threads() - _busy_threads))
+    _busy_threads += n
+    _workers += n - 1
+    _peak_workers = max(_peak_workers, _workers)
+    return n
+
+
+cdef void release_threads(int n) noexcept:
+    global _busy_threads, _workers
+    _busy_threads -= n
+    _workers -= n - 1
+
+
+def peak_workers(reset=False):
+    """The most OpenMP workers fastbn calls used at once since the last reset (for tests)."""
+    global _peak_workers
+    peak = _peak_workers
+    if reset:
+        _peak_workers = _workers
+    return peak
 
 
 def build_info():
@@ -526,7 +562,7 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
     or None) updated in place."""
     cdef Plan p = make_plan(outer, C, inner, x.itemsize)
     cdef TrainArgs a
-    cdef int nthreads = threads_for(outer * C * inner, SERIAL_BELOW_STATS), status
+    cdef int nthreads, status
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *yp = cnp.PyArray_DATA(y)
     a.weight = data_or_null(weight)
@@ -539,12 +575,16 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
     a.momentum = momentum
     a.save_mean = cnp.PyArray_DATA(save_mean)
     a.save_invstd = cnp.PyArray_DATA(save_invstd)
-    if is_f32(x):
-        with nogil:
-            status = forward_train_impl(<const float *>xp, <float *>yp, &p, &a, nthreads)
-    else:
-        with nogil:
-            status = forward_train_impl(<const double *>xp, <double *>yp, &p, &a, nthreads)
+    nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
+    try:
+        if is_f32(x):
+            with nogil:
+                status = forward_train_impl(<const float *>xp, <float *>yp, &p, &a, nthreads)
+        else:
+            with nogil:
+                status = forward_train_impl(<const double *>xp, <double *>yp, &p, &a, nthreads)
+    finally:
+        release_threads(nthreads)
     if status != 0:
         raise MemoryError("fastbn: out of memory for the per-channel partial statistics")
 
@@ -553,7 +593,7 @@ def forward_infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
                   cnp.ndarray running_mean, cnp.ndarray running_var, weight, bias, double eps):
     """Inference forward into y. Raises ValueError, before writing, if running_var < 0."""
     cdef Plan p = make_plan(outer, C, inner, x.itemsize)
-    cdef int nthreads = threads_for(outer * C * inner, SERIAL_BELOW_PASS)
+    cdef int nthreads
     cdef Py_ssize_t status
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *yp = cnp.PyArray_DATA(y)
@@ -561,16 +601,20 @@ def forward_infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
     cdef void *rv = cnp.PyArray_DATA(running_var)
     cdef void *w = data_or_null(weight)
     cdef void *b = data_or_null(bias)
-    if is_f32(x):
-        with nogil:
-            status = infer_impl(<const float *>xp, <float *>yp, &p, <const float *>rm,
-                                <const float *>rv, <const float *>w, <const float *>b, eps,
-                                nthreads)
-    else:
-        with nogil:
-            status = infer_impl(<const double *>xp, <double *>yp, &p, <const double *>rm,
-                                <const double *>rv, <const double *>w, <const double *>b, eps,
-                                nthreads)
+    nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_PASS)
+    try:
+        if is_f32(x):
+            with nogil:
+                status = infer_impl(<const float *>xp, <float *>yp, &p, <const float *>rm,
+                                    <const float *>rv, <const float *>w, <const float *>b, eps,
+                                    nthreads)
+        else:
+            with nogil:
+                status = infer_impl(<const double *>xp, <double *>yp, &p, <const double *>rm,
+                                    <const double *>rv, <const double *>w, <const double *>b,
+                                    eps, nthreads)
+    finally:
+        release_threads(nthreads)
     if status == -1:
         raise MemoryError("fastbn: out of memory for the normalizing coefficients")
     if status > 0:
@@ -584,7 +628,7 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
     """Gradients of the training forward into dx, dweight, dbias."""
     cdef Plan p = make_plan(outer, C, inner, x.itemsize)
     cdef GradArgs a
-    cdef int nthreads = threads_for(outer * C * inner, SERIAL_BELOW_STATS), status
+    cdef int nthreads, status
     cdef void *dyp = cnp.PyArray_DATA(dy)
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *dxp = cnp.PyArray_DATA(dx)
@@ -593,14 +637,18 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
     a.weight = data_or_null(weight)
     a.dweight = cnp.PyArray_DATA(dweight)
     a.dbias = cnp.PyArray_DATA(dbias)
-    if is_f32(x):
-        with nogil:
-            status = backward_impl(<const float *>dyp, <const float *>xp, <float *>dxp, &p, &a,
-                                   nthreads)
-    else:
-        with nogil:
-            status = backward_impl(<const double *>dyp, <const double *>xp, <double *>dxp, &p,
-                                   &a, nthreads)
+    nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
+    try:
+        if is_f32(x):
+            with nogil:
+                status = backward_impl(<const float *>dyp, <const float *>xp, <float *>dxp, &p,
+                                       &a, nthreads)
+        else:
+            with nogil:
+                status = backward_impl(<const double *>dyp, <const double *>xp, <double *>dxp,
+                                       &p, &a, nthreads)
+    finally:
+        release_threads(nthreads)
     if status != 0:
         raise MemoryError("fastbn: out of memory for the per-channel gradient sums")
 
@@ -616,7 +664,7 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst):
     cdef char *s = <char *>cnp.PyArray_DATA(src)
     cdef char *d = <char *>cnp.PyArray_DATA(dst)
     cdef Py_ssize_t nbytes = src.nbytes, part, start, stop
-    cdef int nthreads = get_num_threads(), t
+    cdef int nthreads = pool_threads(), t
     with nogil:
         for t in prange(nthreads, schedule='static', num_threads=nthreads):
             start = nbytes * t // nthreads

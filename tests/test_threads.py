@@ -71,3 +71,26 @@ def test_threadpoolctl_limits_the_pool():
             "with threadpoolctl.threadpool_limits(1):\n"
             "    print(fastbn.get_num_threads())")
     assert _threads_in_subprocess(code, OMP_NUM_THREADS="4") == "1"
+
+
+def test_concurrent_python_threads_share_the_pool(rng):
+    """8 Python threads at once on different arrays: the results of serial calls, bit for bit,
+    and fastbn never adds more than get_num_threads() - 1 OpenMP workers to the callers'
+    own threads (no user threads x OpenMP threads oversubscription)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = []
+    for i in range(8):
+        shape, axis = ((4, 16, 48, 48), 1) if i % 2 else ((4, 48, 48, 16), -1)
+        x = make_input(shape, axis, np.float32 if i % 4 < 2 else np.float64, rng, offset=i)
+        weight, bias = make_params(shape[axis], x.dtype, rng)
+        cases.append((x, axis, weight, bias, rng.standard_normal(shape).astype(x.dtype)))
+    expected = [run_all(*c) for c in cases]
+    fastbn._kernels.peak_workers(reset=True)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(3):
+            results = list(pool.map(lambda c: run_all(*c), cases))
+            for got, want in zip(results, expected):
+                for a, b in zip(got, want):
+                    assert a.tobytes() == b.tobytes()
+    assert fastbn._kernels.peak_workers() <= fastbn.get_num_threads() - 1
