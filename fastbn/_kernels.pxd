@@ -45,39 +45,23 @@ cdef extern from "fastbn/platform.h" nogil:
                                    fbn_index e0, fbn_index e1, double hi, double scale, double offset)
     fbn_grad_sums fbn_grad_sums_channel_f32(const float *dy, const float *x, fbn_index stride,
                                             fbn_index len, fbn_index e0, fbn_index e1,
-                                            double m)
+                                            double m, double q)
     fbn_grad_sums fbn_grad_sums_channel_f64(const double *dy, const double *x,
                                             fbn_index stride, fbn_index len, fbn_index e0,
-                                            fbn_index e1, double m)
-    void fbn_grad_input_channel_f32(const float *dy, const float *x, float *dx,
-                                    fbn_index stride, fbn_index len, fbn_index e0,
-                                    fbn_index e1, float m, float k_dy, float k_xc,
-                                    float k_0)
-    void fbn_grad_input_channel_f64(const double *dy, const double *x, double *dx,
-                                    fbn_index stride, fbn_index len, fbn_index e0,
-                                    fbn_index e1, double m, double k_dy,
-                                    double k_xc, double k_0)
+                                            fbn_index e1, double m, double q)
     void fbn_normalize_span_f32(const float *x, float *y, fbn_index C, fbn_index len,
                                 fbn_index p0, fbn_index p1, const float *hi, const float *scale, const float *offset)
     void fbn_normalize_span_f64(const double *x, double *y, fbn_index C, fbn_index len,
                                 fbn_index p0, fbn_index p1, const double *hi, const double *scale, const double *offset)
-    void fbn_grad_input_span_f32(const float *dy, const float *x, float *dx, fbn_index C,
-                                 fbn_index len, fbn_index p0, fbn_index p1, const float *m,
-                                 const float *k_dy, const float *k_xc,
-                                 const float *k_0)
-    void fbn_grad_input_span_f64(const double *dy, const double *x, double *dx, fbn_index C,
-                                 fbn_index len, fbn_index p0, fbn_index p1, const double *m,
-                                 const double *k_dy, const double *k_xc,
-                                 const double *k_0)
     void fbn_moments_rows_chunk_f32(const float *x, fbn_index nrows, fbn_index C,
                                     fbn_index block_rows, int step, double *part, double *scratch)
     void fbn_moments_rows_chunk_f64(const double *x, fbn_index nrows, fbn_index C,
                                     fbn_index block_rows, int step, double *part, double *scratch)
     void fbn_grad_sums_rows_chunk_f32(const float *dy, const float *x, fbn_index nrows,
-                                      fbn_index C, fbn_index block_rows, int step, const float *m,
+                                      fbn_index C, fbn_index block_rows, int step, const float *m, const float *q,
                                       double *part, double *scratch)
     void fbn_grad_sums_rows_chunk_f64(const double *dy, const double *x, fbn_index nrows,
-                                      fbn_index C, fbn_index block_rows, int step, const double *m,
+                                      fbn_index C, fbn_index block_rows, int step, const double *m, const double *q,
                                       double *part, double *scratch)
     void fbn_normalize_rows_f32(const float *x, float *y, fbn_index nrows, fbn_index C, int step,
                                 const float *hi, const float *scale,
@@ -85,12 +69,6 @@ cdef extern from "fastbn/platform.h" nogil:
     void fbn_normalize_rows_f64(const double *x, double *y, fbn_index nrows, fbn_index C, int step,
                                 const double *hi, const double *scale,
                                 const double *offset)
-    void fbn_grad_input_rows_f32(const float *dy, const float *x, float *dx, fbn_index nrows,
-                                 fbn_index C, int step, const float *m, const float *k_dy, const float *k_xc, const float *k_0)
-    void fbn_grad_input_rows_f64(const double *dy, const double *x, double *dx,
-                                 fbn_index nrows, fbn_index C, int step, const double *m,
-                                 const double *k_dy, const double *k_xc,
-                                 const double *k_0)
     double fbn_train_coefficients_f32(fbn_moments m, double eps, double gamma, double beta,
                                       float *hi, float *scale, float *offset)
     double fbn_train_coefficients_f64(fbn_moments m, double eps, double gamma, double beta,
@@ -105,12 +83,33 @@ cdef extern from "fastbn/platform.h" nogil:
                                 double momentum)
     void fbn_update_running_f64(double *running_mean, double *running_var, fbn_moments m,
                                 double momentum)
-    void fbn_grad_coefficients_f32(fbn_grad_sums s, double inv_count, double invstd, double gamma,
-                                   float *k_dy, float *k_xc, float *k_0,
-                                   double *dweight, double *dbias)
-    void fbn_grad_coefficients_f64(fbn_grad_sums s, double inv_count, double invstd, double gamma,
-                                   double *k_dy, double *k_xc, double *k_0,
-                                   double *dweight, double *dbias)
+    void fbn_grad_input_channel_f32(const float *dy, const float *x, float *dx, fbn_index stride,
+                                    fbn_index len, fbn_index e0, fbn_index e1, float h, float g,
+                                    float k_dy, float k_xc, float k_0)
+    void fbn_grad_input_channel_f64(const double *dy, const double *x, double *dx,
+                                    fbn_index stride, fbn_index len, fbn_index e0, fbn_index e1,
+                                    double h, double g, double k_dy, double k_xc, double k_0)
+    void fbn_grad_input_span_f32(const float *dy, const float *x, float *dx, fbn_index C,
+                                 fbn_index len, fbn_index p0, fbn_index p1, const float *h,
+                                 const float *g, const float *k_dy, const float *k_xc,
+                                 const float *k_0)
+    void fbn_grad_input_span_f64(const double *dy, const double *x, double *dx, fbn_index C,
+                                 fbn_index len, fbn_index p0, fbn_index p1, const double *h,
+                                 const double *g, const double *k_dy, const double *k_xc,
+                                 const double *k_0)
+    void fbn_grad_input_rows_f32(const float *dy, const float *x, float *dx, fbn_index nrows,
+                                 fbn_index C, int step, const float *h, const float *g,
+                                 const float *k_dy, const float *k_xc, const float *k_0)
+    void fbn_grad_input_rows_f64(const double *dy, const double *x, double *dx,
+                                 fbn_index nrows, fbn_index C, int step, const double *h,
+                                 const double *g, const double *k_dy, const double *k_xc,
+                                 const double *k_0)
+    void fbn_grad_coefficients_f32(fbn_grad_sums s, double count, double m, double q, double invstd,
+                                   double gamma, float *h, float *g, float *k_dy, float *k_xc,
+                                   float *k_0, double *dweight, double *dbias)
+    void fbn_grad_coefficients_f64(fbn_grad_sums s, double count, double m, double q, double invstd,
+                                   double gamma, double *h, double *g, double *k_dy,
+                                   double *k_xc, double *k_0, double *dweight, double *dbias)
 
 
 cdef inline fbn_moments moments_channel(const floating *x, fbn_index stride, fbn_index len,
@@ -133,21 +132,12 @@ cdef inline void normalize_channel(const floating *x, floating *y, fbn_index str
 
 cdef inline fbn_grad_sums grad_sums_channel(const floating *dy, const floating *x,
                                             fbn_index stride, fbn_index len, fbn_index e0,
-                                            fbn_index e1, double m) noexcept nogil:
+                                            fbn_index e1, double m, double q) noexcept nogil:
     if floating is float:
-        return fbn_grad_sums_channel_f32(dy, x, stride, len, e0, e1, m)
+        return fbn_grad_sums_channel_f32(dy, x, stride, len, e0, e1, m, q)
     else:
-        return fbn_grad_sums_channel_f64(dy, x, stride, len, e0, e1, m)
+        return fbn_grad_sums_channel_f64(dy, x, stride, len, e0, e1, m, q)
 
-
-cdef inline void grad_input_channel(const floating *dy, const floating *x, floating *dx,
-                                    fbn_index stride, fbn_index len, fbn_index e0,
-                                    fbn_index e1, floating m, floating k_dy,
-                                    floating k_xc, floating k_0) noexcept nogil:
-    if floating is float:
-        fbn_grad_input_channel_f32(dy, x, dx, stride, len, e0, e1, m, k_dy, k_xc, k_0)
-    else:
-        fbn_grad_input_channel_f64(dy, x, dx, stride, len, e0, e1, m, k_dy, k_xc, k_0)
 
 
 cdef inline void normalize_span(const floating *x, floating *y, fbn_index C, fbn_index len,
@@ -160,15 +150,6 @@ cdef inline void normalize_span(const floating *x, floating *y, fbn_index C, fbn
         fbn_normalize_span_f64(x, y, C, len, p0, p1, hi, scale, offset)
 
 
-cdef inline void grad_input_span(const floating *dy, const floating *x, floating *dx,
-                                 fbn_index C, fbn_index len, fbn_index p0, fbn_index p1,
-                                 const floating *m, const floating *k_dy,
-                                 const floating *k_xc, const floating *k_0) noexcept nogil:
-    if floating is float:
-        fbn_grad_input_span_f32(dy, x, dx, C, len, p0, p1, m, k_dy, k_xc, k_0)
-    else:
-        fbn_grad_input_span_f64(dy, x, dx, C, len, p0, p1, m, k_dy, k_xc, k_0)
-
 
 
 cdef inline void moments_rows_chunk(const floating *x, fbn_index nrows, fbn_index C,
@@ -180,12 +161,12 @@ cdef inline void moments_rows_chunk(const floating *x, fbn_index nrows, fbn_inde
         fbn_moments_rows_chunk_f64(x, nrows, C, block_rows, step, part, scratch)
 
 cdef inline void grad_sums_rows_chunk(const floating *dy, const floating *x, fbn_index nrows,
-                                      fbn_index C, fbn_index block_rows, int step, const floating *m,
+                                      fbn_index C, fbn_index block_rows, int step, const floating *m, const floating *q,
                                       double *part, double *scratch) noexcept nogil:
     if floating is float:
-        fbn_grad_sums_rows_chunk_f32(dy, x, nrows, C, block_rows, step, m, part, scratch)
+        fbn_grad_sums_rows_chunk_f32(dy, x, nrows, C, block_rows, step, m, q, part, scratch)
     else:
-        fbn_grad_sums_rows_chunk_f64(dy, x, nrows, C, block_rows, step, m, part, scratch)
+        fbn_grad_sums_rows_chunk_f64(dy, x, nrows, C, block_rows, step, m, q, part, scratch)
 
 cdef inline void normalize_rows(const floating *x, floating *y, fbn_index nrows, fbn_index C, int step,
                                 const floating *hi, const floating *scale,
@@ -196,15 +177,6 @@ cdef inline void normalize_rows(const floating *x, floating *y, fbn_index nrows,
         fbn_normalize_rows_f64(x, y, nrows, C, step, hi, scale, offset)
 
 
-
-cdef inline void grad_input_rows(const floating *dy, const floating *x, floating *dx,
-                                 fbn_index nrows, fbn_index C, int step, const floating *m,
-                                 const floating *k_dy,
-                                 const floating *k_xc, const floating *k_0) noexcept nogil:
-    if floating is float:
-        fbn_grad_input_rows_f32(dy, x, dx, nrows, C, step, m, k_dy, k_xc, k_0)
-    else:
-        fbn_grad_input_rows_f64(dy, x, dx, nrows, C, step, m, k_dy, k_xc, k_0)
 
 
 cdef inline double train_coefficients(fbn_moments m, double eps, double gamma, double beta,
@@ -233,10 +205,40 @@ cdef inline void update_running(floating *running_mean, floating *running_var, f
         fbn_update_running_f64(running_mean, running_var, m, momentum)
 
 
-cdef inline void grad_coefficients(fbn_grad_sums s, double inv_count, double invstd, double gamma,
-                                   floating *k_dy, floating *k_xc, floating *k_0,
-                                   double *dweight, double *dbias) noexcept nogil:
+cdef inline void grad_input_channel(const floating *dy, const floating *x, floating *dx,
+                                    fbn_index stride, fbn_index len, fbn_index e0, fbn_index e1,
+                                    floating h, floating g, floating k_dy, floating k_xc,
+                                    floating k_0) noexcept nogil:
     if floating is float:
-        fbn_grad_coefficients_f32(s, inv_count, invstd, gamma, k_dy, k_xc, k_0, dweight, dbias)
+        fbn_grad_input_channel_f32(dy, x, dx, stride, len, e0, e1, h, g, k_dy, k_xc, k_0)
     else:
-        fbn_grad_coefficients_f64(s, inv_count, invstd, gamma, k_dy, k_xc, k_0, dweight, dbias)
+        fbn_grad_input_channel_f64(dy, x, dx, stride, len, e0, e1, h, g, k_dy, k_xc, k_0)
+
+cdef inline void grad_input_span(const floating *dy, const floating *x, floating *dx,
+                                 fbn_index C, fbn_index len, fbn_index p0, fbn_index p1,
+                                 const floating *h, const floating *g, const floating *k_dy,
+                                 const floating *k_xc, const floating *k_0) noexcept nogil:
+    if floating is float:
+        fbn_grad_input_span_f32(dy, x, dx, C, len, p0, p1, h, g, k_dy, k_xc, k_0)
+    else:
+        fbn_grad_input_span_f64(dy, x, dx, C, len, p0, p1, h, g, k_dy, k_xc, k_0)
+
+cdef inline void grad_input_rows(const floating *dy, const floating *x, floating *dx,
+                                 fbn_index nrows, fbn_index C, int step, const floating *h,
+                                 const floating *g, const floating *k_dy, const floating *k_xc,
+                                 const floating *k_0) noexcept nogil:
+    if floating is float:
+        fbn_grad_input_rows_f32(dy, x, dx, nrows, C, step, h, g, k_dy, k_xc, k_0)
+    else:
+        fbn_grad_input_rows_f64(dy, x, dx, nrows, C, step, h, g, k_dy, k_xc, k_0)
+
+cdef inline void grad_coefficients(fbn_grad_sums s, double count, double m, double q, double invstd,
+                                   double gamma, floating *h, floating *g, floating *k_dy,
+                                   floating *k_xc, floating *k_0, double *dweight,
+                                   double *dbias) noexcept nogil:
+    if floating is float:
+        fbn_grad_coefficients_f32(s, count, m, q, invstd, gamma, h, g, k_dy, k_xc, k_0,
+                                  dweight, dbias)
+    else:
+        fbn_grad_coefficients_f64(s, count, m, q, invstd, gamma, h, g, k_dy, k_xc, k_0,
+                                  dweight, dbias)

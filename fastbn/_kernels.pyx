@@ -190,7 +190,7 @@ cdef struct TrainArgs:
 #     y = (x - hi[c]) * scale[c] + offset[c]          (see kernels_impl.h)
 cdef enum:
     NORM_COEFS = 3
-    GRAD_COEFS = 4
+    GRAD_COEFS = 5
 
 cdef void finish_train_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_moments m,
                                const TrainArgs *a) noexcept nogil:
@@ -412,34 +412,39 @@ cdef struct GradArgs:
     void *dbias
 
 
-# Gradient coefficients, GRAD_COEFS*C values: m | k_dy | k_xc | k_0, so that
-#     dx = k_dy[c] * dy + k_xc[c] * (x - m[c]) + k_0[c]      (see kernels_impl.h)
+# Gradient coefficients, GRAD_COEFS*C values: h | g | k_dy | k_xc | k_0, so that
+#     dx = k_dy[c] * (dy - g[c]) + k_xc[c] * (x - h[c]) + k_0[c]      (see kernels_impl.h)
 
 cdef void finish_grad_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_grad_sums s,
-                              double inv_count, const GradArgs *a) noexcept nogil:
+                              double count, double q, const GradArgs *a) noexcept nogil:
+    """Channel c's gradient coefficients, dweight and dbias, from its sums around the saved
+    mean and the dy value q."""
     cdef double gamma = 1.0 if a.weight == NULL else (<const floating *>a.weight)[c]
     cdef double dweight, dbias
-    coef[c] = (<const floating *>a.mean)[c]
-    grad_coefficients(s, inv_count, (<const floating *>a.invstd)[c], gamma, &coef[C + c],
-                      &coef[2 * C + c], &coef[3 * C + c], &dweight, &dbias)
+    grad_coefficients(s, count, (<const floating *>a.mean)[c], q,
+                      (<const floating *>a.invstd)[c], gamma, &coef[c], &coef[C + c],
+                      &coef[2 * C + c], &coef[3 * C + c], &coef[4 * C + c], &dweight, &dbias)
     (<floating *>a.dweight)[c] = <floating>dweight
     (<floating *>a.dbias)[c] = <floating>dbias
 
 
 cdef fbn_grad_sums cf_chunk_grad_sums(const floating *dy, const floating *x, const Plan *p,
                                       Py_ssize_t c, Py_ssize_t k, double m) noexcept nogil:
+    """Chunk k's gradient sums of channel c, around the mean m and the channel's first dy."""
     cdef Py_ssize_t e0, e1, offset = c * p.inner
     chunk_range(p.count, k, p.nchunks, &e0, &e1)
-    return grad_sums_channel(dy + offset, x + offset, p.C * p.inner, p.inner, e0, e1, m)
+    return grad_sums_channel(dy + offset, x + offset, p.C * p.inner, p.inner, e0, e1, m,
+                             dy[offset])
 
 
 cdef void cl_chunk_grad_sums(const floating *dy, const floating *x, const Plan *p, Py_ssize_t k,
                              const floating *mean, double *part, double *scratch) noexcept nogil:
-    """Chunk k's gradient sums into part = [dy (C) | dy_xc (C) | xc (C)]; scratch: 3*C."""
+    """Chunk k's gradient sums into part = [dy (C) | dy_xc (C) | xc (C)], around the means and
+    the first row of dy; scratch: 3*C."""
     cdef Py_ssize_t first_row, nrows, offset
     cl_chunk_rows(p, k, &first_row, &nrows)
     offset = first_row * p.C
-    grad_sums_rows_chunk(dy + offset, x + offset, nrows, p.C, p.block_rows, p.row_step, mean,
+    grad_sums_rows_chunk(dy + offset, x + offset, nrows, p.C, p.block_rows, p.row_step, mean, dy,
                          part, scratch)
 
 
@@ -450,30 +455,32 @@ cdef void grad_input_part(const floating *dy, const floating *x, floating *dx, c
     if p.inner > 1:
         chunk_range(p.outer * C * p.inner, t, nparts, &start, &stop)
         grad_input_span(dy, x, dx, C, p.inner, start, stop, coef, coef + C, coef + 2 * C,
-                        coef + 3 * C)
+                        coef + 3 * C, coef + 4 * C)
     else:
         chunk_range(p.outer, t, nparts, &start, &stop)
         grad_input_rows(dy + start * C, x + start * C, dx + start * C, stop - start, C,
-                        p.row_step, coef, coef + C, coef + 2 * C, coef + 3 * C)
+                        p.row_step, coef, coef + C, coef + 2 * C, coef + 3 * C, coef + 4 * C)
 
 
-cdef void merge_grad(const fbn_grad_sums *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c,
-                     double inv_count, floating *coef, const GradArgs *a) noexcept nogil:
-    """Channel c: its chunk sums (parts[c*K + k]) added in chunk order, then finished."""
+cdef void merge_grad(const floating *dy, const fbn_grad_sums *parts, Py_ssize_t K,
+                     const Plan *p, Py_ssize_t c, floating *coef,
+                     const GradArgs *a) noexcept nogil:
+    """Channel c: its chunk sums (parts[c*K + k]) added in chunk order, then finished (the dy
+    shift of channel c is its first dy value, as in cf_chunk_grad_sums)."""
     cdef fbn_grad_sums s = parts[c * K]
     cdef Py_ssize_t k
     for k in range(1, K):
         fbn_grad_sums_add(&s, parts[c * K + k])
-    finish_grad_channel(coef, C, c, s, inv_count, a)
+    finish_grad_channel(coef, p.C, c, s, <double>p.count, dy[c * p.inner], a)
 
 
-cdef void cl_merge_grad(double *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c0,
-                        Py_ssize_t c1, double inv_count, floating *coef,
+cdef void cl_merge_grad(const floating *dy, double *parts, Py_ssize_t K, const Plan *p,
+                        Py_ssize_t c0, Py_ssize_t c1, floating *coef,
                         const GradArgs *a) noexcept nogil:
     """Channels [c0, c1): chunk sums (chunk k at parts + k*3*C) added in chunk order into
-    chunk 0's, then finished."""
+    chunk 0's, then finished (the dy shift of channel c is dy[c], the first row)."""
     cdef fbn_grad_sums s
-    cdef Py_ssize_t c, k, j
+    cdef Py_ssize_t C = p.C, c, k, j
     for k in range(1, K):
         for j in range(3):
             for c in range(c0, c1):
@@ -482,7 +489,7 @@ cdef void cl_merge_grad(double *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c0
         s.dy = parts[c]
         s.dy_xc = parts[C + c]
         s.xc = parts[2 * C + c]
-        finish_grad_channel(coef, C, c, s, inv_count, a)
+        finish_grad_channel(coef, C, c, s, <double>p.outer, dy[c], a)
 
 
 cdef int backward_impl(const floating *dy, const floating *x, floating *dx, const Plan *p,
@@ -491,7 +498,6 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
     -1: out of memory."""
     cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, i, t
     cdef Py_ssize_t nmerge = ceil_div(C, MERGE_CHANNELS)
-    cdef double inv_count = 1.0 / <double>p.count
     cdef bint fused = p.inner > 1 and K == 1
     cdef const floating *mean = <const floating *>a.mean
     cdef Work w
@@ -511,16 +517,16 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
             # One channel per work item: its sums, then dx while it is in cache.
             for c in prange(C, schedule='static'):
                 finish_grad_channel(coef, C, c, cf_chunk_grad_sums(dy, x, p, c, 0, mean[c]),
-                                    inv_count, a)
+                                    <double>p.count, dy[c * p.inner], a)
                 grad_input_channel(dy + c * p.inner, x + c * p.inner, dx + c * p.inner,
                                    C * p.inner, p.inner, 0, p.count, coef[c], coef[C + c],
-                                   coef[2 * C + c], coef[3 * C + c])
+                                   coef[2 * C + c], coef[3 * C + c], coef[4 * C + c])
         elif p.inner > 1:
             for i in prange(C * K, schedule='static'):
                 parts[i] = cf_chunk_grad_sums(dy, x, p, i // K, i % K, mean[i // K])
             fbn_barrier()
             for c in prange(C, schedule='static'):
-                merge_grad(parts, K, C, c, inv_count, coef, a)
+                merge_grad(dy, parts, K, p, c, coef, a)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
                 grad_input_part(dy, x, dx, p, coef, t, nthreads)
@@ -530,8 +536,8 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
                                    w.scratch + threadid() * 3 * C)
             fbn_barrier()
             for i in prange(nmerge, schedule='static'):
-                cl_merge_grad(cl_parts, K, C, i * MERGE_CHANNELS,
-                              min(C, (i + 1) * MERGE_CHANNELS), inv_count, coef, a)
+                cl_merge_grad(dy, cl_parts, K, p, i * MERGE_CHANNELS,
+                              min(C, (i + 1) * MERGE_CHANNELS), coef, a)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
                 grad_input_part(dy, x, dx, p, coef, t, nthreads)

@@ -72,3 +72,25 @@ def test_sorted_data(shape, axis, dtype, rng):
     y_ref, _, invstd_ref = ref.batch_norm_train(x, axis=axis)
     assert_close(y, y_ref, TOL_Y[dtype], "y")
     assert_rel(invstd, invstd_ref, TOL_STAT[dtype], "invstd")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((16, 4, 9), 1), ((64, 4), 1), ((8, 5, 5, 4), -1)])
+def test_gradient_of_offset_dy_and_a_mean_far_from_the_data(shape, axis, dtype, rng):
+    """dy far from zero (dx needs dy minus its mean), and a saved mean that is not the batch
+    mean (the backward recovers the batch mean from x): found by the fuzz harness, where
+    dx = k_dy * dy + k_0 cancelled in float32."""
+    x = make_input(shape, axis, dtype, rng, offset=1e3)
+    dy = (1e6 + rng.standard_normal(shape)).astype(dtype)
+    _, mean, invstd = fastbn.batch_norm_train(x, axis=axis)
+    foreign_mean = (mean * 0 + 0.25).astype(dtype)
+    weight = make_params(shape[axis], dtype, rng)[0]
+    want = ref.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis)
+    got = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis)
+    for g, w, what in zip(got, want, ("dx", "dweight", "dbias")):
+        assert_close(g, w, TOL_GRAD[dtype], what)
+    # a mean other than the saved one: dx stays exact (it is centred on the recovered mean);
+    # the sums lose digits in proportion to |mean - batch mean| / sd, hence the float32 bound
+    got = fastbn.batch_norm_backward(dy, x, foreign_mean, invstd, weight, axis=axis)
+    assert_close(got[0], want[0], TOL_GRAD[dtype], "dx")
+    assert_close(got[1], want[1], TOL_GRAD[np.float32], "dweight")

@@ -45,10 +45,11 @@ FBN_SEGMENT T FBN_FN(normalize_value)(T x, T hi, T scale, T offset)
     return (x - hi) * scale + offset;
 }
 
-/* dx = k_dy * dy + k_xc * (x - m) + k_0 */
-FBN_SEGMENT T FBN_FN(grad_input_value)(T dy, T x, T m, T k_dy, T k_xc, T k_0)
+/* dx = k_dy * (dy - g) + k_xc * (x - h) + k_0: h and g are the means of x and dy rounded to
+ * T, so both subtractions are exact near the means (see grad_coefficients) */
+FBN_SEGMENT T FBN_FN(grad_input_value)(T dy, T x, T h, T g, T k_dy, T k_xc, T k_0)
 {
-    return k_dy * dy + k_xc * (x - m) + k_0;
+    return k_dy * (dy - g) + k_xc * (x - h) + k_0;
 }
 
 /* x and y may be the same array: each value is read before it is written, so no restrict */
@@ -59,15 +60,15 @@ FBN_SEGMENT void FBN_FN(normalize_segment)(const T *x, T *y, fbn_index n, T hi, 
     for (fbn_index i = 0; i < n; ++i) y[i] = FBN_FN(normalize_value)(x[i], hi, scale, offset);
 }
 
-/* sum dy, sum dy (x - m), sum (x - m)   (see fbn_grad_sums) */
+/* sum (dy - q), sum (dy - q)(x - m), sum (x - m)   (see fbn_grad_sums) */
 FBN_SEGMENT void FBN_FN(grad_sums_segment)(const T *dy, const T *x, fbn_index n, double m,
-                                             fbn_grad_sums *s)
+                                             double q, fbn_grad_sums *s)
 {
     double s_dy = 0.0, s_dy_xc = 0.0, s_xc = 0.0;
 #pragma omp simd reduction(+:s_dy, s_dy_xc, s_xc)
     for (fbn_index i = 0; i < n; ++i) {
         const double xc = (double)x[i] - m;
-        const double g = (double)dy[i];
+        const double g = (double)dy[i] - q;
         s_dy += g;
         s_dy_xc += g * xc;
         s_xc += xc;
@@ -78,11 +79,12 @@ FBN_SEGMENT void FBN_FN(grad_sums_segment)(const T *dy, const T *x, fbn_index n,
 }
 
 /* dx may be dy or x (in place) */
-FBN_SEGMENT void FBN_FN(grad_input_segment)(const T *dy, const T *x, T *dx, fbn_index n, T m,
-                                              T k_dy, T k_xc, T k_0)
+FBN_SEGMENT void FBN_FN(grad_input_segment)(const T *dy, const T *x, T *dx, fbn_index n, T h,
+                                              T g, T k_dy, T k_xc, T k_0)
 {
 #pragma omp simd
-    for (fbn_index i = 0; i < n; ++i) dx[i] = FBN_FN(grad_input_value)(dy[i], x[i], m, k_dy, k_xc, k_0);
+    for (fbn_index i = 0; i < n; ++i)
+        dx[i] = FBN_FN(grad_input_value)(dy[i], x[i], h, g, k_dy, k_xc, k_0);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -147,13 +149,14 @@ FBN_DISPATCH static void FBN_FN(normalize_channel)(const T *x, T *y, fbn_index s
 /* Gradient sums of positions [e0, e1) of a channel, block sums added in order */
 FBN_DISPATCH static fbn_grad_sums FBN_FN(grad_sums_channel)(const T *dy, const T *x,
                                                             fbn_index stride, fbn_index len,
-                                                            fbn_index e0, fbn_index e1, double m)
+                                                            fbn_index e0, fbn_index e1, double m,
+                                                            double q)
 {
     fbn_grad_sums acc = fbn_grad_sums_empty;
     for (fbn_index b = e0; b < e1; b += FBN_BLOCK) {
         const fbn_index end = (e1 - b < FBN_BLOCK) ? e1 : b + FBN_BLOCK;
         fbn_grad_sums block = fbn_grad_sums_empty;
-#define FBN_GSUM(off, cnt) FBN_FN(grad_sums_segment)(dy + (off), x + (off), (cnt), m, &block)
+#define FBN_GSUM(off, cnt) FBN_FN(grad_sums_segment)(dy + (off), x + (off), (cnt), m, q, &block)
         FBN_CHANNEL_WALK(b, end, stride, len, FBN_GSUM);
 #undef FBN_GSUM
         fbn_grad_sums_add(&acc, block);
@@ -163,10 +166,10 @@ FBN_DISPATCH static fbn_grad_sums FBN_FN(grad_sums_channel)(const T *dy, const T
 
 FBN_DISPATCH static void FBN_FN(grad_input_channel)(const T *dy, const T *x, T *dx,
                                                     fbn_index stride, fbn_index len,
-                                                    fbn_index e0, fbn_index e1, T m, T k_dy,
-                                                    T k_xc, T k_0)
+                                                    fbn_index e0, fbn_index e1, T h, T g,
+                                                    T k_dy, T k_xc, T k_0)
 {
-#define FBN_GIN(off, cnt) FBN_FN(grad_input_segment)(dy + (off), x + (off), dx + (off), (cnt), m, k_dy, k_xc, k_0)
+#define FBN_GIN(off, cnt) FBN_FN(grad_input_segment)(dy + (off), x + (off), dx + (off), (cnt), h, g, k_dy, k_xc, k_0)
     FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_GIN);
 #undef FBN_GIN
 }
@@ -223,12 +226,13 @@ FBN_DISPATCH static void FBN_FN(normalize_span)(const T *x, T *y, fbn_index C, f
 
 FBN_DISPATCH static void FBN_FN(grad_input_span)(const T *dy, const T *x, T *dx, fbn_index C,
                                                  fbn_index len, fbn_index p0, fbn_index p1,
-                                                 const T *FBN_RESTRICT m,
+                                                 const T *FBN_RESTRICT h,
+                                                 const T *FBN_RESTRICT g,
                                                  const T *FBN_RESTRICT k_dy,
                                                  const T *FBN_RESTRICT k_xc,
                                                  const T *FBN_RESTRICT k_0)
 {
-#define FBN_GIN(p, cnt, c) FBN_FN(grad_input_segment)(dy + (p), x + (p), dx + (p), (cnt), m[c], k_dy[c], k_xc[c], k_0[c])
+#define FBN_GIN(p, cnt, c) FBN_FN(grad_input_segment)(dy + (p), x + (p), dx + (p), (cnt), h[c], g[c], k_dy[c], k_xc[c], k_0[c])
     FBN_SPAN_WALK(p0, p1, C, len, FBN_GIN);
 #undef FBN_GIN
 }
@@ -327,9 +331,11 @@ FBN_DISPATCH static void FBN_FN(normalize_rows)(const T *x, T *y, fbn_index nrow
     }
 }
 
-/* Gradient sums of an nrows x C block; writes C-length s_dy, s_dy_xc, s_xc */
+/* Gradient sums of an nrows x C block around the shifts m and q (C each); writes C-length
+ * s_dy, s_dy_xc, s_xc */
 FBN_SEGMENT void FBN_FN(grad_sums_rows)(const T *dy, const T *x, fbn_index nrows,
                                                 fbn_index C, int step, const T *FBN_RESTRICT m,
+                                                const T *FBN_RESTRICT q,
                                                 double *FBN_RESTRICT s_dy,
                                                 double *FBN_RESTRICT s_dy_xc,
                                                 double *FBN_RESTRICT s_xc)
@@ -340,11 +346,11 @@ FBN_SEGMENT void FBN_FN(grad_sums_rows)(const T *dy, const T *x, fbn_index nrows
         const T *x0 = x + r * C, *g0 = dy + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
-            const double mc = (double)m[c];
+            const double mc = (double)m[c], qc = (double)q[c];
             const double a0 = (double)x0[c] - mc, a1 = (double)x0[C + c] - mc;
             const double a2 = (double)x0[2 * C + c] - mc, a3 = (double)x0[3 * C + c] - mc;
-            const double b0 = (double)g0[c], b1 = (double)g0[C + c];
-            const double b2 = (double)g0[2 * C + c], b3 = (double)g0[3 * C + c];
+            const double b0 = (double)g0[c] - qc, b1 = (double)g0[C + c] - qc;
+            const double b2 = (double)g0[2 * C + c] - qc, b3 = (double)g0[3 * C + c] - qc;
             s_dy[c] += (b0 + b1) + (b2 + b3);
             s_dy_xc[c] += (b0 * a0 + b1 * a1) + (b2 * a2 + b3 * a3);
             s_xc[c] += (a0 + a1) + (a2 + a3);
@@ -354,7 +360,7 @@ FBN_SEGMENT void FBN_FN(grad_sums_rows)(const T *dy, const T *x, fbn_index nrows
         const T *x0 = x + r * C, *g0 = dy + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
-            const double a = (double)x0[c] - (double)m[c], b = (double)g0[c];
+            const double a = (double)x0[c] - (double)m[c], b = (double)g0[c] - (double)q[c];
             s_dy[c] += b;
             s_dy_xc[c] += b * a;
             s_xc[c] += a;
@@ -364,7 +370,8 @@ FBN_SEGMENT void FBN_FN(grad_sums_rows)(const T *dy, const T *x, fbn_index nrows
 
 /* grad_input_segment over nrows x C channels-last rows, with C-length coefficient vectors */
 FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx, fbn_index nrows,
-                                                 fbn_index C, int step, const T *FBN_RESTRICT m,
+                                                 fbn_index C, int step, const T *FBN_RESTRICT h,
+                                                 const T *FBN_RESTRICT g,
                                                  const T *FBN_RESTRICT k_dy,
                                                  const T *FBN_RESTRICT k_xc,
                                                  const T *FBN_RESTRICT k_0)
@@ -375,11 +382,11 @@ FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx,
         T *d0 = dx + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
-            const T mc = m[c], a = k_dy[c], b = k_xc[c], z = k_0[c];
-            d0[c] = FBN_FN(grad_input_value)(g0[c], x0[c], mc, a, b, z);
-            d0[C + c] = FBN_FN(grad_input_value)(g0[C + c], x0[C + c], mc, a, b, z);
-            d0[2 * C + c] = FBN_FN(grad_input_value)(g0[2 * C + c], x0[2 * C + c], mc, a, b, z);
-            d0[3 * C + c] = FBN_FN(grad_input_value)(g0[3 * C + c], x0[3 * C + c], mc, a, b, z);
+            const T hc = h[c], gc = g[c], a = k_dy[c], b = k_xc[c], z = k_0[c];
+            d0[c] = FBN_FN(grad_input_value)(g0[c], x0[c], hc, gc, a, b, z);
+            d0[C + c] = FBN_FN(grad_input_value)(g0[C + c], x0[C + c], hc, gc, a, b, z);
+            d0[2 * C + c] = FBN_FN(grad_input_value)(g0[2 * C + c], x0[2 * C + c], hc, gc, a, b, z);
+            d0[3 * C + c] = FBN_FN(grad_input_value)(g0[3 * C + c], x0[3 * C + c], hc, gc, a, b, z);
         }
     }
     for (; r < nrows; ++r) {
@@ -387,7 +394,7 @@ FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx,
         T *d0 = dx + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c)
-            d0[c] = FBN_FN(grad_input_value)(g0[c], x0[c], m[c], k_dy[c], k_xc[c], k_0[c]);
+            d0[c] = FBN_FN(grad_input_value)(g0[c], x0[c], h[c], g[c], k_dy[c], k_xc[c], k_0[c]);
     }
 }
 
@@ -419,13 +426,14 @@ FBN_DISPATCH static void FBN_FN(moments_rows_chunk)(const T *x, fbn_index nrows,
 FBN_DISPATCH static void FBN_FN(grad_sums_rows_chunk)(const T *dy, const T *x, fbn_index nrows,
                                                       fbn_index C, fbn_index block_rows, int step,
                                                       const T *FBN_RESTRICT m,
+                                                      const T *FBN_RESTRICT q,
                                                       double *FBN_RESTRICT part,
                                                       double *FBN_RESTRICT scratch)
 {
     for (fbn_index c = 0; c < 3 * C; ++c) part[c] = 0.0;
     for (fbn_index r = 0; r < nrows; r += block_rows) {
         const fbn_index n = nrows - r < block_rows ? nrows - r : block_rows;
-        FBN_FN(grad_sums_rows)(dy + r * C, x + r * C, n, C, step, m, scratch, scratch + C,
+        FBN_FN(grad_sums_rows)(dy + r * C, x + r * C, n, C, step, m, q, scratch, scratch + C,
                                scratch + 2 * C);
 #pragma omp simd
         for (fbn_index c = 0; c < 3 * C; ++c) part[c] += scratch[c];
@@ -487,29 +495,37 @@ static inline void FBN_FN(update_running)(T *running_mean, T *running_var, fbn_m
     *running_var = (T)((1.0 - momentum) * (double)*running_var + momentum * var_unbiased);
 }
 
-/* Backward of y = (x - mu) * invstd * gamma + beta with batch statistics, per channel:
+/* Backward of y = (x - mu) * invstd * gamma + beta with batch statistics, per channel, from
+ * the sums around the shifts m (the saved mean) and q (a dy value; fbn_grad_sums):
  *     mu      = m + lo,  lo = sum (x - m) / n         the exact batch mean: m is only a shift
- *     S       = sum dy (x - mu) = dy_xc - lo * sum dy
- *     dbias   = sum dy
+ *     S       = sum dy (x - mu) = dy_xc - lo * sum (dy - q)      (sum (x - mu) = 0)
+ *     dbias   = sum dy = sum (dy - q) + n q
  *     dweight = invstd * S
  *     dx      = gamma invstd (dy - sum dy / n - (x - mu) invstd^2 S / n)
- *             = k_dy * dy + k_xc * (x - m) + k_0
- * with k_dy = gamma invstd, k_xc = -gamma invstd^3 S / n, k_0 = -gamma invstd sum dy / n - k_xc lo
- * (x - m is exact near the mean; lo is folded into k_0, formed in double). The caller passes
- * 1/n, the same for every channel. */
-static inline void FBN_FN(grad_coefficients)(fbn_grad_sums s, double inv_count, double invstd,
-                                             double gamma, T *k_dy, T *k_xc, T *k_0,
-                                             double *dweight, double *dbias)
+ *             = k_dy * (dy - g) + k_xc * (x - h) + k_0
+ * with h = mu and g = sum dy / n rounded to T (x - h and dy - g are exact near the means, so
+ * neither an offset in dy nor a saved mean far from the data costs digits),
+ * k_dy = gamma invstd, k_xc = -gamma invstd^3 S / n, and what the roundings left out,
+ * k_0 = k_dy (g - sum dy / n) + k_xc (h - mu), formed in double. */
+static inline void FBN_FN(grad_coefficients)(fbn_grad_sums s, double count, double m, double q,
+                                             double invstd, double gamma, T *h, T *g,
+                                             T *k_dy, T *k_xc, T *k_0, double *dweight,
+                                             double *dbias)
 {
+    const double inv_count = 1.0 / count;
     const double lo = s.xc * inv_count;
+    const double dy_rest = s.dy * inv_count;              /* mean of dy - q */
     const double dy_xmu = s.dy_xc - lo * s.dy;
-    const double g_inv = gamma * invstd;
-    const double kx = -g_inv * invstd * invstd * dy_xmu * inv_count;
-    *k_dy = (T)g_inv;
+    const double kd = gamma * invstd;
+    const double kx = -kd * invstd * invstd * dy_xmu * inv_count;
+    const T h_t = (T)(m + lo), g_t = (T)(q + dy_rest);
+    *h = h_t;
+    *g = g_t;
+    *k_dy = (T)kd;
     *k_xc = (T)kx;
-    *k_0 = (T)(-g_inv * s.dy * inv_count - kx * lo);
+    *k_0 = (T)(kd * (((double)g_t - q) - dy_rest) + kx * (((double)h_t - m) - lo));
     *dweight = invstd * dy_xmu;
-    *dbias = s.dy;
+    *dbias = s.dy + count * q;
 }
 
 #undef T

@@ -78,9 +78,10 @@ static inline void fbn_moments_merge_rows(fbn_index C, double *count_a, double *
     *count_a = n;
 }
 
-/* Sums the backward pass needs over one channel's values, m being the saved mean (a shift):
- *     dy    = sum dy
- *     dy_xc = sum dy * (x - m)
+/* Sums the backward pass needs over one channel's values, m being the saved mean and q a
+ * value of dy from the channel (shifts: far from zero, plain sums would lose digits):
+ *     dy    = sum (dy - q)
+ *     dy_xc = sum (dy - q) * (x - m)
  *     xc    = sum (x - m)        which recovers what rounding m to the data type lost. */
 typedef struct {
     double dy;
