@@ -687,13 +687,24 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst):
 cdef enum:
     CACHE_MIN_BYTES = 8 << 20
 
-cdef Py_ssize_t _cache_limit = 1 << 30     # bytes the cache may keep
+def _default_cache_limit():
+    """1 GiB, or an eighth of the machine's memory where that is less (small devices)."""
+    import os
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 1 << 30
+    return min(1 << 30, physical // 8)
+
+
+cdef Py_ssize_t _cache_limit = _default_cache_limit()   # bytes the cache may keep
 cdef Py_ssize_t _cache_bytes = 0           # bytes it keeps now
 cdef list _cache = []                      # free blocks: (nbytes, address), oldest first
 
 
 def set_output_cache(nbytes):
-    """Keep at most nbytes of freed output blocks for reuse (0: none). Default 1 GiB."""
+    """Keep at most nbytes of freed output blocks for reuse (0: none). Default: 1 GiB, or an
+    eighth of the machine's memory where that is less."""
     global _cache_limit
     if isinstance(nbytes, bool) or not isinstance(nbytes, int):
         raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
