@@ -18,7 +18,8 @@ from ._api import (
     set_output_cache,
 )
 from ._version import __version__
+from .layers import BatchNorm
 
-__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "batch_norm",
+__all__ = ["BatchNorm", "batch_norm_train", "batch_norm_infer", "batch_norm_backward", "batch_norm",
            "set_num_threads", "get_num_threads", "set_output_cache", "get_output_cache",
            "__version__"]

@@ -1,0 +1,177 @@
+"""A stateful batch-norm layer with PyTorch's semantics (torch.nn.BatchNorm1d/2d/3d).
+
+Calls the public functions of fastbn only (the layering of DESIGN.md: layers -> _api).
+"""
+import numpy as np
+
+from ._api import batch_norm_backward, batch_norm_infer, batch_norm_train
+
+_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+class BatchNorm:
+    """Batch normalization over the channel axis `axis` of its input, as torch.nn.BatchNorm*d.
+
+    Training (the default mode) normalizes with the batch statistics and, when
+    track_running_stats, updates running_mean and running_var:
+    r = (1 - momentum) r + momentum * batch (momentum=None: the cumulative average over
+    num_batches_tracked batches), with the unbiased batch variance for running_var.
+    Evaluation normalizes with the running statistics, or with the batch statistics when
+    track_running_stats is False.
+
+    backward(dy) returns dx for the last forward and keeps grad_weight and grad_bias.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, axis=1, dtype=np.float32):
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
+            raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = axis
+        self.dtype = dtype
+        self.training = True
+        C = self.num_features
+        self.weight = np.ones(C, dtype) if affine else None
+        self.bias = np.zeros(C, dtype) if affine else None
+        self.grad_weight = None
+        self.grad_bias = None
+        if track_running_stats:
+            self.running_mean = np.zeros(C, dtype)
+            self.running_var = np.ones(C, dtype)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self._saved = None          # what backward needs from the last forward
+
+    # ----------------------------------------------------------------------------- modes
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # --------------------------------------------------------------------------- forward
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        self._check_input(x)
+        use_batch_stats = self.training or not self.track_running_stats
+        if not use_batch_stats:
+            y = batch_norm_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                 eps=self.eps, axis=self.axis)
+            self._saved = ("running", x)
+            return y
+        update = self.training and self.track_running_stats
+        momentum = 0.0
+        if update:      # momentum=None: the cumulative average over the batches seen
+            momentum = (1.0 / (self.num_batches_tracked + 1) if self.momentum is None
+                        else float(self.momentum))
+        y, mean, invstd = batch_norm_train(
+            x, self.weight, self.bias, eps=self.eps, axis=self.axis, momentum=momentum,
+            running_mean=self.running_mean if update else None,
+            running_var=self.running_var if update else None)
+        if update:      # counted once the call has succeeded
+            self.num_batches_tracked += 1
+        self._saved = ("batch", x, mean, invstd)
+        return y
+
+    def _check_input(self, x):
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
+        if x.ndim < 2:
+            raise ValueError(f"x must have at least 2 dimensions, got shape {x.shape}")
+        if not -x.ndim <= self.axis < x.ndim:
+            raise ValueError(f"axis {self.axis} is out of range for x of shape {x.shape}")
+        if x.shape[self.axis] != self.num_features:
+            raise ValueError(f"x has {x.shape[self.axis]} channels on axis {self.axis}, "
+                             f"this layer has num_features={self.num_features}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"x must have the layer's dtype ({self.dtype}), got {x.dtype}")
+
+    # -------------------------------------------------------------------------- backward
+    def backward(self, dy):
+        """dx of the last forward; keeps grad_weight and grad_bias (when affine)."""
+        if self._saved is None:
+            raise RuntimeError("backward needs a forward first")
+        if self._saved[0] == "batch":
+            _, x, mean, invstd = self._saved
+            dx, dweight, dbias = batch_norm_backward(dy, x, mean, invstd, self.weight,
+                                                     axis=self.axis)
+        else:
+            # running statistics are constants: y = x * a + b per channel
+            _, x = self._saved
+            dx = batch_norm_infer(dy, np.zeros_like(self.running_var), self.running_var,
+                                  self.weight, None, eps=self.eps, axis=self.axis)
+            xhat = batch_norm_infer(x, self.running_mean, self.running_var, None, None,
+                                    eps=self.eps, axis=self.axis)
+            reduce = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
+            dweight = (np.asarray(dy, np.float64) * xhat).sum(axis=reduce).astype(self.dtype)
+            dbias = np.asarray(dy, np.float64).sum(axis=reduce).astype(self.dtype)
+        if self.affine:
+            self.grad_weight, self.grad_bias = dweight, dbias
+        return dx
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self):
+        """PyTorch's keys: weight, bias (affine), running_mean, running_var,
+        num_batches_tracked (track_running_stats). Copies."""
+        state = {}
+        if self.affine:
+            state["weight"] = self.weight.copy()
+            state["bias"] = self.bias.copy()
+        if self.track_running_stats:
+            state["running_mean"] = self.running_mean.copy()
+            state["running_var"] = self.running_var.copy()
+            state["num_batches_tracked"] = np.array(self.num_batches_tracked, np.int64)
+        return state
+
+    def load_state_dict(self, state):
+        """Loads a state dict (e.g. {k: v.numpy()} of a torch BatchNorm's): all keys are
+        checked before any is written."""
+        expected = [k for k in _STATE_KEYS
+                    if (k in ("weight", "bias") and self.affine)
+                    or (k not in ("weight", "bias") and self.track_running_stats)]
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        if missing or unexpected:
+            raise ValueError(f"state dict keys: missing {missing}, unexpected {unexpected}")
+        values = {}
+        for k in expected:
+            v = np.asarray(state[k])
+            if k == "num_batches_tracked":
+                if v.shape != () or v.dtype.kind not in "iu":
+                    raise ValueError(f"num_batches_tracked must be an integer scalar, got {v!r}")
+                values[k] = int(v)
+                continue
+            if v.shape != (self.num_features,) or v.dtype.kind != "f":
+                raise ValueError(f"{k} must be a float array of shape ({self.num_features},), "
+                                 f"got {v.dtype} {v.shape}")
+            values[k] = v.astype(self.dtype)
+        for k, v in values.items():
+            setattr(self, k, v)
+
+    def save(self, path):
+        """The state dict to an .npz file."""
+        np.savez(path, **self.state_dict())
+
+    def load(self, path):
+        with np.load(path) as data:
+            self.load_state_dict({k: data[k] for k in data.files})
+
+    def __repr__(self):
+        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"axis={self.axis}, dtype={self.dtype.name})")

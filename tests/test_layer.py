@@ -1,0 +1,112 @@
+"""fastbn.BatchNorm against torch.nn.BatchNorm1d/2d/3d through the same train/eval sequence:
+every output, gradient and buffer; state dicts both ways; .npz save/load; errors."""
+import numpy as np
+import pytest
+
+import fastbn
+
+torch = pytest.importorskip("torch")
+
+TORCH_LAYER = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+               5: torch.nn.BatchNorm3d}
+TOL = {np.float32: 2e-5, np.float64: 1e-10}
+
+
+def close(a, t, dtype):
+    np.testing.assert_allclose(a, t.detach().numpy(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,channels_last", [((8, 5), False), ((6, 4, 9), False),
+                                                 ((4, 3, 6, 5), False), ((4, 3, 6, 5), True),
+                                                 ((2, 3, 4, 5, 3), False)])
+@pytest.mark.parametrize("momentum,affine,track", [(0.1, True, True), (None, True, True),
+                                                   (0.3, False, True), (0.1, True, False)])
+def test_same_sequence_as_torch(shape, channels_last, dtype, momentum, affine, track, rng):
+    C = shape[1]
+    tdtype = torch.float32 if dtype == np.float32 else torch.float64
+    tlayer = TORCH_LAYER[len(shape)](C, eps=1e-4, momentum=momentum, affine=affine,
+                                     track_running_stats=track).to(tdtype)
+    layer = fastbn.BatchNorm(C, eps=1e-4, momentum=momentum, affine=affine,
+                             track_running_stats=track, axis=-1 if channels_last else 1,
+                             dtype=dtype)
+    if affine:      # the same non-trivial parameters in both
+        w, b = rng.uniform(0.5, 1.5, C).astype(dtype), rng.standard_normal(C).astype(dtype)
+        with torch.no_grad():
+            tlayer.weight.copy_(torch.from_numpy(w))
+            tlayer.bias.copy_(torch.from_numpy(b))
+        layer.weight[...], layer.bias[...] = w, b
+    for step, training in enumerate([True, True, False, True, False]):
+        tlayer.train(training)
+        layer.train(training)
+        x = (2.0 + 3 * rng.standard_normal(shape)).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        xt = torch.from_numpy(x).requires_grad_(True)
+        yt = tlayer(xt)
+        yt.backward(torch.from_numpy(dy))
+        x_in, dy_in = x, dy
+        if channels_last:
+            x_in, dy_in = np.moveaxis(x, 1, -1).copy(), np.moveaxis(dy, 1, -1).copy()
+        y = layer(x_in)
+        dx = layer.backward(dy_in)
+        if channels_last:
+            y, dx = np.moveaxis(y, -1, 1), np.moveaxis(dx, -1, 1)
+        close(y, yt, dtype)
+        close(dx, xt.grad, dtype)
+        if affine:
+            close(layer.grad_weight, tlayer.weight.grad, dtype)
+            close(layer.grad_bias, tlayer.bias.grad, dtype)
+            tlayer.weight.grad = tlayer.bias.grad = None
+        if track:
+            close(layer.running_mean, tlayer.running_mean, dtype)
+            close(layer.running_var, tlayer.running_var, dtype)
+            assert layer.num_batches_tracked == int(tlayer.num_batches_tracked)
+
+
+def test_state_dict_round_trips_with_torch(rng, tmp_path):
+    tlayer = torch.nn.BatchNorm2d(4)
+    tlayer.train()
+    for _ in range(3):
+        tlayer(torch.randn(5, 4, 3, 3) * 2 + 1)
+    tlayer.eval()
+    layer = fastbn.BatchNorm(4)
+    layer.load_state_dict({k: v.numpy() for k, v in tlayer.state_dict().items()})
+    layer.eval()
+    x = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+    close(layer(x), tlayer(torch.from_numpy(x)), np.float32)
+    loaded = torch.nn.BatchNorm2d(4)
+    loaded.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in layer.state_dict().items()})
+    for k, v in loaded.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), tlayer.state_dict()[k].numpy())
+    layer.save(tmp_path / "bn.npz")
+    again = fastbn.BatchNorm(4)
+    again.load(tmp_path / "bn.npz")
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, again.state_dict()[k])
+
+
+def test_errors_leave_the_layer_unchanged(rng):
+    layer = fastbn.BatchNorm(3)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        layer(np.ones((1, 3), np.float32))
+    assert layer.num_batches_tracked == 0
+    np.testing.assert_array_equal(layer.running_var, 1.0)
+    with pytest.raises(ValueError, match="num_features=3"):
+        layer(np.ones((4, 5), np.float32))
+    with pytest.raises(TypeError, match="layer's dtype"):
+        layer(np.ones((4, 3), np.float64))
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        layer([[1.0, 2.0, 3.0]])
+    with pytest.raises(ValueError, match="state dict keys"):
+        layer.load_state_dict({"weight": np.ones(3)})
+    with pytest.raises(ValueError, match="running_var must be a float array of shape"):
+        layer.load_state_dict({"weight": np.ones(3), "bias": np.zeros(3),
+                               "running_mean": np.zeros(3), "running_var": np.ones(4),
+                               "num_batches_tracked": np.array(0)})
+    np.testing.assert_array_equal(layer.running_var, 1.0)
+    with pytest.raises(RuntimeError, match="forward first"):
+        fastbn.BatchNorm(2).backward(np.ones((2, 2), np.float32))
+    with pytest.raises(TypeError, match="num_features"):
+        fastbn.BatchNorm(2.0)
+    with pytest.raises(ValueError, match="momentum"):
+        fastbn.BatchNorm(2, momentum=2.0)
