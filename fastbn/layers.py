@@ -2,6 +2,8 @@
 
 Calls the public functions of fastbn only (the layering of DESIGN.md: layers -> _api).
 """
+from collections import deque
+
 import numpy as np
 
 from ._api import batch_norm_backward, batch_norm_infer, batch_norm_train
@@ -20,10 +22,14 @@ class BatchNorm:
     track_running_stats is False.
 
     backward(dy) returns dx for the last forward and keeps grad_weight and grad_bias.
+
+    window=k replaces the exponential moving average: the running statistics are then the
+    average of the last k batches' statistics (momentum is not used). BatchNorm.keras(...)
+    builds the layer with Keras's conventions.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, axis=1, dtype=np.float32):
+                 track_running_stats=True, *, axis=1, dtype=np.float32, window=None):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
@@ -33,6 +39,9 @@ class BatchNorm:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
             raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                                   or window < 1):
+            raise ValueError(f"window must be a positive int or None, got {window!r}")
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.momentum = momentum
@@ -41,6 +50,9 @@ class BatchNorm:
         self.axis = axis
         self.dtype = dtype
         self.training = True
+        self.window = window
+        self._history = deque(maxlen=window) if window else None   # (mean, var) per batch
+        self._keras = False         # running statistics as Keras updates them
         C = self.num_features
         self.weight = np.ones(C, dtype) if affine else None
         self.bias = np.zeros(C, dtype) if affine else None
@@ -75,18 +87,63 @@ class BatchNorm:
             self._saved = ("running", x)
             return y
         update = self.training and self.track_running_stats
-        momentum = 0.0
-        if update:      # momentum=None: the cumulative average over the batches seen
-            momentum = (1.0 / (self.num_batches_tracked + 1) if self.momentum is None
-                        else float(self.momentum))
-        y, mean, invstd = batch_norm_train(
-            x, self.weight, self.bias, eps=self.eps, axis=self.axis, momentum=momentum,
-            running_mean=self.running_mean if update else None,
-            running_var=self.running_var if update else None)
+        if update and (self.window or self._keras):
+            y, mean, invstd = self._forward_own_update(x)
+        else:
+            momentum = 0.0
+            if update:  # momentum=None: the cumulative average over the batches seen
+                momentum = (1.0 / (self.num_batches_tracked + 1) if self.momentum is None
+                            else float(self.momentum))
+            y, mean, invstd = batch_norm_train(
+                x, self.weight, self.bias, eps=self.eps, axis=self.axis, momentum=momentum,
+                running_mean=self.running_mean if update else None,
+                running_var=self.running_var if update else None)
         if update:      # counted once the call has succeeded
             self.num_batches_tracked += 1
         self._saved = ("batch", x, mean, invstd)
         return y
+
+    def _forward_own_update(self, x):
+        """Training forward for the window and Keras rules: the kernel's update with
+        momentum 1 gives the batch mean and unbiased variance exactly, the layer does the rest."""
+        C = self.num_features
+        batch_mean, batch_var = np.zeros(C, self.dtype), np.zeros(C, self.dtype)
+        y, mean, invstd = batch_norm_train(x, self.weight, self.bias, eps=self.eps,
+                                           axis=self.axis, momentum=1.0,
+                                           running_mean=batch_mean, running_var=batch_var)
+        batch_mean, batch_var = batch_mean.astype(np.float64), batch_var.astype(np.float64)
+        if self._keras:
+            # moving = moving * momentum + batch * (1 - momentum), population variance
+            count = x.size // C
+            batch_var *= (count - 1) / count
+            m = self.momentum
+            self.running_mean[...] = self.running_mean * m + batch_mean * (1 - m)
+            self.running_var[...] = self.running_var * m + batch_var * (1 - m)
+        else:
+            self._history.append((batch_mean, batch_var))
+            self.running_mean[...] = np.mean([h[0] for h in self._history], axis=0)
+            self.running_var[...] = np.mean([h[1] for h in self._history], axis=0)
+        return y, mean, invstd
+
+    @classmethod
+    def keras(cls, num_features, momentum=0.99, epsilon=1e-3, center=True, scale=True, *,
+              axis=-1, dtype=np.float32):
+        """The layer with keras.layers.BatchNormalization's conventions: momentum weights the
+        old value (moving = moving * momentum + batch * (1 - momentum)), the moving variance
+        takes the batch's population variance, epsilon 1e-3, beta only with center, gamma only
+        with scale, channels last by default. Arrays keep PyTorch's names (weight = gamma,
+        bias = beta, running_mean, running_var)."""
+        if not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
+            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        layer = cls(num_features, eps=epsilon, momentum=0.1, affine=True, axis=axis,
+                    dtype=dtype)
+        layer.momentum = float(momentum)
+        layer._keras = True
+        if not scale:
+            layer.weight = None
+        if not center:
+            layer.bias = None
+        return layer
 
     def _check_input(self, x):
         if not isinstance(x, np.ndarray):
@@ -120,17 +177,19 @@ class BatchNorm:
             reduce = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
             dweight = (np.asarray(dy, np.float64) * xhat).sum(axis=reduce).astype(self.dtype)
             dbias = np.asarray(dy, np.float64).sum(axis=reduce).astype(self.dtype)
-        if self.affine:
-            self.grad_weight, self.grad_bias = dweight, dbias
+        self.grad_weight = dweight if self.weight is not None else None
+        self.grad_bias = dbias if self.bias is not None else None
         return dx
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self):
         """PyTorch's keys: weight, bias (affine), running_mean, running_var,
-        num_batches_tracked (track_running_stats). Copies."""
+        num_batches_tracked (track_running_stats). Copies. (A window layer's history of batch
+        statistics is not part of it.)"""
         state = {}
-        if self.affine:
+        if self.weight is not None:
             state["weight"] = self.weight.copy()
+        if self.bias is not None:
             state["bias"] = self.bias.copy()
         if self.track_running_stats:
             state["running_mean"] = self.running_mean.copy()
@@ -142,7 +201,7 @@ class BatchNorm:
         """Loads a state dict (e.g. {k: v.numpy()} of a torch BatchNorm's): all keys are
         checked before any is written."""
         expected = [k for k in _STATE_KEYS
-                    if (k in ("weight", "bias") and self.affine)
+                    if (k in ("weight", "bias") and getattr(self, k) is not None)
                     or (k not in ("weight", "bias") and self.track_running_stats)]
         missing = [k for k in expected if k not in state]
         unexpected = [k for k in state if k not in expected]
@@ -174,4 +233,5 @@ class BatchNorm:
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis}, dtype={self.dtype.name})")
+                f"axis={self.axis}, dtype={self.dtype.name}"
+                + (f", window={self.window})" if self.window else ")"))

@@ -110,3 +110,59 @@ def test_errors_leave_the_layer_unchanged(rng):
         fastbn.BatchNorm(2.0)
     with pytest.raises(ValueError, match="momentum"):
         fastbn.BatchNorm(2, momentum=2.0)
+
+
+def keras_reference(batches, momentum, epsilon, gamma, beta, axis):
+    """Keras's documented formulas, in float64: training output and moving statistics."""
+    moving_mean, moving_var = np.zeros(gamma.size), np.ones(gamma.size)
+    outputs = []
+    for x in batches:
+        axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+        mean, var = x.mean(axis=axes), x.var(axis=axes)          # population variance
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        outputs.append((x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + epsilon)
+                       * gamma.reshape(shape) + beta.reshape(shape))
+        moving_mean = moving_mean * momentum + mean * (1 - momentum)
+        moving_var = moving_var * momentum + var * (1 - momentum)
+    return outputs, moving_mean, moving_var
+
+
+@pytest.mark.parametrize("center,scale", [(True, True), (False, True), (True, False)])
+def test_keras_conventions(center, scale, rng):
+    layer = fastbn.BatchNorm.keras(4, momentum=0.9, center=center, scale=scale, dtype=np.float64)
+    assert layer.eps == 1e-3 and layer.axis == -1
+    assert (layer.weight is None) == (not scale) and (layer.bias is None) == (not center)
+    if scale:
+        layer.weight[...] = rng.uniform(0.5, 1.5, 4)
+    if center:
+        layer.bias[...] = rng.standard_normal(4)
+    gamma = layer.weight if scale else np.ones(4)
+    beta = layer.bias if center else np.zeros(4)
+    batches = [2 + rng.standard_normal((6, 5, 4)) for _ in range(3)]
+    outputs, moving_mean, moving_var = keras_reference(batches, 0.9, 1e-3, gamma, beta, -1)
+    for x, want in zip(batches, outputs):
+        np.testing.assert_allclose(layer(x), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.running_mean, moving_mean, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(layer.running_var, moving_var, rtol=1e-13)
+    layer.eval()
+    x = rng.standard_normal((3, 5, 4))
+    want = (x - moving_mean) / np.sqrt(moving_var + 1e-3) * gamma + beta
+    np.testing.assert_allclose(layer(x), want, rtol=1e-12, atol=1e-12)
+    assert set(layer.state_dict()) == ({"weight"} if scale else set()) | (
+        {"bias"} if center else set()) | {"running_mean", "running_var", "num_batches_tracked"}
+
+
+def test_sliding_window_statistics(rng):
+    layer = fastbn.BatchNorm(3, window=2, dtype=np.float64)
+    means, variances = [], []
+    for step in range(4):
+        x = step + rng.standard_normal((7, 3, 5)) * (step + 1)
+        layer(x)
+        means.append(x.mean(axis=(0, 2)))
+        variances.append(x.var(axis=(0, 2), ddof=1))            # unbiased, as PyTorch
+        np.testing.assert_allclose(layer.running_mean, np.mean(means[-2:], axis=0), rtol=1e-13)
+        np.testing.assert_allclose(layer.running_var, np.mean(variances[-2:], axis=0), rtol=1e-13)
+    assert layer.num_batches_tracked == 4 and "window=2" in repr(layer)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        fastbn.BatchNorm(3, window=0)
