@@ -669,7 +669,7 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst):
     threads: the memory-bandwidth yardstick of the benchmarks (one read, one write)."""
     cdef char *s = <char *>cnp.PyArray_DATA(src)
     cdef char *d = <char *>cnp.PyArray_DATA(dst)
-    cdef Py_ssize_t nbytes = src.nbytes, part, start, stop
+    cdef Py_ssize_t nbytes = src.nbytes, start, stop
     cdef int nthreads = pool_threads(), t
     with nogil:
         for t in prange(nthreads, schedule='static', num_threads=nthreads):
@@ -835,14 +835,15 @@ cdef inline bint plain_float(object v, double low, double high):
     return type(v) is float and low <= <double>v <= high
 
 
-cdef inline Plan plan_of(cnp.ndarray x, int axis):
-    cdef Py_ssize_t outer = 1, inner = 1
+cdef inline void outer_inner(cnp.ndarray x, int axis, Py_ssize_t *outer,
+                             Py_ssize_t *inner) noexcept:
+    """The canonical view's outer and inner sizes of a C-contiguous x (the entries plan)."""
     cdef int i
+    outer[0] = inner[0] = 1
     for i in range(axis):
-        outer *= cnp.PyArray_DIM(x, i)
+        outer[0] *= cnp.PyArray_DIM(x, i)
     for i in range(axis + 1, cnp.PyArray_NDIM(x)):
-        inner *= cnp.PyArray_DIM(x, i)
-    return make_plan(outer, cnp.PyArray_DIM(x, axis), inner, cnp.PyArray_ITEMSIZE(x))
+        inner[0] *= cnp.PyArray_DIM(x, i)
 
 
 cdef inline bint disjoint(cnp.ndarray a, cnp.ndarray b):
@@ -890,9 +891,10 @@ def infer_common(x, running_mean, running_var, weight, bias, eps, axis, out):
             and channel_vector(weight, t, C, True) and channel_vector(bias, t, C, True)
             and plain_float(eps, 0.0, INFINITY)):
         return None
-    cdef Plan p = plan_of(xa, ax)
+    cdef Py_ssize_t outer, inner
+    outer_inner(xa, ax, &outer, &inner)
     cdef cnp.ndarray y = output_for(xa, out)
-    forward_infer(xa, y, p.outer, C, p.inner, running_mean, running_var, weight, bias, eps)
+    forward_infer(xa, y, outer, C, inner, running_mean, running_var, weight, bias, eps)
     return y
 
 
@@ -913,14 +915,15 @@ def train_common(x, weight, bias, eps, axis, running_mean, running_var, momentum
             and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean)
             and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var)):
         return None
-    cdef Plan p = plan_of(xa, ax)
-    if p.count < 2:
+    cdef Py_ssize_t outer, inner
+    outer_inner(xa, ax, &outer, &inner)
+    if outer * inner < 2:       # one value per channel: _api raises the error
         return None
     cdef cnp.ndarray y = output_for(xa, out)
     cdef cnp.npy_intp c_dim = C
     cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &c_dim, t, 0)
     cdef cnp.ndarray invstd = cnp.PyArray_EMPTY(1, &c_dim, t, 0)
-    forward_train(xa, y, p.outer, C, p.inner, weight, bias, eps, running_mean, running_var,
+    forward_train(xa, y, outer, C, inner, weight, bias, eps, running_mean, running_var,
                   momentum, mean, invstd)
     return y, mean, invstd
 
@@ -938,10 +941,11 @@ def backward_common(dy, x, mean, invstd, weight, axis, out):
     if not (channel_vector(mean, t, C, False) and channel_vector(invstd, t, C, False)
             and channel_vector(weight, t, C, True)):
         return None
-    cdef Plan p = plan_of(xa, ax)
+    cdef Py_ssize_t outer, inner
+    outer_inner(xa, ax, &outer, &inner)
     cdef cnp.ndarray dx = output_for(xa, out)
     cdef cnp.npy_intp c_dim = C
     cdef cnp.ndarray dweight = cnp.PyArray_EMPTY(1, &c_dim, t, 0)
     cdef cnp.ndarray dbias = cnp.PyArray_EMPTY(1, &c_dim, t, 0)
-    backward(dya, xa, dx, p.outer, C, p.inner, mean, invstd, weight, dweight, dbias)
+    backward(dya, xa, dx, outer, C, inner, mean, invstd, weight, dweight, dbias)
     return dx, dweight, dbias

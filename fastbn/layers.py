@@ -143,6 +143,7 @@ class BatchNorm:
             layer.weight = None
         if not center:
             layer.bias = None
+        layer.affine = bool(center and scale)     # as torch: both parameters present
         return layer
 
     def _check_input(self, x):

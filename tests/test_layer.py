@@ -133,6 +133,7 @@ def test_keras_conventions(center, scale, rng):
     layer = fastbn.BatchNorm.keras(4, momentum=0.9, center=center, scale=scale, dtype=np.float64)
     assert layer.eps == 1e-3 and layer.axis == -1
     assert (layer.weight is None) == (not scale) and (layer.bias is None) == (not center)
+    assert layer.affine == (center and scale) and f"affine={center and scale}" in repr(layer)
     if scale:
         layer.weight[...] = rng.uniform(0.5, 1.5, 4)
     if center:
