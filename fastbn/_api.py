@@ -108,14 +108,14 @@ def _running_stat(v, name, C, dtype):
     return v
 
 
-def _out(out, x):
+def _out(out, x, name="out"):
     if out is None:
         return None
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-    _same_dtype(out, "out", x)
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    _same_dtype(out, name, x)
     if not out.flags.writeable:
-        raise ValueError("out is read-only")
+        raise ValueError(f"{name} is read-only")
     return out
 
 
@@ -161,94 +161,140 @@ def _same_view(a, b):
 
 
 class _Views:
-    """x (and dy) as C-contiguous (outer, C, inner) arrays sharing one memory order, and the
-    output array the kernel writes, with what to return and what to copy back."""
+    """x and the arrays read with it (dy, residual, y: x's shape) as C-contiguous
+    (outer, C, inner) arrays sharing one memory order, and the arrays the kernel writes
+    (`outputs`), with what to return and what to copy back."""
 
-    __slots__ = ("x", "dy", "y", "outer", "inner", "result", "copy_back")
+    __slots__ = ("x", "inputs", "outputs", "outer", "inner", "_results", "_copy_back")
 
-    def __init__(self, x, axis, out, dy=None):
+    def __init__(self, x, axis, outs, inputs=()):
         order = None
-        if not (x.flags.c_contiguous and (dy is None or dy.flags.c_contiguous)):
+        if not (x.flags.c_contiguous and all(a.flags.c_contiguous for a in inputs)):
             order = _dense_order(x, axis)
             if order is None:               # not one block of memory: copy once
                 x = np.ascontiguousarray(x)
-                if dy is not None:
-                    dy = np.ascontiguousarray(dy)
+                inputs = [np.ascontiguousarray(a) for a in inputs]
             else:
                 axis = order[1].index(axis)
                 x = _to_order(x, order)
-                if dy is not None:
-                    dy = np.ascontiguousarray(_to_order(dy, order))
+                inputs = [np.ascontiguousarray(_to_order(a, order)) for a in inputs]
         self.x = x
-        self.dy = dy
+        self.inputs = inputs
         self.outer = math.prod(x.shape[:axis])
         self.inner = math.prod(x.shape[axis + 1:])
-        self._set_output(x, order, out)
+        self.outputs, self._results, self._copy_back = [], [], []
+        for out in outs:
+            self._add_output(x, order, out)
 
-    def _set_output(self, x, order, out):
-        self.copy_back = None
+    def _add_output(self, x, order, out):
+        """The array the kernel writes for out (None: a new array), what the caller gets, and
+        where to copy the first into when out can't be written directly."""
+        copy_back = None
         if out is None:
-            self.y = _kernels.empty(x.shape, x.dtype)
-            self.result = self.y if order is None else _from_order(self.y, order)
-            return
-        target = out if order is None else _to_order(out, order)
-        self.result = out
-        if target.flags.c_contiguous and target.shape == x.shape:
-            self.y = target
+            y = _kernels.empty(x.shape, x.dtype)
+            result = y if order is None else _from_order(y, order)
         else:
-            self.y = _kernels.empty(x.shape, x.dtype)
-            self.copy_back = target
+            target = out if order is None else _to_order(out, order)
+            result = out
+            if target.flags.c_contiguous and target.shape == x.shape:
+                y = target
+            else:
+                y = _kernels.empty(x.shape, x.dtype)
+                copy_back = target
+        self.outputs.append(y)
+        self._results.append(result)
+        self._copy_back.append(copy_back)
 
     def finish(self):
-        if self.copy_back is not None:
-            np.copyto(self.copy_back, self.y)
-        return self.result
+        for y, target in zip(self.outputs, self._copy_back):
+            if target is not None:
+                np.copyto(target, y)
+        return self._results
 
 
-def _run(kernel, x, axis, out, dy=None):
-    """kernel(views) on the canonical views of x (and dy); returns the output array.
+def _run(kernel, arrays, axis, outs, in_place):
+    """kernel(views) on the canonical views of arrays (x first, then the arrays read with it);
+    returns the output arrays, one per entry of outs (an array to fill, or None for new).
 
-    When out overlaps an input without being exactly it, the kernel writes a fresh array
-    that is then copied into out (the kernels are safe in place, not for shifted overlaps)."""
-    deferred = None
-    if out is not None:
-        for a in (x,) if dy is None else (x, dy):
-            if not _same_view(out, a) and np.may_share_memory(out, a):
-                out, deferred = None, out
+    Output k may be exactly an array whose index is in in_place[k] (the kernels read each
+    element before they write it there); when it overlaps an input any other way, the kernel
+    writes a fresh array that is then copied into it."""
+    outs = list(outs)
+    deferred = [None] * len(outs)
+    for k, out in enumerate(outs):
+        if out is None:
+            continue
+        for j, a in enumerate(arrays):
+            if (not (j in in_place[k] and _same_view(out, a))
+                    and np.may_share_memory(out, a)):
+                outs[k], deferred[k] = None, out
                 break
-    v = _Views(x, axis, out, dy=dy)
+    v = _Views(arrays[0], axis, outs, inputs=arrays[1:])
     kernel(v)
-    result = v.finish()
-    if deferred is None:
-        return result
-    np.copyto(deferred, result)
-    return deferred
+    results = v.finish()
+    for k, target in enumerate(deferred):
+        if target is not None:
+            np.copyto(target, results[k])
+            results[k] = target
+    return results
+
+
+def _activation(activation, negative_slope):
+    """(kernel code, slope) of an activation name."""
+    if activation is None:
+        code = _kernels.ACTIVATIONS[None]
+    elif not isinstance(activation, str):
+        raise TypeError(f"activation must be None or a str, got {type(activation).__name__}")
+    elif activation not in _kernels.ACTIVATIONS:
+        names = ", ".join(repr(a) for a in _kernels.ACTIVATIONS if a)
+        raise ValueError(f"activation must be None or one of {names}, got {activation!r}")
+    else:
+        code = _kernels.ACTIVATIONS[activation]
+    return code, _real(negative_slope, "negative_slope", -math.inf, math.inf)
+
+
+def _companion(a, name, x):
+    """An array read alongside x (residual, y): x's shape and dtype."""
+    if a is None:
+        return None
+    a = _as_data(a, name)
+    _same_dtype(a, name, x)
+    return a
 
 
 # ------------------------------------------------------------------------------- functions
 
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
-                     running_var=None, momentum=0.1, out=None):
+                     running_var=None, momentum=0.1, out=None, residual=None, activation=None,
+                     negative_slope=0.01):
     """Batch normalization with batch statistics (training mode).
 
     y = (x - mean) * invstd * weight + bias, with mean and the biased variance taken per
     channel over every axis but `axis`, and invstd = 1 / sqrt(var + eps).
+
+    Fused: y = act(that + residual) in the same pass, with residual an array of x's shape and
+    dtype (or None) and activation None, 'relu', 'leaky_relu' (negative_slope below zero) or
+    'tanh'. The statistics are x's, as without fusion.
 
     Returns (y, mean, invstd); mean and invstd are (C,) arrays of x's dtype, the saved
     statistics batch_norm_backward takes. running_mean and running_var, if given, are
     updated in place: r = (1 - momentum) * r + momentum * batch, with the unbiased variance
     n / (n - 1) for running_var (PyTorch's convention).
     """
-    result = _kernels.train_common(x, weight, bias, eps, axis, running_mean, running_var,
-                                   momentum, out)
-    if result is not None:
-        return result
+    fused = residual is not None or activation is not None
+    if not fused:
+        result = _kernels.train_common(x, weight, bias, eps, axis, running_mean, running_var,
+                                       momentum, out)
+        if result is not None:
+            return result
     x, axis = _check_x(x, axis)
     C = x.shape[axis]
     weight = _channel_vector(weight, "weight", C, x.dtype)
     bias = _channel_vector(bias, "bias", C, x.dtype)
     eps = _real(eps, "eps", 0.0, math.inf)
     momentum = _real(momentum, "momentum", 0.0, 1.0)
+    residual = _companion(residual, "residual", x)
+    act, slope = _activation(activation, negative_slope)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
     if running_mean is not None:
@@ -266,21 +312,26 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
         mean.fill(np.nan)
         invstd.fill(np.nan)
         return (np.empty_like(x) if out is None else out), mean, invstd
-    y = _run(lambda v: _kernels.forward_train(v.x, v.y, v.outer, C, v.inner, weight, bias, eps,
-                                              running_mean, running_var, momentum, mean,
-                                              invstd), x, axis, out)
+    arrays = [x] if residual is None else [x, residual]
+    y, = _run(lambda v: _kernels.forward_train(
+        v.x, v.outputs[0], v.outer, C, v.inner, weight, bias, eps, running_mean, running_var,
+        momentum, mean, invstd, v.inputs[0] if v.inputs else None, act, slope),
+        arrays, axis, [out], in_place=[(0,)])
     return y, mean, invstd
 
 
 def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5, axis=1,
-                     out=None):
+                     out=None, residual=None, activation=None, negative_slope=0.01):
     """Batch normalization with running statistics (inference mode).
 
-    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, per channel.
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, per channel; fused,
+    y = act(that + residual) in the same pass (as in batch_norm_train).
     """
-    y = _kernels.infer_common(x, running_mean, running_var, weight, bias, eps, axis, out)
-    if y is not None:
-        return y
+    fused = residual is not None or activation is not None
+    if not fused:
+        y = _kernels.infer_common(x, running_mean, running_var, weight, bias, eps, axis, out)
+        if y is not None:
+            return y
     x, axis = _check_x(x, axis)
     C = x.shape[axis]
     if running_mean is None or running_var is None:
@@ -290,24 +341,37 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     weight = _channel_vector(weight, "weight", C, x.dtype)
     bias = _channel_vector(bias, "bias", C, x.dtype)
     eps = _real(eps, "eps", 0.0, math.inf)
+    residual = _companion(residual, "residual", x)
+    act, slope = _activation(activation, negative_slope)
     out = _out(out, x)
     if x.size == 0:
         return np.empty_like(x) if out is None else out
-    return _run(lambda v: _kernels.forward_infer(v.x, v.y, v.outer, C, v.inner, running_mean,
-                                                 running_var, weight, bias, eps), x, axis, out)
+    arrays = [x] if residual is None else [x, residual]
+    y, = _run(lambda v: _kernels.forward_infer(
+        v.x, v.outputs[0], v.outer, C, v.inner, running_mean, running_var, weight, bias, eps,
+        v.inputs[0] if v.inputs else None, act, slope), arrays, axis, [out], in_place=[(0,)])
+    return y
 
 
-def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, y=None, activation=None,
+                        negative_slope=0.01, out=None, out_residual=None):
     """Gradients of batch_norm_train's output: returns (dx, dweight, dbias).
 
     dy is the gradient of y; mean and invstd are the statistics batch_norm_train returned.
     dweight and dbias are (C,) arrays (returned whether or not weight is given).
     The mean serves as a shift only: the exact batch mean is recovered from x, so a mean
     rounded to float32 costs no accuracy when the data sit far from zero.
+
+    Fused forward (y = act(bn(x) + residual)): pass its output y and its activation (and
+    negative_slope); dy is then the gradient of that y, and the activation's derivative is
+    recovered from y. out_residual, an array of x's shape and dtype, receives the residual's
+    gradient dy * act'(y) (dy itself without an activation), computed in the same pass.
     """
-    result = _kernels.backward_common(dy, x, mean, invstd, weight, axis, out)
-    if result is not None:
-        return result
+    fused = activation is not None or out_residual is not None
+    if not fused and y is None:
+        result = _kernels.backward_common(dy, x, mean, invstd, weight, axis, out)
+        if result is not None:
+            return result
     x, axis = _check_x(x, axis)
     dy = _as_data(dy, "dy")
     _same_dtype(dy, "dy", x)
@@ -317,15 +381,44 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
     mean = _channel_vector(mean, "mean", C, x.dtype)
     invstd = _channel_vector(invstd, "invstd", C, x.dtype)
     weight = _channel_vector(weight, "weight", C, x.dtype)
+    act, slope = _activation(activation, negative_slope)
+    y = _companion(y, "y", x)
+    if activation is not None and y is None:
+        raise ValueError(f"y, the fused forward's output, is required with "
+                         f"activation={activation!r}")
+    if activation is None and y is not None:
+        raise ValueError("y is used only with an activation: pass activation= as in the forward")
+    if activation == "leaky_relu" and slope < 0:
+        raise ValueError(f"negative_slope must be >= 0 for the backward (the derivative is "
+                         f"recovered from the sign of y), got {slope}")
     out = _out(out, x)
+    if out_residual is not None:
+        out_residual = _out(out_residual, x, "out_residual")
+        if out is not None and np.may_share_memory(out, out_residual):
+            raise ValueError("out and out_residual must not overlap")
 
     dweight = np.zeros(C, x.dtype)
     dbias = np.zeros(C, x.dtype)
     if x.size == 0:
         return (np.empty_like(x) if out is None else out), dweight, dbias
-    dx = _run(lambda v: _kernels.backward(v.dy, v.x, v.y, v.outer, C, v.inner, mean, invstd,
-                                          weight, dweight, dbias), x, axis, out, dy=dy)
-    return dx, dweight, dbias
+    arrays = [x, dy] if y is None else [x, dy, y]
+    outs = [out] if out_residual is None else [out, out_residual]
+
+    def kernel(v):
+        dx = v.outputs[0]
+        grad = None
+        if fused:
+            # g goes to out_residual, or to dx's memory (the dx pass then runs in place)
+            # unless that is x's, which the sums still read
+            grad = v.outputs[1] if len(v.outputs) > 1 else dx
+            if _kernels.address(grad) == _kernels.address(v.x):
+                grad = _kernels.empty(v.x.shape, v.x.dtype)
+        _kernels.backward(v.inputs[0], v.x, dx, v.outer, C, v.inner, mean, invstd, weight,
+                          dweight, dbias, v.inputs[1] if y is not None else None, grad, act,
+                          slope)
+
+    results = _run(kernel, arrays, axis, outs, in_place=[(0, 1, 2), (1, 2)])
+    return results[0], dweight, dbias
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,

@@ -18,6 +18,12 @@ cdef extern from "fastbn/platform.h" nogil:
                                 double *m2_a, double count_b, const double *shift_b,
                                 const double *dev_b, const double *m2_b)
 
+    enum:
+        FBN_ACT_NONE
+        FBN_ACT_RELU
+        FBN_ACT_LEAKY_RELU
+        FBN_ACT_TANH
+
     ctypedef struct fbn_grad_sums:
         double dy
         double dy_xc
@@ -38,37 +44,50 @@ cdef extern from "fastbn/platform.h" nogil:
                                         fbn_index e0, fbn_index e1)
     fbn_moments fbn_moments_channel_f64(const double *x, fbn_index stride, fbn_index len,
                                         fbn_index e0, fbn_index e1)
-    void fbn_normalize_channel_f32(const float *x, float *y, fbn_index stride, fbn_index len,
-                                   fbn_index e0, fbn_index e1, float hi, float scale,
-                                   float offset)
-    void fbn_normalize_channel_f64(const double *x, double *y, fbn_index stride, fbn_index len,
-                                   fbn_index e0, fbn_index e1, double hi, double scale, double offset)
+    void fbn_normalize_channel_f32(const float *x, const float *r, float *y, fbn_index stride,
+                                   fbn_index len, fbn_index e0, fbn_index e1, float hi,
+                                   float scale, float offset, int act, float slope)
+    void fbn_normalize_channel_f64(const double *x, const double *r, double *y,
+                                   fbn_index stride, fbn_index len, fbn_index e0, fbn_index e1,
+                                   double hi, double scale, double offset, int act,
+                                   double slope)
     fbn_grad_sums fbn_grad_sums_channel_f32(const float *dy, const float *x, fbn_index stride,
                                             fbn_index len, fbn_index e0, fbn_index e1,
-                                            double m, double q)
+                                            double m, double q, const float *y, float *g,
+                                            int act, float slope)
     fbn_grad_sums fbn_grad_sums_channel_f64(const double *dy, const double *x,
                                             fbn_index stride, fbn_index len, fbn_index e0,
-                                            fbn_index e1, double m, double q)
-    void fbn_normalize_span_f32(const float *x, float *y, fbn_index C, fbn_index len,
-                                fbn_index p0, fbn_index p1, const float *hi, const float *scale, const float *offset)
-    void fbn_normalize_span_f64(const double *x, double *y, fbn_index C, fbn_index len,
-                                fbn_index p0, fbn_index p1, const double *hi, const double *scale, const double *offset)
+                                            fbn_index e1, double m, double q, const double *y,
+                                            double *g, int act, double slope)
+    void fbn_normalize_span_f32(const float *x, const float *r, float *y, fbn_index C,
+                                fbn_index len, fbn_index p0, fbn_index p1, const float *hi,
+                                const float *scale, const float *offset, int act, float slope)
+    void fbn_normalize_span_f64(const double *x, const double *r, double *y, fbn_index C,
+                                fbn_index len, fbn_index p0, fbn_index p1, const double *hi,
+                                const double *scale, const double *offset, int act,
+                                double slope)
+    float fbn_act_grad_value_f32(float dy, float y, int act, float slope)
+    double fbn_act_grad_value_f64(double dy, double y, int act, double slope)
     void fbn_moments_rows_chunk_f32(const float *x, fbn_index nrows, fbn_index C,
                                     fbn_index block_rows, int step, double *part, double *scratch)
     void fbn_moments_rows_chunk_f64(const double *x, fbn_index nrows, fbn_index C,
                                     fbn_index block_rows, int step, double *part, double *scratch)
     void fbn_grad_sums_rows_chunk_f32(const float *dy, const float *x, fbn_index nrows,
-                                      fbn_index C, fbn_index block_rows, int step, const float *m, const float *q,
-                                      double *part, double *scratch)
+                                      fbn_index C, fbn_index block_rows, int step,
+                                      const float *m, const float *q, double *part,
+                                      double *scratch, const float *y, float *g, int act,
+                                      float slope)
     void fbn_grad_sums_rows_chunk_f64(const double *dy, const double *x, fbn_index nrows,
-                                      fbn_index C, fbn_index block_rows, int step, const double *m, const double *q,
-                                      double *part, double *scratch)
-    void fbn_normalize_rows_f32(const float *x, float *y, fbn_index nrows, fbn_index C, int step,
-                                const float *hi, const float *scale,
-                                const float *offset)
-    void fbn_normalize_rows_f64(const double *x, double *y, fbn_index nrows, fbn_index C, int step,
-                                const double *hi, const double *scale,
-                                const double *offset)
+                                      fbn_index C, fbn_index block_rows, int step,
+                                      const double *m, const double *q, double *part,
+                                      double *scratch, const double *y, double *g, int act,
+                                      double slope)
+    void fbn_normalize_rows_f32(const float *x, const float *r, float *y, fbn_index nrows,
+                                fbn_index C, int step, const float *hi, const float *scale,
+                                const float *offset, int act, float slope)
+    void fbn_normalize_rows_f64(const double *x, const double *r, double *y, fbn_index nrows,
+                                fbn_index C, int step, const double *hi, const double *scale,
+                                const double *offset, int act, double slope)
     double fbn_train_coefficients_f32(fbn_moments m, double eps, double gamma, double beta,
                                       float *hi, float *scale, float *offset)
     double fbn_train_coefficients_f64(fbn_moments m, double eps, double gamma, double beta,
@@ -120,36 +139,43 @@ cdef inline fbn_moments moments_channel(const floating *x, fbn_index stride, fbn
         return fbn_moments_channel_f64(x, stride, len, e0, e1)
 
 
-cdef inline void normalize_channel(const floating *x, floating *y, fbn_index stride,
-                                   fbn_index len, fbn_index e0, fbn_index e1, floating hi,
-                                   floating scale,
-                                   floating offset) noexcept nogil:
+cdef inline void normalize_channel(const floating *x, const floating *r, floating *y,
+                                   fbn_index stride, fbn_index len, fbn_index e0, fbn_index e1,
+                                   floating hi, floating scale, floating offset, int act,
+                                   floating slope) noexcept nogil:
     if floating is float:
-        fbn_normalize_channel_f32(x, y, stride, len, e0, e1, hi, scale, offset)
+        fbn_normalize_channel_f32(x, r, y, stride, len, e0, e1, hi, scale, offset, act, slope)
     else:
-        fbn_normalize_channel_f64(x, y, stride, len, e0, e1, hi, scale, offset)
+        fbn_normalize_channel_f64(x, r, y, stride, len, e0, e1, hi, scale, offset, act, slope)
 
 
 cdef inline fbn_grad_sums grad_sums_channel(const floating *dy, const floating *x,
                                             fbn_index stride, fbn_index len, fbn_index e0,
-                                            fbn_index e1, double m, double q) noexcept nogil:
+                                            fbn_index e1, double m, double q, const floating *y,
+                                            floating *g, int act,
+                                            floating slope) noexcept nogil:
     if floating is float:
-        return fbn_grad_sums_channel_f32(dy, x, stride, len, e0, e1, m, q)
+        return fbn_grad_sums_channel_f32(dy, x, stride, len, e0, e1, m, q, y, g, act, slope)
     else:
-        return fbn_grad_sums_channel_f64(dy, x, stride, len, e0, e1, m, q)
+        return fbn_grad_sums_channel_f64(dy, x, stride, len, e0, e1, m, q, y, g, act, slope)
 
 
-
-cdef inline void normalize_span(const floating *x, floating *y, fbn_index C, fbn_index len,
-                                fbn_index p0, fbn_index p1, const floating *hi,
-                                const floating *scale,
-                                const floating *offset) noexcept nogil:
+cdef inline void normalize_span(const floating *x, const floating *r, floating *y, fbn_index C,
+                                fbn_index len, fbn_index p0, fbn_index p1, const floating *hi,
+                                const floating *scale, const floating *offset, int act,
+                                floating slope) noexcept nogil:
     if floating is float:
-        fbn_normalize_span_f32(x, y, C, len, p0, p1, hi, scale, offset)
+        fbn_normalize_span_f32(x, r, y, C, len, p0, p1, hi, scale, offset, act, slope)
     else:
-        fbn_normalize_span_f64(x, y, C, len, p0, p1, hi, scale, offset)
+        fbn_normalize_span_f64(x, r, y, C, len, p0, p1, hi, scale, offset, act, slope)
 
 
+cdef inline floating act_grad_value(floating dy, floating y, int act,
+                                    floating slope) noexcept nogil:
+    if floating is float:
+        return fbn_act_grad_value_f32(dy, y, act, slope)
+    else:
+        return fbn_act_grad_value_f64(dy, y, act, slope)
 
 
 cdef inline void moments_rows_chunk(const floating *x, fbn_index nrows, fbn_index C,
@@ -161,20 +187,25 @@ cdef inline void moments_rows_chunk(const floating *x, fbn_index nrows, fbn_inde
         fbn_moments_rows_chunk_f64(x, nrows, C, block_rows, step, part, scratch)
 
 cdef inline void grad_sums_rows_chunk(const floating *dy, const floating *x, fbn_index nrows,
-                                      fbn_index C, fbn_index block_rows, int step, const floating *m, const floating *q,
-                                      double *part, double *scratch) noexcept nogil:
+                                      fbn_index C, fbn_index block_rows, int step,
+                                      const floating *m, const floating *q, double *part,
+                                      double *scratch, const floating *y, floating *g, int act,
+                                      floating slope) noexcept nogil:
     if floating is float:
-        fbn_grad_sums_rows_chunk_f32(dy, x, nrows, C, block_rows, step, m, q, part, scratch)
+        fbn_grad_sums_rows_chunk_f32(dy, x, nrows, C, block_rows, step, m, q, part, scratch,
+                                     y, g, act, slope)
     else:
-        fbn_grad_sums_rows_chunk_f64(dy, x, nrows, C, block_rows, step, m, q, part, scratch)
+        fbn_grad_sums_rows_chunk_f64(dy, x, nrows, C, block_rows, step, m, q, part, scratch,
+                                     y, g, act, slope)
 
-cdef inline void normalize_rows(const floating *x, floating *y, fbn_index nrows, fbn_index C, int step,
-                                const floating *hi, const floating *scale,
-                                const floating *offset) noexcept nogil:
+cdef inline void normalize_rows(const floating *x, const floating *r, floating *y,
+                                fbn_index nrows, fbn_index C, int step, const floating *hi,
+                                const floating *scale, const floating *offset, int act,
+                                floating slope) noexcept nogil:
     if floating is float:
-        fbn_normalize_rows_f32(x, y, nrows, C, step, hi, scale, offset)
+        fbn_normalize_rows_f32(x, r, y, nrows, C, step, hi, scale, offset, act, slope)
     else:
-        fbn_normalize_rows_f64(x, y, nrows, C, step, hi, scale, offset)
+        fbn_normalize_rows_f64(x, r, y, nrows, C, step, hi, scale, offset, act, slope)
 
 
 

@@ -33,6 +33,10 @@ cdef enum:
 SERIAL_THRESHOLDS = {"train": SERIAL_BELOW_STATS, "backward": SERIAL_BELOW_STATS,
                      "infer": SERIAL_BELOW_PASS}
 
+# The fused activations (include/fastbn/activation.h), by the names the API takes
+ACTIVATIONS = {None: FBN_ACT_NONE, "relu": FBN_ACT_RELU, "leaky_relu": FBN_ACT_LEAKY_RELU,
+               "tanh": FBN_ACT_TANH}
+
 
 # ------------------------------------------------------------------------------------ threads
 
@@ -192,6 +196,20 @@ cdef enum:
     NORM_COEFS = 3
     GRAD_COEFS = 5
 
+
+cdef struct Epilogue:        # the fused forward: y = act(bn(x) + residual)
+    const void *residual     # laid out as x, or NULL
+    int activation           # FBN_ACT_*
+    double negative_slope
+
+
+cdef inline const floating *residual_at(const Epilogue *ep, floating *like,
+                                        Py_ssize_t offset) noexcept nogil:
+    """The residual's element at offset, typed as `like` (NULL without a residual)."""
+    if ep.residual == NULL:
+        return NULL
+    return <const floating *>ep.residual + offset
+
 cdef void finish_train_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_moments m,
                                const TrainArgs *a) noexcept nogil:
     """Channel c's coefficients, saved mean and invstd, and running statistics."""
@@ -237,27 +255,30 @@ cdef void cl_chunk_moments(const floating *x, const Plan *p, Py_ssize_t k, doubl
 
 
 cdef void normalize_part(const floating *x, floating *y, const Plan *p, const floating *coef,
-                         Py_ssize_t t, Py_ssize_t nparts) noexcept nogil:
-    """Part t of nparts equal parts of the elementwise pass y = f(x)."""
+                         const Epilogue *ep, Py_ssize_t t, Py_ssize_t nparts) noexcept nogil:
+    """Part t of nparts equal parts of the elementwise pass y = act(f(x) + residual)."""
     cdef Py_ssize_t C = p.C, start, stop
+    cdef floating slope = <floating>ep.negative_slope
     if p.inner > 1:
         chunk_range(p.outer * C * p.inner, t, nparts, &start, &stop)
-        normalize_span(x, y, C, p.inner, start, stop, coef, coef + C, coef + 2 * C)
+        normalize_span(x, residual_at(ep, y, 0), y, C, p.inner, start, stop, coef, coef + C,
+                       coef + 2 * C, ep.activation, slope)
     else:
         chunk_range(p.outer, t, nparts, &start, &stop)
-        normalize_rows(x + start * C, y + start * C, stop - start, C, p.row_step, coef, coef + C,
-                       coef + 2 * C)
+        normalize_rows(x + start * C, residual_at(ep, y, start * C), y + start * C,
+                       stop - start, C, p.row_step, coef, coef + C, coef + 2 * C, ep.activation,
+                       slope)
 
 
 cdef void normalize(const floating *x, floating *y, const Plan *p, const floating *coef,
-                    int nthreads) noexcept nogil:
+                    const Epilogue *ep, int nthreads) noexcept nogil:
     """y from x and the coefficients, split evenly over the threads."""
     cdef Py_ssize_t t
     if nthreads == 1:       # no OpenMP region at all: entering one costs ~0.3 us
-        normalize_part(x, y, p, coef, 0, 1)
+        normalize_part(x, y, p, coef, ep, 0, 1)
         return
     for t in prange(nthreads, schedule='static', num_threads=nthreads):
-        normalize_part(x, y, p, coef, t, nthreads)
+        normalize_part(x, y, p, coef, ep, t, nthreads)
 
 
 cdef enum:
@@ -333,7 +354,7 @@ cdef void free_work(Work *w) noexcept nogil:
 
 
 cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const TrainArgs *a,
-                            int nthreads) noexcept nogil:
+                            const Epilogue *ep, int nthreads) noexcept nogil:
     """Batch statistics, saved statistics, running statistics, then y. -1: out of memory.
 
     One OpenMP region; its phases (chunk statistics, merge and finish per channel, y) are
@@ -358,8 +379,10 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
             # One channel per work item: its statistics, then y while it is in cache.
             for c in prange(C, schedule='static'):
                 finish_train_channel(coef, C, c, cf_chunk_moments(x, p, c, 0), a)
-                normalize_channel(x + c * p.inner, y + c * p.inner, C * p.inner, p.inner, 0,
-                                  p.count, coef[c], coef[C + c], coef[2 * C + c])
+                normalize_channel(x + c * p.inner, residual_at(ep, y, c * p.inner),
+                                  y + c * p.inner, C * p.inner, p.inner, 0, p.count, coef[c],
+                                  coef[C + c], coef[2 * C + c], ep.activation,
+                                  <floating>ep.negative_slope)
         elif p.inner > 1:
             for i in prange(C * K, schedule='static'):
                 parts[i] = cf_chunk_moments(x, p, i // K, i % K)
@@ -368,7 +391,7 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
                 cf_merge_train(parts, K, C, c, coef, a)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
-                normalize_part(x, y, p, coef, t, nthreads)
+                normalize_part(x, y, p, coef, ep, t, nthreads)
         else:
             for k in prange(K, schedule='static'):
                 cl_chunk_moments(x, p, k, cl_parts + k * CL_PART(C), w.scratch + threadid() * 3 * C)
@@ -378,7 +401,7 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
                                min(C, (i + 1) * MERGE_CHANNELS), w.scratch, coef, a)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
-                normalize_part(x, y, p, coef, t, nthreads)
+                normalize_part(x, y, p, coef, ep, t, nthreads)
     free_work(&w)
     free(coef)
     return 0
@@ -387,7 +410,7 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
 cdef Py_ssize_t infer_impl(const floating *x, floating *y, const Plan *p,
                            const floating *running_mean, const floating *running_var,
                            const floating *weight, const floating *bias, double eps,
-                           int nthreads) noexcept nogil:
+                           const Epilogue *ep, int nthreads) noexcept nogil:
     """y from the running statistics. -1: out of memory; c + 1: running_var[c] < 0."""
     cdef Py_ssize_t C = p.C, c
     for c in range(C):
@@ -397,7 +420,7 @@ cdef Py_ssize_t infer_impl(const floating *x, floating *y, const Plan *p,
     if coef == NULL:
         return -1
     infer_coefficients(C, running_mean, running_var, weight, bias, eps, coef)
-    normalize(x, y, p, coef, nthreads)
+    normalize(x, y, p, coef, ep, nthreads)
     free(coef)
     return 0
 
@@ -410,10 +433,18 @@ cdef struct GradArgs:
     const void *weight       # C values, or NULL for gamma = 1
     void *dweight            # C outputs
     void *dbias
+    # The fused backward: the gradient g = dy * act'(y) at the activation's input (the
+    # residual's gradient) is written to grad in the sums pass, and the dx pass reads it.
+    const void *y            # the fused forward's output (NULL without an activation)
+    void *grad               # laid out as x, or NULL: no fusion, g is dy
+    int activation
+    double negative_slope
+    const void *shift        # C values: each channel's dy shift q, its first g (see below)
 
 
 # Gradient coefficients, GRAD_COEFS*C values: h | g | k_dy | k_xc | k_0, so that
 #     dx = k_dy[c] * (dy - g[c]) + k_xc[c] * (x - h[c]) + k_0[c]      (see kernels_impl.h)
+# (backward_impl keeps the C dy shifts q after them)
 
 cdef void finish_grad_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_grad_sums s,
                               double count, double q, const GradArgs *a) noexcept nogil:
@@ -428,24 +459,57 @@ cdef void finish_grad_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_gr
     (<floating *>a.dbias)[c] = <floating>dbias
 
 
+cdef inline const floating *y_at(const GradArgs *a, const floating *like,
+                                 Py_ssize_t offset) noexcept nogil:
+    return NULL if a.y == NULL else <const floating *>a.y + offset
+
+
+cdef inline floating *grad_at(const GradArgs *a, const floating *like,
+                              Py_ssize_t offset) noexcept nogil:
+    return NULL if a.grad == NULL else <floating *>a.grad + offset
+
+
+cdef void grad_shifts(const floating *dy, const Plan *p, const GradArgs *a,
+                      floating *q) noexcept nogil:
+    """Each channel's dy shift q[c]: its first value of g = dy * act'(y) (g = dy without
+    fusion), so that an offset in dy costs no digits. Every chunk sums g - q around it, so it
+    is taken once, before the sums. After relu or leaky_relu, g is (near) zero wherever y <= 0,
+    and a shift away from zero would add count * |q| to the sums' rounding: q = 0 there."""
+    cdef Py_ssize_t c, first
+    cdef const floating *y = y_at(a, dy, 0)
+    for c in range(p.C):
+        first = c * p.inner        # position 0 of channel c, in either family
+        if a.activation == FBN_ACT_RELU or a.activation == FBN_ACT_LEAKY_RELU:
+            q[c] = 0
+        elif a.grad == NULL:
+            q[c] = dy[first]
+        else:
+            q[c] = act_grad_value(dy[first], 0 if y == NULL else y[first], a.activation,
+                                  <floating>a.negative_slope)
+
+
 cdef fbn_grad_sums cf_chunk_grad_sums(const floating *dy, const floating *x, const Plan *p,
-                                      Py_ssize_t c, Py_ssize_t k, double m) noexcept nogil:
-    """Chunk k's gradient sums of channel c, around the mean m and the channel's first dy."""
+                                      Py_ssize_t c, Py_ssize_t k, double m,
+                                      const GradArgs *a) noexcept nogil:
+    """Chunk k's gradient sums of channel c, around the mean m and the channel's shift q."""
     cdef Py_ssize_t e0, e1, offset = c * p.inner
     chunk_range(p.count, k, p.nchunks, &e0, &e1)
     return grad_sums_channel(dy + offset, x + offset, p.C * p.inner, p.inner, e0, e1, m,
-                             dy[offset])
+                             (<const floating *>a.shift)[c], y_at(a, dy, offset),
+                             grad_at(a, dy, offset), a.activation, <floating>a.negative_slope)
 
 
 cdef void cl_chunk_grad_sums(const floating *dy, const floating *x, const Plan *p, Py_ssize_t k,
-                             const floating *mean, double *part, double *scratch) noexcept nogil:
+                             const GradArgs *a, double *part, double *scratch) noexcept nogil:
     """Chunk k's gradient sums into part = [dy (C) | dy_xc (C) | xc (C)], around the means and
-    the first row of dy; scratch: 3*C."""
+    the shifts q; scratch: 3*C."""
     cdef Py_ssize_t first_row, nrows, offset
     cl_chunk_rows(p, k, &first_row, &nrows)
     offset = first_row * p.C
-    grad_sums_rows_chunk(dy + offset, x + offset, nrows, p.C, p.block_rows, p.row_step, mean, dy,
-                         part, scratch)
+    grad_sums_rows_chunk(dy + offset, x + offset, nrows, p.C, p.block_rows, p.row_step,
+                         <const floating *>a.mean, <const floating *>a.shift, part, scratch,
+                         y_at(a, dy, offset), grad_at(a, dy, offset), a.activation,
+                         <floating>a.negative_slope)
 
 
 cdef void grad_input_part(const floating *dy, const floating *x, floating *dx, const Plan *p,
@@ -462,23 +526,20 @@ cdef void grad_input_part(const floating *dy, const floating *x, floating *dx, c
                         p.row_step, coef, coef + C, coef + 2 * C, coef + 3 * C, coef + 4 * C)
 
 
-cdef void merge_grad(const floating *dy, const fbn_grad_sums *parts, Py_ssize_t K,
-                     const Plan *p, Py_ssize_t c, floating *coef,
-                     const GradArgs *a) noexcept nogil:
-    """Channel c: its chunk sums (parts[c*K + k]) added in chunk order, then finished (the dy
-    shift of channel c is its first dy value, as in cf_chunk_grad_sums)."""
+cdef void merge_grad(const fbn_grad_sums *parts, Py_ssize_t K, const Plan *p, Py_ssize_t c,
+                     floating *coef, const GradArgs *a) noexcept nogil:
+    """Channel c: its chunk sums (parts[c*K + k]) added in chunk order, then finished."""
     cdef fbn_grad_sums s = parts[c * K]
     cdef Py_ssize_t k
     for k in range(1, K):
         fbn_grad_sums_add(&s, parts[c * K + k])
-    finish_grad_channel(coef, p.C, c, s, <double>p.count, dy[c * p.inner], a)
+    finish_grad_channel(coef, p.C, c, s, <double>p.count, (<const floating *>a.shift)[c], a)
 
 
-cdef void cl_merge_grad(const floating *dy, double *parts, Py_ssize_t K, const Plan *p,
-                        Py_ssize_t c0, Py_ssize_t c1, floating *coef,
-                        const GradArgs *a) noexcept nogil:
+cdef void cl_merge_grad(double *parts, Py_ssize_t K, const Plan *p, Py_ssize_t c0,
+                        Py_ssize_t c1, floating *coef, const GradArgs *a) noexcept nogil:
     """Channels [c0, c1): chunk sums (chunk k at parts + k*3*C) added in chunk order into
-    chunk 0's, then finished (the dy shift of channel c is dy[c], the first row)."""
+    chunk 0's, then finished."""
     cdef fbn_grad_sums s
     cdef Py_ssize_t C = p.C, c, k, j
     for k in range(1, K):
@@ -489,21 +550,24 @@ cdef void cl_merge_grad(const floating *dy, double *parts, Py_ssize_t K, const P
         s.dy = parts[c]
         s.dy_xc = parts[C + c]
         s.xc = parts[2 * C + c]
-        finish_grad_channel(coef, C, c, s, <double>p.outer, dy[c], a)
+        finish_grad_channel(coef, C, c, s, <double>p.outer, (<const floating *>a.shift)[c], a)
 
 
 cdef int backward_impl(const floating *dy, const floating *x, floating *dx, const Plan *p,
-                       const GradArgs *a, int nthreads) noexcept nogil:
+                       const GradArgs *args, int nthreads) noexcept nogil:
     """dweight, dbias, then dx, in one OpenMP region (phases as in forward_train_impl).
     -1: out of memory."""
     cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, i, t
     cdef Py_ssize_t nmerge = ceil_div(C, MERGE_CHANNELS)
     cdef bint fused = p.inner > 1 and K == 1
-    cdef const floating *mean = <const floating *>a.mean
+    cdef const floating *mean = <const floating *>args.mean
+    # the dx pass reads g: the fused sums pass wrote it to grad
+    cdef const floating *g = dy if args.grad == NULL else <const floating *>args.grad
+    cdef GradArgs a = args[0]
     cdef Work w
     cdef fbn_grad_sums *parts         # channels-first: parts[c*K + k]
     cdef double *cl_parts             # channels-last: chunk k at k * 3*C
-    cdef floating *coef = <floating *>malloc(GRAD_COEFS * C * sizeof(floating))
+    cdef floating *coef = <floating *>malloc((GRAD_COEFS + 1) * C * sizeof(floating))
     if coef == NULL:
         return -1
     if alloc_work(&w, p, nthreads, sizeof(fbn_grad_sums), 3 * C) != 0:
@@ -511,36 +575,38 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
         return -1
     parts = <fbn_grad_sums *>w.parts
     cl_parts = w.cl_parts
+    grad_shifts(dy, p, &a, coef + GRAD_COEFS * C)
+    a.shift = coef + GRAD_COEFS * C
 
     with parallel(num_threads=nthreads, use_threads_if=nthreads > 1):
         if fused:
             # One channel per work item: its sums, then dx while it is in cache.
             for c in prange(C, schedule='static'):
-                finish_grad_channel(coef, C, c, cf_chunk_grad_sums(dy, x, p, c, 0, mean[c]),
-                                    <double>p.count, dy[c * p.inner], a)
-                grad_input_channel(dy + c * p.inner, x + c * p.inner, dx + c * p.inner,
+                finish_grad_channel(coef, C, c, cf_chunk_grad_sums(dy, x, p, c, 0, mean[c], &a),
+                                    <double>p.count, coef[GRAD_COEFS * C + c], &a)
+                grad_input_channel(g + c * p.inner, x + c * p.inner, dx + c * p.inner,
                                    C * p.inner, p.inner, 0, p.count, coef[c], coef[C + c],
                                    coef[2 * C + c], coef[3 * C + c], coef[4 * C + c])
         elif p.inner > 1:
             for i in prange(C * K, schedule='static'):
-                parts[i] = cf_chunk_grad_sums(dy, x, p, i // K, i % K, mean[i // K])
+                parts[i] = cf_chunk_grad_sums(dy, x, p, i // K, i % K, mean[i // K], &a)
             fbn_barrier()
             for c in prange(C, schedule='static'):
-                merge_grad(dy, parts, K, p, c, coef, a)
+                merge_grad(parts, K, p, c, coef, &a)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
-                grad_input_part(dy, x, dx, p, coef, t, nthreads)
+                grad_input_part(g, x, dx, p, coef, t, nthreads)
         else:
             for k in prange(K, schedule='static'):
-                cl_chunk_grad_sums(dy, x, p, k, mean, cl_parts + k * 3 * C,
+                cl_chunk_grad_sums(dy, x, p, k, &a, cl_parts + k * 3 * C,
                                    w.scratch + threadid() * 3 * C)
             fbn_barrier()
             for i in prange(nmerge, schedule='static'):
-                cl_merge_grad(dy, cl_parts, K, p, i * MERGE_CHANNELS,
-                              min(C, (i + 1) * MERGE_CHANNELS), coef, a)
+                cl_merge_grad(cl_parts, K, p, i * MERGE_CHANNELS,
+                              min(C, (i + 1) * MERGE_CHANNELS), coef, &a)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
-                grad_input_part(dy, x, dx, p, coef, t, nthreads)
+                grad_input_part(g, x, dx, p, coef, t, nthreads)
     free_work(&w)
     free(coef)
     return 0
@@ -561,12 +627,23 @@ cdef inline bint is_f32(cnp.ndarray a):
     return cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
 
 
+cdef inline Epilogue make_epilogue(residual, int activation, double negative_slope):
+    cdef Epilogue ep
+    ep.residual = data_or_null(residual)
+    ep.activation = activation
+    ep.negative_slope = negative_slope
+    return ep
+
+
 def forward_train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
                   weight, bias, double eps, running_mean, running_var, double momentum,
-                  cnp.ndarray save_mean, cnp.ndarray save_invstd):
+                  cnp.ndarray save_mean, cnp.ndarray save_invstd, residual=None,
+                  int activation=FBN_ACT_NONE, double negative_slope=0.0):
     """Training forward into y, save_mean, save_invstd; running statistics (1-D, any stride,
-    or None) updated in place."""
+    or None) updated in place. With residual (like x) and activation (FBN_ACT_*), y is
+    act(bn(x) + residual)."""
     cdef Plan p = make_plan(outer, C, inner, x.itemsize)
+    cdef Epilogue ep = make_epilogue(residual, activation, negative_slope)
     cdef TrainArgs a
     cdef int nthreads, status
     cdef void *xp = cnp.PyArray_DATA(x)
@@ -585,10 +662,12 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
     try:
         if is_f32(x):
             with nogil:
-                status = forward_train_impl(<const float *>xp, <float *>yp, &p, &a, nthreads)
+                status = forward_train_impl(<const float *>xp, <float *>yp, &p, &a, &ep,
+                                            nthreads)
         else:
             with nogil:
-                status = forward_train_impl(<const double *>xp, <double *>yp, &p, &a, nthreads)
+                status = forward_train_impl(<const double *>xp, <double *>yp, &p, &a, &ep,
+                                            nthreads)
     finally:
         release_threads(nthreads)
     if status != 0:
@@ -596,9 +675,12 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
 
 
 def forward_infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                  cnp.ndarray running_mean, cnp.ndarray running_var, weight, bias, double eps):
-    """Inference forward into y. Raises ValueError, before writing, if running_var < 0."""
+                  cnp.ndarray running_mean, cnp.ndarray running_var, weight, bias, double eps,
+                  residual=None, int activation=FBN_ACT_NONE, double negative_slope=0.0):
+    """Inference forward into y (act(bn(x) + residual) as in forward_train). Raises
+    ValueError, before writing, if running_var < 0."""
     cdef Plan p = make_plan(outer, C, inner, x.itemsize)
+    cdef Epilogue ep = make_epilogue(residual, activation, negative_slope)
     cdef int nthreads
     cdef Py_ssize_t status
     cdef void *xp = cnp.PyArray_DATA(x)
@@ -613,12 +695,12 @@ def forward_infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
             with nogil:
                 status = infer_impl(<const float *>xp, <float *>yp, &p, <const float *>rm,
                                     <const float *>rv, <const float *>w, <const float *>b, eps,
-                                    nthreads)
+                                    &ep, nthreads)
         else:
             with nogil:
                 status = infer_impl(<const double *>xp, <double *>yp, &p, <const double *>rm,
                                     <const double *>rv, <const double *>w, <const double *>b,
-                                    eps, nthreads)
+                                    eps, &ep, nthreads)
     finally:
         release_threads(nthreads)
     if status == -1:
@@ -630,8 +712,12 @@ def forward_infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
 
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py_ssize_t C,
              Py_ssize_t inner, cnp.ndarray mean, cnp.ndarray invstd, weight,
-             cnp.ndarray dweight, cnp.ndarray dbias):
-    """Gradients of the training forward into dx, dweight, dbias."""
+             cnp.ndarray dweight, cnp.ndarray dbias, y=None, grad=None,
+             int activation=FBN_ACT_NONE, double negative_slope=0.0):
+    """Gradients of the training forward into dx, dweight, dbias. With grad (like x), dy is
+    the gradient of the fused output y = act(bn(x) + residual): g = dy * act'(y) (y is needed
+    with an activation) goes to grad, the residual's gradient, and dx, dweight, dbias are
+    those of g. grad must not be x; it may be dx, dy or y."""
     cdef Plan p = make_plan(outer, C, inner, x.itemsize)
     cdef GradArgs a
     cdef int nthreads, status
@@ -643,6 +729,11 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
     a.weight = data_or_null(weight)
     a.dweight = cnp.PyArray_DATA(dweight)
     a.dbias = cnp.PyArray_DATA(dbias)
+    a.y = data_or_null(y)
+    a.grad = data_or_null(grad)
+    a.activation = activation
+    a.negative_slope = negative_slope
+    a.shift = NULL
     nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
     try:
         if is_f32(x):

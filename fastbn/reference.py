@@ -33,6 +33,41 @@ def _store(result, x, out):
     return out
 
 
+def _activate(z, activation, negative_slope):
+    """act(z): None, 'relu', 'leaky_relu' (slope negative_slope below zero) or 'tanh'."""
+    if activation is None:
+        return z
+    if activation == "relu":
+        return np.where(z < 0, 0, z)
+    if activation == "leaky_relu":
+        return np.where(z < 0, z * EXTENDED(negative_slope), z)
+    if activation == "tanh":
+        return np.tanh(z)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _activation_grad(dy, y, activation, negative_slope):
+    """dy * act'(z), from y = act(z) (the derivative needs only the output)."""
+    dy = dy.astype(EXTENDED)
+    if activation is None:
+        return dy
+    y = y.astype(EXTENDED)
+    if activation == "relu":
+        return np.where(y > 0, dy, 0)
+    if activation == "leaky_relu":
+        return np.where(y > 0, dy, dy * EXTENDED(negative_slope))
+    if activation == "tanh":
+        return dy * (1 - y) * (1 + y)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _fuse(y, residual, activation, negative_slope):
+    """act(y + residual) for a normalized y of x's shape (extended precision)."""
+    if residual is not None:
+        y = y + residual.astype(EXTENDED)
+    return _activate(y, activation, negative_slope)
+
+
 def _centred_stats(rows):
     """(values - shift, mean - shift, biased var) per channel, shift = each channel's first value.
 
@@ -53,8 +88,10 @@ def batch_stats(x, axis=1):
 
 
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
-                     running_var=None, momentum=0.1, out=None):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias with batch statistics.
+                     running_var=None, momentum=0.1, out=None, residual=None, activation=None,
+                     negative_slope=0.01):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias with batch statistics, then
+    y = act(y + residual) when fused.
 
     Returns (y, mean, invstd). Running statistics, when given, are updated in place:
     r = (1 - momentum) * r + momentum * batch, with the unbiased variance n / (n - 1).
@@ -74,13 +111,14 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
         running_mean[...] = (1 - momentum) * running_mean.astype(EXTENDED) + momentum * batch_mean
         running_var[...] = ((1 - momentum) * running_var.astype(EXTENDED)
                             + momentum * var * count / (count - 1))
-    y = _from_channel_rows(y, x, axis)
+    y = _fuse(_from_channel_rows(y, x, axis), residual, activation, negative_slope)
     return _store(y, x, out), batch_mean.astype(x.dtype), invstd.astype(x.dtype)
 
 
 def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5, axis=1,
-                     out=None):
-    """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias."""
+                     out=None, residual=None, activation=None, negative_slope=0.01):
+    """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, then
+    y = act(y + residual) when fused."""
     axis = axis % x.ndim
     rows = _channel_rows(x, axis)
     scale = 1 / np.sqrt(_column(running_var) + EXTENDED(eps))
@@ -89,11 +127,17 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     y = (rows - _column(running_mean)) * scale
     if bias is not None:
         y = y + _column(bias)
-    return _store(_from_channel_rows(y, x, axis), x, out)
+    y = _fuse(_from_channel_rows(y, x, axis), residual, activation, negative_slope)
+    return _store(y, x, out)
 
 
-def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, y=None, activation=None,
+                        negative_slope=0.01, out=None, out_residual=None):
     """Gradients of batch_norm_train's y with respect to x, weight and bias.
+
+    Fused (activation given, y the fused forward's output): the gradient at the
+    activation's input, g = dy * act'(y), is the residual's gradient (stored in out_residual
+    if given) and takes dy's place below.
 
     With xhat = (x - mu) * invstd and n values per channel:
         dbias   = sum dy
@@ -107,7 +151,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, out=None):
     count = rows.shape[1]
     centred, mu, _ = _centred_stats(rows)
     invstd = _column(invstd)
-    g = _channel_rows(dy, axis)
+    g_full = _activation_grad(dy, y, activation, negative_slope)
+    if out_residual is not None:
+        out_residual[...] = g_full
+    g = _channel_rows(g_full, axis)
     xhat = (centred - mu) * invstd
     dbias = g.sum(axis=1)
     dweight = (g * xhat).sum(axis=1)

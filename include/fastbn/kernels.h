@@ -13,6 +13,7 @@
 
 #include <math.h>
 #include "fastbn/moments.h"
+#include "fastbn/activation.h"
 
 /* Runtime dispatch: GCC compiles each kernel for AVX-512, AVX2+FMA and the portable baseline
  * and picks one when the module loads. Off for native builds (-march=native does better) and
@@ -49,6 +50,11 @@
  * that must find its own shift is read twice, the second time from L1. Block boundaries
  * depend on the problem size only, never on the thread count. */
 #define FBN_BLOCK 2048
+
+/* Values per block of a fused pass: the activation (and residual) is applied to a block just
+ * normalized, and the activation's derivative to a block of dy just before its sums, while
+ * the block is in L1 */
+#define FBN_FUSED_BLOCK 2048
 
 /* Runs of at most this many values are normalized four at a time (normalize_span) */
 #define FBN_SHORT_RUN 256

@@ -87,6 +87,82 @@ FBN_SEGMENT void FBN_FN(grad_input_segment)(const T *dy, const T *x, T *dx, fbn_
         dx[i] = FBN_FN(grad_input_value)(dy[i], x[i], h, g, k_dy, k_xc, k_0);
 }
 
+/* Fusion (see activation.h): the activation and residual after normalizing,
+ *     y = act(bn(x) + residual),
+ * and the gradient at the activation's input before the backward's sums,
+ *     g = dy * act'(z), recovered from y.
+ * Each is a pass over a block that was just written or is about to be read, so the block is
+ * in L1: a fused op costs no pass over memory that the unfused op does not make. */
+
+#define FBN_EPILOGUE_LOOP(EXPR)                                                          \
+    do {                                                                                 \
+        if (r != NULL) {                                                                 \
+            _Pragma("omp simd") for (fbn_index i = 0; i < n; ++i) {                     \
+                const T v = y[i] + r[i];                                                 \
+                y[i] = (EXPR);                                                           \
+            }                                                                            \
+        } else {                                                                         \
+            _Pragma("omp simd") for (fbn_index i = 0; i < n; ++i) {                     \
+                const T v = y[i];                                                        \
+                y[i] = (EXPR);                                                           \
+            }                                                                            \
+        }                                                                                \
+    } while (0)
+
+/* y = act(y + r) in place over n values (r may be NULL: no residual) */
+FBN_SEGMENT void FBN_FN(epilogue_segment)(T *y, const T *r, fbn_index n, int act, T slope)
+{
+    switch (act) {
+    case FBN_ACT_RELU:       FBN_EPILOGUE_LOOP(v < 0 ? (T)0 : v); break;
+    case FBN_ACT_LEAKY_RELU: FBN_EPILOGUE_LOOP(v < 0 ? v * slope : v); break;
+    case FBN_ACT_TANH:       FBN_EPILOGUE_LOOP((T)fbn_tanh((double)v)); break;
+    default:                 if (r != NULL) FBN_EPILOGUE_LOOP(v); break;
+    }
+}
+#undef FBN_EPILOGUE_LOOP
+
+/* dy * act'(z) from y = act(z): as PyTorch's threshold_backward, leaky_relu_backward and
+ * tanh_backward, with 1 - y^2 formed as (1 - y)(1 + y) in double (exact near |y| = 1) */
+FBN_SEGMENT T FBN_FN(act_grad_value)(T dy, T y, int act, T slope)
+{
+    switch (act) {
+    case FBN_ACT_RELU:       return y <= 0 ? (T)0 : dy;
+    case FBN_ACT_LEAKY_RELU: return y > 0 ? dy : dy * slope;
+    case FBN_ACT_TANH:       return (T)((double)dy * ((1.0 - (double)y) * (1.0 + (double)y)));
+    default:                 return dy;
+    }
+}
+
+/* g = dy * act'(z) over n values; g may be dy or y (in place) */
+FBN_SEGMENT void FBN_FN(act_grad_segment)(const T *dy, const T *y, T *g, fbn_index n, int act,
+                                          T slope)
+{
+    switch (act) {
+#define FBN_ACT_GRAD_LOOP(A)                                                             \
+    _Pragma("omp simd") for (fbn_index i = 0; i < n; ++i)                                \
+        g[i] = FBN_FN(act_grad_value)(dy[i], y[i], (A), slope);                          \
+    break;
+    case FBN_ACT_RELU:       FBN_ACT_GRAD_LOOP(FBN_ACT_RELU)
+    case FBN_ACT_LEAKY_RELU: FBN_ACT_GRAD_LOOP(FBN_ACT_LEAKY_RELU)
+    case FBN_ACT_TANH:       FBN_ACT_GRAD_LOOP(FBN_ACT_TANH)
+#undef FBN_ACT_GRAD_LOOP
+    default:
+        if (g != dy) memcpy(g, dy, (size_t)n * sizeof(T));
+        break;
+    }
+}
+
+/* normalize_segment, then the epilogue, a block at a time while the block is in L1 */
+FBN_SEGMENT void FBN_FN(normalize_fused_segment)(const T *x, const T *r, T *y, fbn_index n,
+                                                 T hi, T scale, T offset, int act, T slope)
+{
+    for (fbn_index b = 0; b < n; b += FBN_FUSED_BLOCK) {
+        const fbn_index m = n - b < FBN_FUSED_BLOCK ? n - b : FBN_FUSED_BLOCK;
+        FBN_FN(normalize_segment)(x + b, y + b, m, hi, scale, offset);
+        FBN_FN(epilogue_segment)(y + b, r != NULL ? r + b : NULL, m, act, slope);
+    }
+}
+
 /* ------------------------------------------------------------------------------------------
  * Channel walks (channels-first): positions [e0, e1) of one channel
  * ------------------------------------------------------------------------------------------ */
@@ -137,28 +213,51 @@ FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const T *x, fbn_index st
     return acc;
 }
 
-FBN_DISPATCH static void FBN_FN(normalize_channel)(const T *x, T *y, fbn_index stride,
-                                                   fbn_index len, fbn_index e0, fbn_index e1,
-                                                   T hi, T scale, T offset)
+/* y = act(normalize(x) + r) over positions [e0, e1) of a channel; r (the residual, laid out
+ * as x) may be NULL, and act FBN_ACT_NONE */
+FBN_DISPATCH static void FBN_FN(normalize_channel)(const T *x, const T *r, T *y,
+                                                   fbn_index stride, fbn_index len,
+                                                   fbn_index e0, fbn_index e1, T hi, T scale,
+                                                   T offset, int act, T slope)
 {
+    if (r == NULL && act == FBN_ACT_NONE) {
 #define FBN_NORM(off, cnt) FBN_FN(normalize_segment)(x + (off), y + (off), (cnt), hi, scale, offset)
-    FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_NORM);
+        FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_NORM);
 #undef FBN_NORM
+        return;
+    }
+#define FBN_NORM_FUSED(off, cnt) \
+    FBN_FN(normalize_fused_segment)(x + (off), r != NULL ? r + (off) : NULL, y + (off), (cnt), hi, scale, offset, act, slope)
+    FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_NORM_FUSED);
+#undef FBN_NORM_FUSED
 }
 
-/* Gradient sums of positions [e0, e1) of a channel, block sums added in order */
+/* Gradient sums of positions [e0, e1) of a channel, block sums added in order. With g (not
+ * NULL) the sums are of g = dy * act'(y), which is written to g first (y may be NULL when act
+ * is FBN_ACT_NONE: g is then a copy of dy). */
 FBN_DISPATCH static fbn_grad_sums FBN_FN(grad_sums_channel)(const T *dy, const T *x,
                                                             fbn_index stride, fbn_index len,
                                                             fbn_index e0, fbn_index e1, double m,
-                                                            double q)
+                                                            double q, const T *y, T *g,
+                                                            int act, T slope)
 {
     fbn_grad_sums acc = fbn_grad_sums_empty;
     for (fbn_index b = e0; b < e1; b += FBN_BLOCK) {
         const fbn_index end = (e1 - b < FBN_BLOCK) ? e1 : b + FBN_BLOCK;
         fbn_grad_sums block = fbn_grad_sums_empty;
+        if (g == NULL) {
 #define FBN_GSUM(off, cnt) FBN_FN(grad_sums_segment)(dy + (off), x + (off), (cnt), m, q, &block)
-        FBN_CHANNEL_WALK(b, end, stride, len, FBN_GSUM);
+            FBN_CHANNEL_WALK(b, end, stride, len, FBN_GSUM);
 #undef FBN_GSUM
+        } else {
+#define FBN_GSUM_FUSED(off, cnt)                                                                \
+    do {                                                                                        \
+        FBN_FN(act_grad_segment)(dy + (off), y != NULL ? y + (off) : NULL, g + (off), (cnt), act, slope); \
+        FBN_FN(grad_sums_segment)(g + (off), x + (off), (cnt), m, q, &block);                  \
+    } while (0)
+            FBN_CHANNEL_WALK(b, end, stride, len, FBN_GSUM_FUSED);
+#undef FBN_GSUM_FUSED
+        }
         fbn_grad_sums_add(&acc, block);
     }
     return acc;
@@ -195,11 +294,11 @@ FBN_SEGMENT void FBN_FN(normalize_runs4)(const T *x, T *y, fbn_index len, const 
     }
 }
 
-FBN_DISPATCH static void FBN_FN(normalize_span)(const T *x, T *y, fbn_index C, fbn_index len,
-                                                fbn_index p0, fbn_index p1,
-                                                const T *FBN_RESTRICT hi,
-                                                const T *FBN_RESTRICT scale,
-                                                const T *FBN_RESTRICT offset)
+FBN_SEGMENT void FBN_FN(normalize_span_plain)(const T *x, T *y, fbn_index C, fbn_index len,
+                                              fbn_index p0, fbn_index p1,
+                                              const T *FBN_RESTRICT hi,
+                                              const T *FBN_RESTRICT scale,
+                                              const T *FBN_RESTRICT offset)
 {
     const fbn_index run = p0 < len ? 0 : p0 / len;
     fbn_index c = run < C ? run : run % C, p = p0;
@@ -222,6 +321,24 @@ FBN_DISPATCH static void FBN_FN(normalize_span)(const T *x, T *y, fbn_index C, f
 #define FBN_NORM(q, cnt, ch) FBN_FN(normalize_segment)(x + (q), y + (q), (cnt), hi[ch], scale[ch], offset[ch])
     FBN_SPAN_WALK(p0, p1, C, len, FBN_NORM);
 #undef FBN_NORM
+}
+
+/* y = act(normalize(x) + r) over memory [p0, p1); r may be NULL, act FBN_ACT_NONE */
+FBN_DISPATCH static void FBN_FN(normalize_span)(const T *x, const T *r, T *y, fbn_index C,
+                                                fbn_index len, fbn_index p0, fbn_index p1,
+                                                const T *FBN_RESTRICT hi,
+                                                const T *FBN_RESTRICT scale,
+                                                const T *FBN_RESTRICT offset, int act, T slope)
+{
+    if (r == NULL && act == FBN_ACT_NONE) {
+        FBN_FN(normalize_span_plain)(x, y, C, len, p0, p1, hi, scale, offset);
+        return;
+    }
+    for (fbn_index b = p0; b < p1; b += FBN_FUSED_BLOCK) {
+        const fbn_index end = p1 - b < FBN_FUSED_BLOCK ? p1 : b + FBN_FUSED_BLOCK;
+        FBN_FN(normalize_span_plain)(x, y, C, len, b, end, hi, scale, offset);
+        FBN_FN(epilogue_segment)(y + b, r != NULL ? r + b : NULL, end - b, act, slope);
+    }
 }
 
 FBN_DISPATCH static void FBN_FN(grad_input_span)(const T *dy, const T *x, T *dx, fbn_index C,
@@ -303,11 +420,11 @@ FBN_SEGMENT void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C, 
 }
 
 /* normalize_segment over nrows x C channels-last rows, with C-length coefficient vectors */
-FBN_DISPATCH static void FBN_FN(normalize_rows)(const T *x, T *y, fbn_index nrows, fbn_index C,
-                                                int step,
-                                                const T *FBN_RESTRICT hi,
-                                                const T *FBN_RESTRICT scale,
-                                                const T *FBN_RESTRICT offset)
+FBN_SEGMENT void FBN_FN(normalize_rows_plain)(const T *x, T *y, fbn_index nrows, fbn_index C,
+                                              int step,
+                                              const T *FBN_RESTRICT hi,
+                                              const T *FBN_RESTRICT scale,
+                                              const T *FBN_RESTRICT offset)
 {
     fbn_index r;
     for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
@@ -328,6 +445,25 @@ FBN_DISPATCH static void FBN_FN(normalize_rows)(const T *x, T *y, fbn_index nrow
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c)
             y0[c] = FBN_FN(normalize_value)(x0[c], hi[c], scale[c], offset[c]);
+    }
+}
+
+/* y = act(normalize(x) + r) over nrows x C rows; r may be NULL, act FBN_ACT_NONE */
+FBN_DISPATCH static void FBN_FN(normalize_rows)(const T *x, const T *r, T *y, fbn_index nrows,
+                                                fbn_index C, int step,
+                                                const T *FBN_RESTRICT hi,
+                                                const T *FBN_RESTRICT scale,
+                                                const T *FBN_RESTRICT offset, int act, T slope)
+{
+    if (r == NULL && act == FBN_ACT_NONE) {
+        FBN_FN(normalize_rows_plain)(x, y, nrows, C, step, hi, scale, offset);
+        return;
+    }
+    const fbn_index block = C < FBN_FUSED_BLOCK ? FBN_FUSED_BLOCK / C : 1;    /* rows */
+    for (fbn_index b = 0; b < nrows; b += block) {
+        const fbn_index n = nrows - b < block ? nrows - b : block;
+        FBN_FN(normalize_rows_plain)(x + b * C, y + b * C, n, C, step, hi, scale, offset);
+        FBN_FN(epilogue_segment)(y + b * C, r != NULL ? r + b * C : NULL, n * C, act, slope);
     }
 }
 
@@ -422,18 +558,26 @@ FBN_DISPATCH static void FBN_FN(moments_rows_chunk)(const T *x, fbn_index nrows,
 }
 
 /* A chunk of channels-last rows: block sums of the gradient, added in order into
- * part = [dy (C) | dy_xc (C) | xc (C)]. scratch: 3*C. */
+ * part = [dy (C) | dy_xc (C) | xc (C)]. scratch: 3*C. With g (not NULL), each block's
+ * g = dy * act'(y) is written to g first and summed instead of dy (see grad_sums_channel). */
 FBN_DISPATCH static void FBN_FN(grad_sums_rows_chunk)(const T *dy, const T *x, fbn_index nrows,
                                                       fbn_index C, fbn_index block_rows, int step,
                                                       const T *FBN_RESTRICT m,
                                                       const T *FBN_RESTRICT q,
                                                       double *FBN_RESTRICT part,
-                                                      double *FBN_RESTRICT scratch)
+                                                      double *FBN_RESTRICT scratch,
+                                                      const T *y, T *g, int act, T slope)
 {
     for (fbn_index c = 0; c < 3 * C; ++c) part[c] = 0.0;
     for (fbn_index r = 0; r < nrows; r += block_rows) {
         const fbn_index n = nrows - r < block_rows ? nrows - r : block_rows;
-        FBN_FN(grad_sums_rows)(dy + r * C, x + r * C, n, C, step, m, q, scratch, scratch + C,
+        const T *grad = dy + r * C;
+        if (g != NULL) {
+            FBN_FN(act_grad_segment)(grad, y != NULL ? y + r * C : NULL, g + r * C, n * C, act,
+                                     slope);
+            grad = g + r * C;
+        }
+        FBN_FN(grad_sums_rows)(grad, x + r * C, n, C, step, m, q, scratch, scratch + C,
                                scratch + 2 * C);
 #pragma omp simd
         for (fbn_index c = 0; c < 3 * C; ++c) part[c] += scratch[c];

@@ -1,0 +1,78 @@
+/* fastbn — the activations a fused batch norm applies, and their derivatives from the output.
+ *
+ *   relu        y = max(z, 0)                     act'(z) from y: y > 0 ? 1 : 0
+ *   leaky_relu  y = z > 0 ? z : slope * z         act'(z) from y: y > 0 ? 1 : slope  (slope >= 0)
+ *   tanh        y = tanh z                        act'(z) from y: 1 - y^2 = (1 - y)(1 + y)
+ *
+ * The derivatives need only y, as oneDNN's "use_dst_for_bwd" eltwise ops: no mask is stored.
+ * NaN stays NaN through every activation (comparisons with NaN are false). */
+#ifndef FASTBN_ACTIVATION_H
+#define FASTBN_ACTIVATION_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef enum {
+    FBN_ACT_NONE = 0,
+    FBN_ACT_RELU = 1,
+    FBN_ACT_LEAKY_RELU = 2,
+    FBN_ACT_TANH = 3
+} fbn_activation;
+
+/* exp(z) for z in [-708, 0] (callers keep z there), to about 1 ulp, in a form the compiler
+ * vectorizes (no libm call, no branch):
+ *     z = k ln2 + r, |r| <= ln2 / 2      k by the round-to-nearest of the 1.5 * 2^52 trick
+ *     exp(z) = 2^k exp(r)               exp(r) by its Taylor series to r^13 (|error| < 4e-18)
+ * 2^k is built from its bits (k >= -1022 in that range, a normal number). */
+static inline double fbn_exp_nonpositive(double z)
+{
+    const double round_shift = 0x1.8p52;
+    const double k = (z * 0x1.71547652b82fep0 + round_shift) - round_shift;    /* z / ln2 */
+    const double r = (z - k * 0x1.62e42fefa3800p-1) - k * 0x1.ef35793c7673p-45;  /* ln2 hi, lo */
+    double p = 1.0 / 6227020800.0;                                               /* 1/13! */
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    const int64_t bits = ((int64_t)k + 1023) << 52;
+    double two_k;
+    memcpy(&two_k, &bits, sizeof two_k);
+    return p * two_k;
+}
+
+/* tanh to a few ulp of double (float32 results are correctly rounded but for rare ties):
+ *   |z| < 1/4:  the odd Taylor series to z^21 (the next term is < 3e-18 relative)
+ *   otherwise:  tanh |z| = (1 - e) / (1 + e), e = exp(-2|z|) <= 0.61, so 1 - e loses at most
+ *               a factor 1.6 of e's accuracy; |z| is capped at 20, where tanh is 1 in double.
+ * Both branches are computed and one is selected, so the loop vectorizes. */
+static inline double fbn_tanh(double z)
+{
+    const double a = fabs(z) < 20.0 ? fabs(z) : 20.0;       /* NaN -> 20, fixed below */
+    const double s = a * a;
+    double p = 18888466084.0 / 194896477400625.0;
+    p = p * s - 443861162.0 / 1856156927625.0;
+    p = p * s + 6404582.0 / 10854718875.0;
+    p = p * s - 929569.0 / 638512875.0;
+    p = p * s + 21844.0 / 6081075.0;
+    p = p * s - 1382.0 / 155925.0;
+    p = p * s + 62.0 / 2835.0;
+    p = p * s - 17.0 / 315.0;
+    p = p * s + 2.0 / 15.0;
+    p = p * s - 1.0 / 3.0;
+    const double series = a + a * (s * p);
+    const double e = fbn_exp_nonpositive(-2.0 * a);
+    const double t = a < 0.25 ? series : (1.0 - e) / (1.0 + e);
+    return z != z ? z : copysign(t, z);
+}
+
+#endif /* FASTBN_ACTIVATION_H */
