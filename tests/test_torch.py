@@ -83,3 +83,48 @@ def test_native_batch_norm_saved_statistics(dtype, rng):
     _, mean, invstd = fastbn.batch_norm_train(x)
     close(mean, save_mean, dtype)
     close(invstd, save_invstd, dtype)
+
+
+TORCH_ACTIVATION = {None: lambda z: z, "relu": F.relu,
+                    "leaky_relu": lambda z: F.leaky_relu(z, 0.05), "tanh": torch.tanh}
+
+
+@pytest.mark.parametrize("activation", list(TORCH_ACTIVATION))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis,memory_format", [CASES[2], CASES[3], CASES[0]])
+def test_fused_matches_torch_autograd(shape, axis, memory_format, dtype, activation, rng):
+    """act(batch_norm(x) + residual), forward in training and evaluation, and autograd's
+    gradients for x, weight, bias and the residual."""
+    x = make_input(shape, axis, dtype, rng, offset=1.0)
+    C = shape[axis]
+    weight, bias = make_params(C, dtype, rng)
+    residual = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    rm, rv = rng.standard_normal(C).astype(dtype), rng.uniform(0.5, 2, C).astype(dtype)
+
+    xt = to_torch(x, memory_format).requires_grad_(True)
+    rt = to_torch(residual, memory_format).requires_grad_(True)
+    wt = torch.from_numpy(weight.copy()).requires_grad_(True)
+    bt = torch.from_numpy(bias.copy()).requires_grad_(True)
+    act_t = TORCH_ACTIVATION[activation]
+    yt = act_t(F.batch_norm(xt, None, None, wt, bt, training=True, eps=1e-4) + rt)
+    yt.backward(torch.from_numpy(dy))
+    yt_eval = act_t(F.batch_norm(xt.detach(), torch.from_numpy(rm), torch.from_numpy(rv),
+                                 torch.from_numpy(weight), torch.from_numpy(bias),
+                                 training=False, eps=1e-4) + rt.detach())
+
+    x_in = xt.detach().numpy() if memory_format is not None else x
+    fuse = dict(activation=activation, negative_slope=0.05)
+    y, mean, invstd = fastbn.batch_norm_train(x_in, weight, bias, eps=1e-4, axis=axis,
+                                              residual=residual, **fuse)
+    close(y, yt, dtype)
+    close(fastbn.batch_norm_infer(x_in, rm, rv, weight, bias, eps=1e-4, axis=axis,
+                                  residual=residual, **fuse), yt_eval, dtype)
+    dres = np.empty_like(x)
+    dx, dweight, dbias = fastbn.batch_norm_backward(
+        dy, x_in, mean, invstd, weight, axis=axis, y=y if activation else None,
+        out_residual=dres, **fuse)
+    close(dx, xt.grad, dtype)
+    close(dweight, wt.grad, dtype)
+    close(dbias, bt.grad, dtype)
+    close(dres, rt.grad, dtype)
