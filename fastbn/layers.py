@@ -10,6 +10,14 @@ from ._api import batch_norm_backward, batch_norm_infer, batch_norm_train
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
+# dy * act'(z) from y = act(z), for the backward in evaluation mode (elementwise, in NumPy:
+# the training backward has it fused in its kernel)
+_ACTIVATION_GRADIENTS = {
+    "relu": lambda dy, y, slope: np.where(y > 0, dy, 0).astype(dy.dtype),
+    "leaky_relu": lambda dy, y, slope: np.where(y > 0, dy, dy * dy.dtype.type(slope)),
+    "tanh": lambda dy, y, slope: (dy * ((1 - y.astype(np.float64)) * (1 + y))).astype(dy.dtype),
+}
+
 
 class BatchNorm:
     """Batch normalization over the channel axis `axis` of its input, as torch.nn.BatchNorm*d.
@@ -23,13 +31,19 @@ class BatchNorm:
 
     backward(dy) returns dx for the last forward and keeps grad_weight and grad_bias.
 
+    activation='relu', 'leaky_relu' (negative_slope) or 'tanh' fuses the activation, and
+    forward(x, residual) adds a residual before it: y = act(bn(x) + residual) in one pass.
+    backward(dy) then takes dy as the gradient of that y and keeps grad_residual, the
+    residual's gradient (None when the forward had no residual).
+
     window=k replaces the exponential moving average: the running statistics are then the
     average of the last k batches' statistics (momentum is not used). BatchNorm.keras(...)
     builds the layer with Keras's conventions.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, axis=1, dtype=np.float32, window=None):
+                 track_running_stats=True, *, axis=1, dtype=np.float32, window=None,
+                 activation=None, negative_slope=0.01):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
@@ -42,6 +56,14 @@ class BatchNorm:
         if window is not None and (isinstance(window, bool) or not isinstance(window, int)
                                    or window < 1):
             raise ValueError(f"window must be a positive int or None, got {window!r}")
+        if activation is not None and activation not in _ACTIVATION_GRADIENTS:
+            raise ValueError(f"activation must be None or one of "
+                             f"{', '.join(map(repr, _ACTIVATION_GRADIENTS))}, got {activation!r}")
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) \
+                or not 0 <= negative_slope < float("inf"):
+            raise ValueError(f"negative_slope must be a finite number >= 0 (the backward "
+                             f"recovers the derivative from the output's sign), "
+                             f"got {negative_slope!r}")
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.momentum = momentum
@@ -51,6 +73,8 @@ class BatchNorm:
         self.dtype = dtype
         self.training = True
         self.window = window
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
         self._history = deque(maxlen=window) if window else None   # (mean, var) per batch
         self._keras = False         # running statistics as Keras updates them
         C = self.num_features
@@ -58,6 +82,7 @@ class BatchNorm:
         self.bias = np.zeros(C, dtype) if affine else None
         self.grad_weight = None
         self.grad_bias = None
+        self.grad_residual = None
         if track_running_stats:
             self.running_mean = np.zeros(C, dtype)
             self.running_var = np.ones(C, dtype)
@@ -75,20 +100,23 @@ class BatchNorm:
         return self.train(False)
 
     # --------------------------------------------------------------------------- forward
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, x, residual=None):
+        return self.forward(x, residual)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """y = bn(x), or act(bn(x) + residual) with the layer's activation."""
         self._check_input(x)
+        fuse = dict(residual=residual, activation=self.activation,
+                    negative_slope=self.negative_slope)
         use_batch_stats = self.training or not self.track_running_stats
         if not use_batch_stats:
             y = batch_norm_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                 eps=self.eps, axis=self.axis)
-            self._saved = ("running", x)
+                                 eps=self.eps, axis=self.axis, **fuse)
+            self._saved = ("running", x, y, residual is not None)
             return y
         update = self.training and self.track_running_stats
         if update and (self.window or self._keras):
-            y, mean, invstd = self._forward_own_update(x)
+            y, mean, invstd = self._forward_own_update(x, fuse)
         else:
             momentum = 0.0
             if update:  # momentum=None: the cumulative average over the batches seen
@@ -97,20 +125,21 @@ class BatchNorm:
             y, mean, invstd = batch_norm_train(
                 x, self.weight, self.bias, eps=self.eps, axis=self.axis, momentum=momentum,
                 running_mean=self.running_mean if update else None,
-                running_var=self.running_var if update else None)
+                running_var=self.running_var if update else None, **fuse)
         if update:      # counted once the call has succeeded
             self.num_batches_tracked += 1
-        self._saved = ("batch", x, mean, invstd)
+        self._saved = ("batch", x, y, residual is not None, mean, invstd)
         return y
 
-    def _forward_own_update(self, x):
+    def _forward_own_update(self, x, fuse):
         """Training forward for the window and Keras rules: the kernel's update with
         momentum 1 gives the batch mean and unbiased variance exactly, the layer does the rest."""
         C = self.num_features
         batch_mean, batch_var = np.zeros(C, self.dtype), np.zeros(C, self.dtype)
         y, mean, invstd = batch_norm_train(x, self.weight, self.bias, eps=self.eps,
                                            axis=self.axis, momentum=1.0,
-                                           running_mean=batch_mean, running_var=batch_var)
+                                           running_mean=batch_mean, running_var=batch_var,
+                                           **fuse)
         batch_mean, batch_var = batch_mean.astype(np.float64), batch_var.astype(np.float64)
         if self._keras:
             # moving = moving * momentum + batch * (1 - momentum), population variance
@@ -161,16 +190,24 @@ class BatchNorm:
 
     # -------------------------------------------------------------------------- backward
     def backward(self, dy):
-        """dx of the last forward; keeps grad_weight and grad_bias (when affine)."""
+        """dx of the last forward; keeps grad_weight and grad_bias (when affine), and
+        grad_residual when the forward had a residual."""
         if self._saved is None:
             raise RuntimeError("backward needs a forward first")
-        if self._saved[0] == "batch":
-            _, x, mean, invstd = self._saved
-            dx, dweight, dbias = batch_norm_backward(dy, x, mean, invstd, self.weight,
-                                                     axis=self.axis)
+        mode, x, y, with_residual = self._saved[:4]
+        grad_residual = np.empty_like(x) if with_residual else None
+        if mode == "batch":
+            mean, invstd = self._saved[4:]
+            dx, dweight, dbias = batch_norm_backward(
+                dy, x, mean, invstd, self.weight, axis=self.axis,
+                y=y if self.activation else None, activation=self.activation,
+                negative_slope=self.negative_slope, out_residual=grad_residual)
         else:
-            # running statistics are constants: y = x * a + b per channel
-            _, x = self._saved
+            # running statistics are constants: y = act(x * a + b + residual) per channel
+            if self.activation:
+                dy = _ACTIVATION_GRADIENTS[self.activation](dy, y, self.negative_slope)
+            if with_residual:
+                grad_residual[...] = dy
             dx = batch_norm_infer(dy, np.zeros_like(self.running_var), self.running_var,
                                   self.weight, None, eps=self.eps, axis=self.axis)
             xhat = batch_norm_infer(x, self.running_mean, self.running_var, None, None,
@@ -180,6 +217,7 @@ class BatchNorm:
             dbias = np.asarray(dy, np.float64).sum(axis=reduce).astype(self.dtype)
         self.grad_weight = dweight if self.weight is not None else None
         self.grad_bias = dbias if self.bias is not None else None
+        self.grad_residual = grad_residual
         return dx
 
     # ----------------------------------------------------------------------------- state
@@ -235,4 +273,7 @@ class BatchNorm:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
                 f"axis={self.axis}, dtype={self.dtype.name}"
-                + (f", window={self.window})" if self.window else ")"))
+                + (f", window={self.window}" if self.window else "")
+                + (f", activation={self.activation!r}" if self.activation else "")
+                + (f", negative_slope={self.negative_slope}"
+                   if self.activation == "leaky_relu" else "") + ")")

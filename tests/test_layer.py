@@ -167,3 +167,52 @@ def test_sliding_window_statistics(rng):
     assert layer.num_batches_tracked == 4 and "window=2" in repr(layer)
     with pytest.raises(ValueError, match="window must be a positive int"):
         fastbn.BatchNorm(3, window=0)
+
+
+TORCH_ACTIVATION = {"relu": torch.nn.functional.relu,
+                    "leaky_relu": lambda z: torch.nn.functional.leaky_relu(z, 0.1),
+                    "tanh": torch.tanh}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", list(TORCH_ACTIVATION))
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_layer_same_sequence_as_torch(activation, with_residual, dtype, rng):
+    """BatchNorm(activation=...) with a residual against torch's BatchNorm2d, add, activation:
+    outputs, dx, grad_weight, grad_bias, grad_residual, buffers, in train and eval steps."""
+    C, shape = 3, (4, 3, 6, 5)
+    tdtype = torch.float32 if dtype == np.float32 else torch.float64
+    tlayer = torch.nn.BatchNorm2d(C, eps=1e-4).to(tdtype)
+    layer = fastbn.BatchNorm(C, eps=1e-4, dtype=dtype, activation=activation,
+                             negative_slope=0.1)
+    act = TORCH_ACTIVATION[activation]
+    for training in [True, True, False, True, False]:
+        tlayer.train(training)
+        layer.train(training)
+        x = (2.0 + 3 * rng.standard_normal(shape)).astype(dtype)
+        r = rng.standard_normal(shape).astype(dtype) if with_residual else None
+        dy = rng.standard_normal(shape).astype(dtype)
+        xt = torch.from_numpy(x).requires_grad_(True)
+        rt = torch.from_numpy(r).requires_grad_(True) if with_residual else 0
+        yt = act(tlayer(xt) + rt)
+        yt.backward(torch.from_numpy(dy))
+        y = layer(x, r)
+        close(y, yt, dtype)
+        close(layer.backward(dy), xt.grad, dtype)
+        close(layer.grad_weight, tlayer.weight.grad, dtype)
+        close(layer.grad_bias, tlayer.bias.grad, dtype)
+        if with_residual:
+            close(layer.grad_residual, rt.grad, dtype)
+        else:
+            assert layer.grad_residual is None
+        tlayer.weight.grad = tlayer.bias.grad = None
+        close(layer.running_mean, tlayer.running_mean, dtype)
+        close(layer.running_var, tlayer.running_var, dtype)
+
+
+def test_fused_layer_arguments():
+    with pytest.raises(ValueError, match="activation"):
+        fastbn.BatchNorm(3, activation="gelu")
+    with pytest.raises(ValueError, match="negative_slope"):
+        fastbn.BatchNorm(3, activation="leaky_relu", negative_slope=-0.5)
+    assert "activation='tanh'" in repr(fastbn.BatchNorm(3, activation="tanh"))
