@@ -62,6 +62,9 @@ def main(argv=None):
                        help="leave out fastbn.reference (slow: extended precision)")
     bench.add_argument("--shapes", metavar="NxCxHxW,...", type=parse_shapes,
                        help="shapes to time instead of the default matrix, e.g. 8x32x16x16,256x1024")
+    bench.add_argument("--fused", action="store_true",
+                       help="time the fused y = act(bn(x) + residual) ops against the unfused "
+                            "composite instead")
     bench.add_argument("--seconds", type=float, default=None,
                        help="timing budget per cell (default 1.0, 0.3 with --quick)")
     args = parser.parse_args(argv)

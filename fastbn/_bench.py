@@ -349,13 +349,173 @@ def plot(results, path):
     fig.savefig(path, dpi=110)
 
 
+# ------------------------------------------------------------------ fused against composite
+# y = act(bn(x) + residual) in one call, against what a user writes without fusion: fastbn's
+# batch norm, then NumPy's add and activation in place (and for the backward, NumPy's
+# g = dy * act'(y), then fastbn's backward of g); PyTorch's eager ops the same way (it has no
+# fused CPU kernel). "Passes saved" is the time saved in units of one pass over memory (one
+# read or one write of an x-sized array: half a copy, measured in the same run).
+
+FUSED_SHAPES = [(32, 64, 56, 56)]
+QUICK_FUSED_SHAPES = [(8, 64, 56, 56)]
+FUSED_ACTIVATIONS = ("relu", "tanh")
+
+
+def numpy_activation(activation):
+    """(in-place activation, g = dy * act'(y) into out) in NumPy, as a user writes them."""
+    if activation == "relu":
+        return (lambda y: np.maximum(y, 0, out=y),
+                lambda dy, y, out: np.multiply(dy, y > 0, out=out))
+    return (lambda y: np.tanh(y, out=y),
+            lambda dy, y, out: np.multiply(dy, 1 - y * y, out=out))
+
+
+def fused_impls(case, activation):
+    """{name: callable} for the fused call, the NumPy composite and the torch composite."""
+    c = case
+    residual = c.dy[::-1].copy()         # any array of x's shape
+    act, act_grad = numpy_activation(activation)
+    fuse = dict(residual=residual, activation=activation)
+    y_fused = batch_norm_train(c.x, c.weight, c.bias, axis=c.axis, **fuse)[0]
+    grad_residual = np.empty_like(c.x)
+    impls = {}
+    if c.op == "train":
+        impls["fused"] = lambda: batch_norm_train(c.x, c.weight, c.bias, eps=EPS, axis=c.axis,
+                                                  **fuse)[0]
+
+        def composite():
+            y = batch_norm_train(c.x, c.weight, c.bias, eps=EPS, axis=c.axis)[0]
+            np.add(y, residual, out=y)
+            return act(y)
+    elif c.op == "infer":
+        impls["fused"] = lambda: batch_norm_infer(c.x, c.running_mean, c.running_var, c.weight,
+                                                  c.bias, eps=EPS, axis=c.axis, **fuse)
+
+        def composite():
+            y = batch_norm_infer(c.x, c.running_mean, c.running_var, c.weight, c.bias, eps=EPS,
+                                 axis=c.axis)
+            np.add(y, residual, out=y)
+            return act(y)
+    else:
+        impls["fused"] = lambda: batch_norm_backward(
+            c.dy, c.x, c.mean, c.invstd, c.weight, axis=c.axis, y=y_fused,
+            activation=activation, out_residual=grad_residual)[0]
+
+        def composite():
+            g = act_grad(c.dy, y_fused, grad_residual)      # also the residual's gradient
+            return batch_norm_backward(g, c.x, c.mean, c.invstd, c.weight, axis=c.axis)[0]
+    impls["composite"] = composite
+    return impls
+
+
+def torch_composite(case, activation, torch):
+    """PyTorch eager: native_batch_norm, add_, relu_/tanh_ (and their backward ops)."""
+    c = case
+
+    def tensor(a):
+        t = torch.from_numpy(a)
+        return t.permute(0, 3, 1, 2) if c.layout == "NHWC" else t
+
+    x, dy, r = tensor(c.x), tensor(c.dy), tensor(c.dy[::-1].copy())
+    w, b = torch.from_numpy(c.weight), torch.from_numpy(c.bias)
+    rm, rv = torch.from_numpy(c.running_mean.copy()), torch.from_numpy(c.running_var.copy())
+    mean, invstd = torch.from_numpy(c.mean), torch.from_numpy(c.invstd)
+    back = (lambda t: t.permute(0, 2, 3, 1).numpy()) if c.layout == "NHWC" else (lambda t: t.numpy())
+    act = torch.relu_ if activation == "relu" else torch.tanh_
+    if c.op == "infer":
+        rm0, rv0 = torch.from_numpy(c.running_mean), torch.from_numpy(c.running_var)
+        return lambda: back(act(torch.ops.aten.native_batch_norm(
+            x, w, b, rm0, rv0, False, MOMENTUM, EPS)[0].add_(r)))
+    if c.op == "train":
+        return lambda: back(act(torch.ops.aten.native_batch_norm(
+            x, w, b, rm, rv, True, MOMENTUM, EPS)[0].add_(r)))
+    y = act(torch.ops.aten.native_batch_norm(x, w, b, rm, rv, True, MOMENTUM, EPS)[0].add_(r))
+    if activation == "relu":
+        act_backward = lambda: torch.ops.aten.threshold_backward(dy, y, 0)
+    else:
+        act_backward = lambda: torch.ops.aten.tanh_backward(dy, y)
+    return lambda: back(torch.ops.aten.native_batch_norm_backward(
+        act_backward(), x, w, rm, rv, mean, invstd, True, EPS, [True, True, True])[0])
+
+
+def fused_run(shapes, threads, seconds, progress=sys.stderr):
+    set_num_threads(threads)
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:
+        torch = None
+    rng = np.random.default_rng(0)
+    cells = [(op, layout, dtype, shape, act) for shape in shapes for layout in layouts_of(shape)
+             for dtype in DTYPES for act in FUSED_ACTIVATIONS for op in OPS]
+    results = []
+    for i, (op, layout, dtype, shape, activation) in enumerate(cells, 1):
+        case = Case(op, layout, dtype, shape, rng)
+        fns = fused_impls(case, activation)
+        if torch is not None:
+            fns["torch"] = torch_composite(case, activation, torch)
+        fns["copy"] = lambda: _kernels.parallel_copy(case.x, case.copy_dst)
+        print(f"[{i}/{len(cells)}] {case.name} {activation:5}", end="", file=progress,
+              flush=True)
+        expected = fns["fused"]()
+        wrong = [n for n in ("composite", "torch") if n in fns
+                 and not close_enough(fns[n](), expected, case.dtype)]
+        times = interleaved_medians(fns, seconds)
+        one_pass = times.pop("copy") / 2
+        record = {"op": op, "layout": layout, "dtype": case.dtype.name, "shape": list(shape),
+                  "activation": activation, "threads": threads, "seconds": times,
+                  "pass_seconds": one_pass,
+                  "passes_saved": (times["composite"] - times["fused"]) / one_pass,
+                  "speedup": {n: t / times["fused"] for n, t in times.items() if n != "fused"},
+                  "disagree": wrong}
+        results.append(record)
+        print(f"  {times['fused'] * 1e6:9.1f} us  composite x{record['speedup']['composite']:.2f}"
+              f"  saves {record['passes_saved']:.1f} passes"
+              + (f"  DISAGREE: {wrong}" if wrong else ""), file=progress, flush=True)
+    return results
+
+
+def fused_table(results):
+    with_torch = any("torch" in r["seconds"] for r in results)
+    head = ["op", "layout", "dtype", "shape", "activation", "fused us", "composite us",
+            "x composite", "passes saved"] + (["torch us", "x torch"] if with_torch else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        t = r["seconds"]
+        row = [r["op"], r["layout"], r["dtype"], "x".join(map(str, r["shape"])),
+               r["activation"], f"{t['fused'] * 1e6:.1f}", f"{t['composite'] * 1e6:.1f}",
+               f"{r['speedup']['composite']:.2f}", f"{r['passes_saved']:.1f}"]
+        if with_torch:
+            row += ([f"{t['torch'] * 1e6:.1f}", f"{r['speedup']['torch']:.2f}"] if "torch" in t
+                    else ["-", "-"])
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for peer in ("composite", "torch"):
+        s = [r["speedup"][peer] for r in results if peer in r["speedup"]]
+        if s:
+            lines.append(f"fused against the {peer if peer == 'composite' else 'torch composite'}"
+                         f": geometric-mean speedup x{geomean(s):.2f}, min x{min(s):.2f}")
+    disagree = [r for r in results if r["disagree"]]
+    if disagree:
+        lines.append(f"{len(disagree)} cells where a composite disagreed with the fused result")
+    return "\n".join(lines)
+
+
 def main(args):
     threads = args.threads or get_num_threads()
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     seconds = args.seconds or (0.3 if args.quick else 1.0)
     info = machine()
     print(f"fastbn {__version__} on {info['cpu']} ({info['cores']} cores), {threads} threads, "
           f"numpy {info['numpy']}", file=sys.stderr)
+    if args.fused:
+        shapes = args.shapes or (QUICK_FUSED_SHAPES if args.quick else FUSED_SHAPES)
+        results = fused_run(shapes, threads, seconds)
+        print(fused_table(results))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": info, "threads": threads, "fused": results}, f, indent=1)
+        return 0
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     results = run(shapes, threads, seconds, with_reference=not args.no_reference)
     print(table(results))
     if args.json:

@@ -50,7 +50,7 @@ static inline double fbn_exp_nonpositive(double z)
     return p * two_k;
 }
 
-/* tanh to a few ulp of double (float32 results are correctly rounded but for rare ties):
+/* tanh to a few ulp of double:
  *   |z| < 1/4:  the odd Taylor series to z^21 (the next term is < 3e-18 relative)
  *   otherwise:  tanh |z| = (1 - e) / (1 + e), e = exp(-2|z|) <= 0.61, so 1 - e loses at most
  *               a factor 1.6 of e's accuracy; |z| is capped at 20, where tanh is 1 in double.
@@ -73,6 +73,48 @@ static inline double fbn_tanh(double z)
     const double e = fbn_exp_nonpositive(-2.0 * a);
     const double t = a < 0.25 ? series : (1.0 - e) / (1.0 + e);
     return z != z ? z : copysign(t, z);
+}
+
+/* The float32 versions, in float arithmetic (twice the SIMD lanes of double, and shorter
+ * polynomials), within 1.5 ulp of float. exp(z) for z in [-87, 0]: as fbn_exp_nonpositive,
+ * with exp(r) by its Taylor series to r^7 (|error| < 6e-9 relative). */
+static inline float fbn_expf_nonpositive(float z)
+{
+    const float round_shift = 0x1.8p23f;
+    const float k = (z * 0x1.715476p0f + round_shift) - round_shift;            /* z / ln2 */
+    const float r = (z - k * 0x1.62e4p-1f) - k * 0x1.7f7d1cp-20f;                 /* ln2 hi, lo */
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = ((int32_t)k + 127) << 23;
+    float two_k;
+    memcpy(&two_k, &bits, sizeof two_k);
+    return p * two_k;
+}
+
+/* tanh in float:
+ *   |z| < 0.625:  z + z s P(s), s = z^2, P a degree-4 fit of (tanh z - z) / (z s)
+ *                 (relative error of the fit < 5e-9)
+ *   otherwise:    (1 - e) / (1 + e), e = exp(-2|z|) <= 0.29; |z| capped at 9.5, where tanh
+ *                 rounds to 1 in float. */
+static inline float fbn_tanhf(float z)
+{
+    const float a = fabsf(z) < 9.5f ? fabsf(z) : 9.5f;       /* NaN -> 9.5, fixed below */
+    const float s = a * a;
+    float p = -0x1.75e438p-8f;
+    p = p * s + 0x1.52272ap-6f;
+    p = p * s - 0x1.b83c70p-5f;
+    p = p * s + 0x1.110728p-3f;
+    p = p * s - 0x1.555532p-2f;
+    const float series = a + a * (s * p);
+    const float e = fbn_expf_nonpositive(-2.0f * a);
+    const float t = a < 0.625f ? series : (1.0f - e) / (1.0f + e);
+    return z != z ? z : copysignf(t, z);
 }
 
 #endif /* FASTBN_ACTIVATION_H */

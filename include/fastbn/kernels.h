@@ -89,14 +89,18 @@
 
 #define FBN_T float
 #define FBN_FN(name) fbn_##name##_f32
+#define FBN_TANH fbn_tanhf
 #include "fastbn/kernels_impl.h"
 #undef FBN_T
 #undef FBN_FN
+#undef FBN_TANH
 
 #define FBN_T double
 #define FBN_FN(name) fbn_##name##_f64
+#define FBN_TANH fbn_tanh
 #include "fastbn/kernels_impl.h"
 #undef FBN_T
 #undef FBN_FN
+#undef FBN_TANH
 
 #endif /* FASTBN_KERNELS_H */

@@ -115,7 +115,7 @@ FBN_SEGMENT void FBN_FN(epilogue_segment)(T *y, const T *r, fbn_index n, int act
     switch (act) {
     case FBN_ACT_RELU:       FBN_EPILOGUE_LOOP(v < 0 ? (T)0 : v); break;
     case FBN_ACT_LEAKY_RELU: FBN_EPILOGUE_LOOP(v < 0 ? v * slope : v); break;
-    case FBN_ACT_TANH:       FBN_EPILOGUE_LOOP((T)fbn_tanh((double)v)); break;
+    case FBN_ACT_TANH:       FBN_EPILOGUE_LOOP(FBN_TANH(v)); break;
     default:                 if (r != NULL) FBN_EPILOGUE_LOOP(v); break;
     }
 }
