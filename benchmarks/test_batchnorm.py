@@ -69,3 +69,19 @@ def test_batch_norm(benchmark, op, layout, dtype, impl, threads, threads_set):
     benchmark.group = f"{op} {layout} {dtype} threads={threads}"
     result = benchmark(fn)
     assert _bench.close_enough(result, expected(op, layout, dtype), c.dtype)
+
+
+@pytest.mark.parametrize("impl", ["fused", "composite", "torch"])
+@pytest.mark.parametrize("activation", _bench.FUSED_ACTIVATIONS)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("op", _bench.OPS)
+def test_fused(benchmark, op, layout, activation, impl):
+    """act(bn(x) + residual) fused, against the composite (fastbn, then NumPy) and torch's."""
+    c = case(op, layout, "float32")
+    impls = _bench.fused_impls(c, activation)
+    if impl == "torch":
+        torch = pytest.importorskip("torch")
+        impls["torch"] = _bench.torch_composite(c, activation, torch)
+    benchmark.group = f"fused {op} {layout} {activation}"
+    result = benchmark(impls[impl])
+    assert _bench.close_enough(result, impls["fused"](), c.dtype)

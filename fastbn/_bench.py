@@ -376,7 +376,7 @@ def fused_impls(case, activation):
     residual = c.dy[::-1].copy()         # any array of x's shape
     act, act_grad = numpy_activation(activation)
     fuse = dict(residual=residual, activation=activation)
-    y_fused = batch_norm_train(c.x, c.weight, c.bias, axis=c.axis, **fuse)[0]
+    y_fused = batch_norm_train(c.x, c.weight, c.bias, eps=EPS, axis=c.axis, **fuse)[0]
     grad_residual = np.empty_like(c.x)
     impls = {}
     if c.op == "train":
@@ -429,7 +429,10 @@ def torch_composite(case, activation, torch):
     if c.op == "train":
         return lambda: back(act(torch.ops.aten.native_batch_norm(
             x, w, b, rm, rv, True, MOMENTUM, EPS)[0].add_(r)))
-    y = act(torch.ops.aten.native_batch_norm(x, w, b, rm, rv, True, MOMENTUM, EPS)[0].add_(r))
+    # the backward of the same y as fastbn's (a y of torch's own may differ in the last bit
+    # and so cross zero elsewhere, which changes relu's mask there)
+    y = tensor(batch_norm_train(c.x, c.weight, c.bias, eps=EPS, axis=c.axis,
+                                residual=c.dy[::-1].copy(), activation=activation)[0])
     if activation == "relu":
         act_backward = lambda: torch.ops.aten.threshold_backward(dy, y, 0)
     else:

@@ -26,6 +26,22 @@ def test_bench_small_matrix(tmp_path):
         assert r["speedup"]["numpy"] > 0 and r["speedup"]["reference"] > 0
 
 
+def test_bench_fused(tmp_path):
+    out_json = tmp_path / "fused.json"
+    run = bench("--fused", "--shapes", "4x3x5x5", "--threads", "1", "--seconds", "0.02",
+                "--json", str(out_json))
+    assert run.returncode == 0, run.stderr
+    assert "| op | layout | dtype | shape | activation | fused us | composite us |" in run.stdout
+    assert "passes saved" in run.stdout
+    data = json.loads(out_json.read_text())
+    # ops x layouts x dtypes x activations
+    assert len(data["fused"]) == 3 * 2 * 2 * 2
+    for r in data["fused"]:
+        assert r["seconds"]["fused"] > 0 and r["seconds"]["composite"] > 0
+        assert r["pass_seconds"] > 0
+        assert r["disagree"] == []              # the composites computed the same thing
+
+
 def test_bench_plot(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "bench.png"
