@@ -93,10 +93,7 @@ class BuildExt(build_ext):
         elif not msvc and _compiles(compiler, "int main(void){return 0;}", ["-fopenmp-simd"], []):
             cflags.append("-fopenmp-simd")   # keeps `#pragma omp simd` vectorization
         if not msvc:
-            # The activations select with comparisons that may meet NaN; GCC vectorizes such
-            # selects only when FP exceptions need not be kept. fastbn never reads the FP
-            # exception flags, and the flag changes no value.
-            cflags += ["-fno-trapping-math", "-Wno-unknown-pragmas"]
+            cflags.append("-Wno-unknown-pragmas")
         if _flag_set("FASTBN_NATIVE") and not msvc:
             cflags.append("-march=native")
 
