@@ -77,11 +77,11 @@ def test_batch_norm(benchmark, op, layout, dtype, impl, threads, threads_set):
 @pytest.mark.parametrize("op", _bench.OPS)
 def test_fused(benchmark, op, layout, activation, impl):
     """act(bn(x) + residual) fused, against the composite (fastbn, then NumPy) and torch's."""
-    c = case(op, layout, "float32")
-    impls = _bench.fused_impls(c, activation)
+    c = _bench.FusedCase(op, layout, np.float32, SHAPE, np.random.default_rng(0), activation)
+    impls = _bench.fused_impls(c)
     if impl == "torch":
         torch = pytest.importorskip("torch")
-        impls["torch"] = _bench.torch_composite(c, activation, torch)
+        impls["torch"] = _bench.torch_composite(c, torch)
     benchmark.group = f"fused {op} {layout} {activation}"
     result = benchmark(impls[impl])
     assert _bench.close_enough(result, impls["fused"](), c.dtype)

@@ -136,26 +136,51 @@ def numpy_impl(case):
     return {"train": train, "infer": infer, "backward": backward}[c.op]
 
 
+class TorchArrays:
+    """A case's arrays as tensors on the same memory (NHWC as torch's channels_last view: no
+    copy), with running statistics of its own for training to update."""
+
+    def __init__(self, case, torch):
+        self.nhwc = case.layout == "NHWC"
+        self.torch = torch
+        self.x, self.dy = self.tensor(case.x), self.tensor(case.dy)
+        self.w, self.b = torch.from_numpy(case.weight), torch.from_numpy(case.bias)
+        self.running_mean = torch.from_numpy(case.running_mean)
+        self.running_var = torch.from_numpy(case.running_var)
+        self.train_mean = torch.from_numpy(case.running_mean.copy())
+        self.train_var = torch.from_numpy(case.running_var.copy())
+        self.mean, self.invstd = torch.from_numpy(case.mean), torch.from_numpy(case.invstd)
+
+    def tensor(self, a):
+        t = self.torch.from_numpy(a)
+        return t.permute(0, 3, 1, 2) if self.nhwc else t
+
+    def back(self, t):
+        """A result as a NumPy array in the case's layout."""
+        return (t.permute(0, 2, 3, 1) if self.nhwc else t).numpy()
+
+    def forward(self, training):
+        """native_batch_norm's y (running statistics updated when training)."""
+        if training:
+            return self.torch.ops.aten.native_batch_norm(self.x, self.w, self.b, self.train_mean,
+                                                         self.train_var, True, MOMENTUM, EPS)[0]
+        return self.torch.ops.aten.native_batch_norm(self.x, self.w, self.b, self.running_mean,
+                                                     self.running_var, False, MOMENTUM, EPS)[0]
+
+    def backward(self, dy):
+        """native_batch_norm_backward's dx for the gradient dy."""
+        return self.torch.ops.aten.native_batch_norm_backward(
+            dy, self.x, self.w, self.train_mean, self.train_var, self.mean, self.invstd, True,
+            EPS, [True, True, True])[0]
+
+
 def torch_impl(case, torch):
     """torch.ops.aten.native_batch_norm(_backward), the kernels under torch.nn.BatchNorm."""
-    c = case
-
-    def tensor(a):
-        t = torch.from_numpy(a)
-        return t.permute(0, 3, 1, 2) if c.layout == "NHWC" else t   # channels_last: no copy
-
-    x, dy = tensor(c.x), tensor(c.dy)
-    w, b = torch.from_numpy(c.weight), torch.from_numpy(c.bias)
-    rm, rv = torch.from_numpy(c.running_mean.copy()), torch.from_numpy(c.running_var.copy())
-    mean, invstd = torch.from_numpy(c.mean), torch.from_numpy(c.invstd)
-    back = (lambda t: t.permute(0, 2, 3, 1).numpy()) if c.layout == "NHWC" else (lambda t: t.numpy())
-    if c.op == "train":
-        return lambda: back(torch.ops.aten.native_batch_norm(x, w, b, rm, rv, True, MOMENTUM, EPS)[0])
-    if c.op == "infer":
-        rm0, rv0 = torch.from_numpy(c.running_mean), torch.from_numpy(c.running_var)
-        return lambda: back(torch.ops.aten.native_batch_norm(x, w, b, rm0, rv0, False, MOMENTUM, EPS)[0])
-    return lambda: back(torch.ops.aten.native_batch_norm_backward(
-        dy, x, w, rm, rv, mean, invstd, True, EPS, [True, True, True])[0])
+    t = TorchArrays(case, torch)
+    if case.op == "backward":
+        return lambda: t.back(t.backward(t.dy))
+    training = case.op == "train"
+    return lambda: t.back(t.forward(training))
 
 
 def onnxruntime_impl(case, ort, onnx, threads):
@@ -298,22 +323,37 @@ def geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
+def markdown(head, rows):
+    """The lines of a Markdown table."""
+    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def cell_columns(r):
+    return [r["op"], r["layout"], r["dtype"], "x".join(map(str, r["shape"]))]
+
+
+def peer_columns(r, peer):
+    """A peer's time and speedup, or dashes where it has no such op."""
+    if peer not in r["seconds"]:
+        return ["-", "-"]
+    return [f"{r['seconds'][peer] * 1e6:.1f}", f"{r['speedup'][peer]:.2f}"]
+
+
 def table(results):
     peers = [p for p in PEERS if any(p in r["speedup"] for r in results)]
     head = ["op", "layout", "dtype", "shape", "fastbn us", "out= us"]
     for p in peers:
         head += [f"{p} us", f"x{p}"]
     head += ["GB/s", "of limit"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in results:
         t = r["seconds"]
-        row = [r["op"], r["layout"], r["dtype"], "x".join(map(str, r["shape"])),
-               f"{t['fastbn'] * 1e6:.1f}", f"{t['fastbn_out'] * 1e6:.1f}"]
+        row = cell_columns(r) + [f"{t['fastbn'] * 1e6:.1f}", f"{t['fastbn_out'] * 1e6:.1f}"]
         for p in peers:
-            row += ([f"{t[p] * 1e6:.1f}", f"{r['speedup'][p]:.2f}"] if p in t else ["-", "-"])
-        row += [f"{r['gbytes_per_s']:.1f}", f"{r['fraction_of_limit']:.2f}"]
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
+            row += peer_columns(r, p)
+        rows.append(row + [f"{r['gbytes_per_s']:.1f}", f"{r['fraction_of_limit']:.2f}"])
+    lines = markdown(head, rows) + [""]
     for p in peers:
         s = [r["speedup"][p] for r in results if p in r["speedup"]]
         slower = sum(v < 1 for v in s)
@@ -370,13 +410,24 @@ def numpy_activation(activation):
             lambda dy, y, out: np.multiply(dy, 1 - y * y, out=out))
 
 
-def fused_impls(case, activation):
-    """{name: callable} for the fused call, the NumPy composite and the torch composite."""
+class FusedCase(Case):
+    """A cell of the fused bench: a Case with a residual, an activation, and the fused
+    forward's output y that the backwards differentiate."""
+
+    def __init__(self, op, layout, dtype, shape, rng, activation):
+        super().__init__(op, layout, dtype, shape, rng)
+        self.activation = activation
+        self.residual = self.dy[::-1].copy()         # any array of x's shape
+        self.y = batch_norm_train(self.x, self.weight, self.bias, eps=EPS, axis=self.axis,
+                                  residual=self.residual, activation=activation)[0]
+
+
+def fused_impls(case):
+    """{name: callable} for the fused call and the NumPy composite of a FusedCase."""
     c = case
-    residual = c.dy[::-1].copy()         # any array of x's shape
+    residual, activation, y_fused = c.residual, c.activation, c.y
     act, act_grad = numpy_activation(activation)
     fuse = dict(residual=residual, activation=activation)
-    y_fused = batch_norm_train(c.x, c.weight, c.bias, eps=EPS, axis=c.axis, **fuse)[0]
     grad_residual = np.empty_like(c.x)
     impls = {}
     if c.op == "train":
@@ -408,37 +459,23 @@ def fused_impls(case, activation):
     return impls
 
 
-def torch_composite(case, activation, torch):
-    """PyTorch eager: native_batch_norm, add_, relu_/tanh_ (and their backward ops)."""
-    c = case
-
-    def tensor(a):
-        t = torch.from_numpy(a)
-        return t.permute(0, 3, 1, 2) if c.layout == "NHWC" else t
-
-    x, dy, r = tensor(c.x), tensor(c.dy), tensor(c.dy[::-1].copy())
-    w, b = torch.from_numpy(c.weight), torch.from_numpy(c.bias)
-    rm, rv = torch.from_numpy(c.running_mean.copy()), torch.from_numpy(c.running_var.copy())
-    mean, invstd = torch.from_numpy(c.mean), torch.from_numpy(c.invstd)
-    back = (lambda t: t.permute(0, 2, 3, 1).numpy()) if c.layout == "NHWC" else (lambda t: t.numpy())
-    act = torch.relu_ if activation == "relu" else torch.tanh_
-    if c.op == "infer":
-        rm0, rv0 = torch.from_numpy(c.running_mean), torch.from_numpy(c.running_var)
-        return lambda: back(act(torch.ops.aten.native_batch_norm(
-            x, w, b, rm0, rv0, False, MOMENTUM, EPS)[0].add_(r)))
-    if c.op == "train":
-        return lambda: back(act(torch.ops.aten.native_batch_norm(
-            x, w, b, rm, rv, True, MOMENTUM, EPS)[0].add_(r)))
+def torch_composite(case, torch):
+    """PyTorch eager on a FusedCase: native_batch_norm, add_, relu_/tanh_ (and their backward
+    ops)."""
+    t = TorchArrays(case, torch)
+    r = t.tensor(case.residual)
+    if case.op != "backward":
+        act = torch.relu_ if case.activation == "relu" else torch.tanh_
+        training = case.op == "train"
+        return lambda: t.back(act(t.forward(training).add_(r)))
     # the backward of the same y as fastbn's (a y of torch's own may differ in the last bit
     # and so cross zero elsewhere, which changes relu's mask there)
-    y = tensor(batch_norm_train(c.x, c.weight, c.bias, eps=EPS, axis=c.axis,
-                                residual=c.dy[::-1].copy(), activation=activation)[0])
-    if activation == "relu":
-        act_backward = lambda: torch.ops.aten.threshold_backward(dy, y, 0)
+    y = t.tensor(case.y)
+    if case.activation == "relu":
+        act_backward = lambda: torch.ops.aten.threshold_backward(t.dy, y, 0)
     else:
-        act_backward = lambda: torch.ops.aten.tanh_backward(dy, y)
-    return lambda: back(torch.ops.aten.native_batch_norm_backward(
-        act_backward(), x, w, rm, rv, mean, invstd, True, EPS, [True, True, True])[0])
+        act_backward = lambda: torch.ops.aten.tanh_backward(t.dy, y)
+    return lambda: t.back(t.backward(act_backward()))
 
 
 def fused_run(shapes, threads, seconds, progress=sys.stderr):
@@ -453,10 +490,10 @@ def fused_run(shapes, threads, seconds, progress=sys.stderr):
              for dtype in DTYPES for act in FUSED_ACTIVATIONS for op in OPS]
     results = []
     for i, (op, layout, dtype, shape, activation) in enumerate(cells, 1):
-        case = Case(op, layout, dtype, shape, rng)
-        fns = fused_impls(case, activation)
+        case = FusedCase(op, layout, dtype, shape, rng, activation)
+        fns = fused_impls(case)
         if torch is not None:
-            fns["torch"] = torch_composite(case, activation, torch)
+            fns["torch"] = torch_composite(case, torch)
         fns["copy"] = lambda: _kernels.parallel_copy(case.x, case.copy_dst)
         print(f"[{i}/{len(cells)}] {case.name} {activation:5}", end="", file=progress,
               flush=True)
@@ -482,17 +519,12 @@ def fused_table(results):
     with_torch = any("torch" in r["seconds"] for r in results)
     head = ["op", "layout", "dtype", "shape", "activation", "fused us", "composite us",
             "x composite", "passes saved"] + (["torch us", "x torch"] if with_torch else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in results:
-        t = r["seconds"]
-        row = [r["op"], r["layout"], r["dtype"], "x".join(map(str, r["shape"])),
-               r["activation"], f"{t['fused'] * 1e6:.1f}", f"{t['composite'] * 1e6:.1f}",
-               f"{r['speedup']['composite']:.2f}", f"{r['passes_saved']:.1f}"]
-        if with_torch:
-            row += ([f"{t['torch'] * 1e6:.1f}", f"{r['speedup']['torch']:.2f}"] if "torch" in t
-                    else ["-", "-"])
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
+        row = cell_columns(r) + [r["activation"], f"{r['seconds']['fused'] * 1e6:.1f}",
+                                 *peer_columns(r, "composite"), f"{r['passes_saved']:.1f}"]
+        rows.append(row + (peer_columns(r, "torch") if with_torch else []))
+    lines = markdown(head, rows) + [""]
     for peer in ("composite", "torch"):
         s = [r["speedup"][peer] for r in results if peer in r["speedup"]]
         if s:
