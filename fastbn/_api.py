@@ -281,12 +281,10 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
     updated in place: r = (1 - momentum) * r + momentum * batch, with the unbiased variance
     n / (n - 1) for running_var (PyTorch's convention).
     """
-    fused = residual is not None or activation is not None
-    if not fused:
-        result = _kernels.train_common(x, weight, bias, eps, axis, running_mean, running_var,
-                                       momentum, out)
-        if result is not None:
-            return result
+    result = _kernels.train_common(x, weight, bias, eps, axis, running_mean, running_var,
+                                   momentum, out, residual, activation, negative_slope)
+    if result is not None:
+        return result
     x, axis = _check_x(x, axis)
     C = x.shape[axis]
     weight = _channel_vector(weight, "weight", C, x.dtype)
@@ -327,11 +325,10 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, per channel; fused,
     y = act(that + residual) in the same pass (as in batch_norm_train).
     """
-    fused = residual is not None or activation is not None
-    if not fused:
-        y = _kernels.infer_common(x, running_mean, running_var, weight, bias, eps, axis, out)
-        if y is not None:
-            return y
+    y = _kernels.infer_common(x, running_mean, running_var, weight, bias, eps, axis, out,
+                              residual, activation, negative_slope)
+    if y is not None:
+        return y
     x, axis = _check_x(x, axis)
     C = x.shape[axis]
     if running_mean is None or running_var is None:

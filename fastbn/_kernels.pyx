@@ -881,7 +881,8 @@ def empty(shape, dtype):
 # Per-call cost matters for small tensors (edge inference is often batch 1). These functions
 # take the common call -- C-contiguous float32/float64 ndarrays, per-channel arrays of x's
 # dtype, a plain float eps/momentum, out= absent, the input itself, or a C-contiguous array
-# that does not overlap the inputs -- with cheap C-level checks, and return
+# that does not overlap the inputs; in the forward, a residual of the same kind that out does
+# not overlap and a known activation -- with cheap C-level checks, and return
 # None for anything else. They accept only calls that fastbn._api's full checks would pass
 # unchanged; _api owns the error messages and the conversions.
 
@@ -954,6 +955,26 @@ cdef inline bint plain_out(object out, cnp.ndarray x, int typenum):
     return out is x or disjoint(<cnp.ndarray>out, x)
 
 
+cdef inline bint plain_fusion(object residual, object activation, object negative_slope,
+                              cnp.ndarray x, object out, int typenum, int *act, double *slope):
+    """residual is None, or a plain array like x that out does not overlap; activation is
+    None or a name in ACTIVATIONS; negative_slope is a float that is not NaN. The kernel's
+    activation code and slope go to act and slope."""
+    if residual is not None:
+        if not (plain_array(residual, typenum)
+                and cnp.PyArray_SAMESHAPE(<cnp.ndarray>residual, x)):
+            return False
+        if out is not None and not disjoint(<cnp.ndarray>out, <cnp.ndarray>residual):
+            return False
+    if activation is not None and (type(activation) is not str or activation not in ACTIVATIONS):
+        return False
+    if not plain_float(negative_slope, -INFINITY, INFINITY):
+        return False
+    act[0] = ACTIVATIONS[activation]
+    slope[0] = <double>negative_slope
+    return True
+
+
 cdef inline cnp.ndarray output_for(cnp.ndarray x, object out):
     """out, or a new array like x."""
     if out is not None:
@@ -971,8 +992,10 @@ cdef int plain_call(object x, object axis, object out, int *typenum):
     return plain_axis(axis, cnp.PyArray_NDIM(<cnp.ndarray>x))
 
 
-def infer_common(x, running_mean, running_var, weight, bias, eps, axis, out):
-    cdef int t
+def infer_common(x, running_mean, running_var, weight, bias, eps, axis, out, residual,
+                 activation, negative_slope):
+    cdef int t, act
+    cdef double slope
     cdef int ax = plain_call(x, axis, out, &t)
     if ax < 0:
         return None
@@ -980,24 +1003,29 @@ def infer_common(x, running_mean, running_var, weight, bias, eps, axis, out):
     cdef Py_ssize_t C = cnp.PyArray_DIM(xa, ax)
     if not (channel_vector(running_mean, t, C, False) and channel_vector(running_var, t, C, False)
             and channel_vector(weight, t, C, True) and channel_vector(bias, t, C, True)
-            and plain_float(eps, 0.0, INFINITY)):
+            and plain_float(eps, 0.0, INFINITY)
+            and plain_fusion(residual, activation, negative_slope, xa, out, t, &act, &slope)):
         return None
     cdef Py_ssize_t outer, inner
     outer_inner(xa, ax, &outer, &inner)
     cdef cnp.ndarray y = output_for(xa, out)
-    forward_infer(xa, y, outer, C, inner, running_mean, running_var, weight, bias, eps)
+    forward_infer(xa, y, outer, C, inner, running_mean, running_var, weight, bias, eps,
+                  residual, act, slope)
     return y
 
 
-def train_common(x, weight, bias, eps, axis, running_mean, running_var, momentum, out):
-    cdef int t
+def train_common(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
+                 residual, activation, negative_slope):
+    cdef int t, act
+    cdef double slope
     cdef int ax = plain_call(x, axis, out, &t)
     if ax < 0:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef Py_ssize_t C = cnp.PyArray_DIM(xa, ax)
     if not (channel_vector(weight, t, C, True) and channel_vector(bias, t, C, True)
-            and plain_float(eps, 0.0, INFINITY) and plain_float(momentum, 0.0, 1.0)):
+            and plain_float(eps, 0.0, INFINITY) and plain_float(momentum, 0.0, 1.0)
+            and plain_fusion(residual, activation, negative_slope, xa, out, t, &act, &slope)):
         return None
     if (running_mean is None) != (running_var is None):
         return None
@@ -1015,7 +1043,7 @@ def train_common(x, weight, bias, eps, axis, running_mean, running_var, momentum
     cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &c_dim, t, 0)
     cdef cnp.ndarray invstd = cnp.PyArray_EMPTY(1, &c_dim, t, 0)
     forward_train(xa, y, outer, C, inner, weight, bias, eps, running_mean, running_var,
-                  momentum, mean, invstd)
+                  momentum, mean, invstd, residual, act, slope)
     return y, mean, invstd
 
 
