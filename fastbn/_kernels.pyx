@@ -24,6 +24,13 @@ cdef enum:
     MIN_BLOCK_ROWS = 16   # channels-last statistics blocks: rows at least,
     MAX_BLOCK_ROWS = 64   # and at most, unless FBN_BLOCK values need more
     STREAMING_BYTES = 16 << 20   # arrays this large stream from memory (L3 is 32 MB here)
+    # Channels-first channels small enough are taken GROUP_BYTES of data at a time: every
+    # channel's statistics, then every channel's coefficients, then every channel's output.
+    # A channel's coefficients are a chain of divisions and a square root (~60 cycles of
+    # latency) that the core overlaps across the channels of a group, not across a statistics
+    # pass; for a 49-value channel that chain took as long as its statistics.
+    GROUP_BYTES = 16384
+    MAX_GROUP = 32
     # Total values under which one thread does everything: a fork/join costs ~1.5 us here.
     # Measured on 2 cores (1 vs 2 threads): two threads win from ~8-16K values for the
     # statistics ops, from ~32K for a single elementwise pass.
@@ -126,6 +133,7 @@ cdef struct Plan:
     Py_ssize_t count       # values per channel: outer * inner
     Py_ssize_t nchunks     # channels-first: chunks per channel (of positions);
                            # channels-last: chunks of row blocks. One chunk = one work item.
+    Py_ssize_t group       # channels-first, one chunk per channel: channels per work item
     Py_ssize_t block_rows  # channels-last: rows per statistics block
     Py_ssize_t nblocks     # channels-last: row blocks
     int row_step           # channels-last: rows per step (4 in cache, 1 streaming)
@@ -147,6 +155,7 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
         # split channels into chunks only when they are too few to feed the threads
         p.block_rows = p.nblocks = 0
         p.nchunks = max(1, min(ceil_div(MAX_CHUNKS, C), p.count // MIN_CHUNK))
+        p.group = max(1, min(MAX_GROUP, GROUP_BYTES // (p.count * itemsize)))
     else:
         # Each block costs ~15 operations per channel besides its rows (shift, merge): blocks of
         # up to MAX_BLOCK_ROWS rows amortize that, while leaving ~MAX_CHUNKS chunks to share.
@@ -154,6 +163,7 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
                            min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, outer // MAX_CHUNKS)))
         p.nblocks = ceil_div(outer, p.block_rows)
         p.nchunks = max(1, min(MAX_CHUNKS, p.nblocks, outer * C // MIN_CHUNK))
+        p.group = 1
     # a shape-only choice (like everything in the plan), so results stay the same bits
     p.row_step = 1 if outer * C * inner * itemsize >= STREAMING_BYTES else 4
     return p
@@ -163,7 +173,8 @@ def plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize=4
     """The work split for an (outer, C, inner) problem, as a dict (for tests and benchmarks)."""
     cdef Plan p = make_plan(outer, C, inner, itemsize)
     return {"family": "channels_first" if inner > 1 else "channels_last",
-            "nchunks": p.nchunks, "block_rows": p.block_rows, "row_step": p.row_step,
+            "nchunks": p.nchunks, "group": p.group, "block_rows": p.block_rows,
+            "row_step": p.row_step,
             "threads": threads_for(outer * C * inner, SERIAL_BELOW_STATS),
             "threads_infer": threads_for(outer * C * inner, SERIAL_BELOW_PASS)}
 
@@ -171,6 +182,10 @@ def plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize=4
 cdef inline void chunk_range(Py_ssize_t total, Py_ssize_t k, Py_ssize_t nchunks,
                              Py_ssize_t *first, Py_ssize_t *last) noexcept nogil:
     """[first, last) of chunk k when total items are cut into nchunks near-equal chunks."""
+    if nchunks == 1:             # no divisions: once per channel for small channels
+        first[0] = 0
+        last[0] = total
+        return
     first[0] = k * total // nchunks
     last[0] = (k + 1) * total // nchunks
 
@@ -210,7 +225,7 @@ cdef inline const floating *residual_at(const Epilogue *ep, floating *like,
         return NULL
     return <const floating *>ep.residual + offset
 
-cdef void finish_train_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_moments m,
+cdef inline void finish_train_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_moments m,
                                const TrainArgs *a) noexcept nogil:
     """Channel c's coefficients, saved mean and invstd, and running statistics."""
     cdef double gamma = 1.0 if a.weight == NULL else (<const floating *>a.weight)[c]
@@ -327,18 +342,15 @@ cdef struct Work:
 
 cdef int alloc_work(Work *w, const Plan *p, int nthreads, size_t cf_part_bytes,
                     Py_ssize_t cl_part_doubles) noexcept nogil:
-    """Buffers of the paths that merge chunk results (none for the fused channels-first path).
+    """Buffers for the chunk results (channels-first: one per channel and chunk).
     -1, with nothing left allocated, when out of memory."""
     cdef Py_ssize_t C = p.C, K = p.nchunks
     w.parts = NULL
     w.cl_parts = NULL
     w.scratch = NULL
     if p.inner > 1:
-        if K > 1:
-            w.parts = malloc(C * K * cf_part_bytes)
-            if w.parts == NULL:
-                return -1
-        return 0
+        w.parts = malloc(C * K * cf_part_bytes)
+        return -1 if w.parts == NULL else 0
     w.cl_parts = <double *>malloc(K * cl_part_doubles * sizeof(double))
     w.scratch = <double *>malloc(nthreads * 3 * C * sizeof(double))
     if w.cl_parts == NULL or w.scratch == NULL:
@@ -362,6 +374,7 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
     cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, i, t
     cdef Py_ssize_t nmerge = ceil_div(C, MERGE_CHANNELS)
     cdef bint fused = p.inner > 1 and K == 1
+    cdef Py_ssize_t ngroups = ceil_div(C, p.group), c1
     cdef Work w
     cdef fbn_moments *parts           # channels-first: parts[c*K + k]
     cdef double *cl_parts             # channels-last: chunk k at k * CL_PART(C)
@@ -376,13 +389,19 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
 
     with parallel(num_threads=nthreads, use_threads_if=nthreads > 1):
         if fused:
-            # One channel per work item: its statistics, then y while it is in cache.
-            for c in prange(C, schedule='static'):
-                finish_train_channel(coef, C, c, cf_chunk_moments(x, p, c, 0), a)
-                normalize_channel(x + c * p.inner, residual_at(ep, y, c * p.inner),
-                                  y + c * p.inner, C * p.inner, p.inner, 0, p.count, coef[c],
-                                  coef[C + c], coef[2 * C + c], ep.activation,
-                                  <floating>ep.negative_slope)
+            # One group of channels per work item: their statistics, their coefficients,
+            # then their y while the group is in cache.
+            for i in prange(ngroups, schedule='static'):
+                c1 = min(C, (i + 1) * p.group)
+                for c in range(i * p.group, c1):
+                    parts[c] = cf_chunk_moments(x, p, c, 0)
+                for c in range(i * p.group, c1):
+                    finish_train_channel(coef, C, c, parts[c], a)
+                for c in range(i * p.group, c1):
+                    normalize_channel(x + c * p.inner, residual_at(ep, y, c * p.inner),
+                                      y + c * p.inner, C * p.inner, p.inner, 0, p.count, coef[c],
+                                      coef[C + c], coef[2 * C + c], ep.activation,
+                                      <floating>ep.negative_slope)
         elif p.inner > 1:
             for i in prange(C * K, schedule='static'):
                 parts[i] = cf_chunk_moments(x, p, i // K, i % K)
@@ -446,7 +465,7 @@ cdef struct GradArgs:
 #     dx = k_dy[c] * (dy - g[c]) + k_xc[c] * (x - h[c]) + k_0[c]      (see kernels_impl.h)
 # (backward_impl keeps the C dy shifts q after them)
 
-cdef void finish_grad_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_grad_sums s,
+cdef inline void finish_grad_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_grad_sums s,
                               double count, double q, const GradArgs *a) noexcept nogil:
     """Channel c's gradient coefficients, dweight and dbias, from its sums around the saved
     mean and the dy value q."""
@@ -560,6 +579,7 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
     cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, i, t
     cdef Py_ssize_t nmerge = ceil_div(C, MERGE_CHANNELS)
     cdef bint fused = p.inner > 1 and K == 1
+    cdef Py_ssize_t ngroups = ceil_div(C, p.group), c1
     cdef const floating *mean = <const floating *>args.mean
     # the dx pass reads g: the fused sums pass wrote it to grad
     cdef const floating *g = dy if args.grad == NULL else <const floating *>args.grad
@@ -580,13 +600,19 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
 
     with parallel(num_threads=nthreads, use_threads_if=nthreads > 1):
         if fused:
-            # One channel per work item: its sums, then dx while it is in cache.
-            for c in prange(C, schedule='static'):
-                finish_grad_channel(coef, C, c, cf_chunk_grad_sums(dy, x, p, c, 0, mean[c], &a),
-                                    <double>p.count, coef[GRAD_COEFS * C + c], &a)
-                grad_input_channel(g + c * p.inner, x + c * p.inner, dx + c * p.inner,
-                                   C * p.inner, p.inner, 0, p.count, coef[c], coef[C + c],
-                                   coef[2 * C + c], coef[3 * C + c], coef[4 * C + c])
+            # One group of channels per work item (as in forward_train_impl): their sums,
+            # their coefficients, then their dx while the group is in cache.
+            for i in prange(ngroups, schedule='static'):
+                c1 = min(C, (i + 1) * p.group)
+                for c in range(i * p.group, c1):
+                    parts[c] = cf_chunk_grad_sums(dy, x, p, c, 0, mean[c], &a)
+                for c in range(i * p.group, c1):
+                    finish_grad_channel(coef, C, c, parts[c], <double>p.count,
+                                        coef[GRAD_COEFS * C + c], &a)
+                for c in range(i * p.group, c1):
+                    grad_input_channel(g + c * p.inner, x + c * p.inner, dx + c * p.inner,
+                                       C * p.inner, p.inner, 0, p.count, coef[c], coef[C + c],
+                                       coef[2 * C + c], coef[3 * C + c], coef[4 * C + c])
         elif p.inner > 1:
             for i in prange(C * K, schedule='static'):
                 parts[i] = cf_chunk_grad_sums(dy, x, p, i // K, i % K, mean[i // K], &a)

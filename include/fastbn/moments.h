@@ -25,6 +25,17 @@ typedef struct {
     double m2;
 } fbn_moments;
 
+/* Partial sums per segment (see sum_segment in kernels_impl.h), added as a tree */
+#define FBN_LANES 16
+
+/* The lanes added as a tree: lane j + 8 onto lane j, then pairs 4 apart, 2 apart, 1 apart */
+static inline double fbn_lane_total(const double *lane)
+{
+    double t[8];
+    for (int j = 0; j < 8; ++j) t[j] = lane[j] + lane[j + 8];
+    return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
+}
+
 static const fbn_moments fbn_moments_empty = {0.0, 0.0, 0.0, 0.0};
 
 /* a <- a (+) b for one channel, Chan, Golub & LeVeque's pairwise update:
