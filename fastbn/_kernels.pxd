@@ -46,11 +46,11 @@ cdef extern from "fastbn/platform.h" nogil:
                                         fbn_index e0, fbn_index e1)
     void fbn_normalize_channel_f32(const float *x, const float *r, float *y, fbn_index stride,
                                    fbn_index len, fbn_index e0, fbn_index e1, float hi,
-                                   float scale, float offset, int act, float slope)
+                                   float scale, float offset, int act, float slope, int stream)
     void fbn_normalize_channel_f64(const double *x, const double *r, double *y,
                                    fbn_index stride, fbn_index len, fbn_index e0, fbn_index e1,
                                    double hi, double scale, double offset, int act,
-                                   double slope)
+                                   double slope, int stream)
     fbn_grad_sums fbn_grad_sums_channel_f32(const float *dy, const float *x, fbn_index stride,
                                             fbn_index len, fbn_index e0, fbn_index e1,
                                             double m, double q, const float *y, float *g,
@@ -61,11 +61,12 @@ cdef extern from "fastbn/platform.h" nogil:
                                             double *g, int act, double slope)
     void fbn_normalize_span_f32(const float *x, const float *r, float *y, fbn_index C,
                                 fbn_index len, fbn_index p0, fbn_index p1, const float *hi,
-                                const float *scale, const float *offset, int act, float slope)
+                                const float *scale, const float *offset, int act, float slope,
+                                int stream)
     void fbn_normalize_span_f64(const double *x, const double *r, double *y, fbn_index C,
                                 fbn_index len, fbn_index p0, fbn_index p1, const double *hi,
                                 const double *scale, const double *offset, int act,
-                                double slope)
+                                double slope, int stream)
     float fbn_act_grad_value_f32(float dy, float y, int act, float slope)
     double fbn_act_grad_value_f64(double dy, double y, int act, double slope)
     void fbn_moments_rows_chunk_f32(const float *x, fbn_index nrows, fbn_index C,
@@ -84,10 +85,10 @@ cdef extern from "fastbn/platform.h" nogil:
                                       double slope)
     void fbn_normalize_rows_f32(const float *x, const float *r, float *y, fbn_index nrows,
                                 fbn_index C, int step, const float *hi, const float *scale,
-                                const float *offset, int act, float slope)
+                                const float *offset, int act, float slope, int stream)
     void fbn_normalize_rows_f64(const double *x, const double *r, double *y, fbn_index nrows,
                                 fbn_index C, int step, const double *hi, const double *scale,
-                                const double *offset, int act, double slope)
+                                const double *offset, int act, double slope, int stream)
     double fbn_train_coefficients_f32(fbn_moments m, double eps, double gamma, double beta,
                                       float *hi, float *scale, float *offset)
     double fbn_train_coefficients_f64(fbn_moments m, double eps, double gamma, double beta,
@@ -104,25 +105,27 @@ cdef extern from "fastbn/platform.h" nogil:
                                 double momentum)
     void fbn_grad_input_channel_f32(const float *dy, const float *x, float *dx, fbn_index stride,
                                     fbn_index len, fbn_index e0, fbn_index e1, float h, float g,
-                                    float k_dy, float k_xc, float k_0)
+                                    float k_dy, float k_xc, float k_0, int stream)
     void fbn_grad_input_channel_f64(const double *dy, const double *x, double *dx,
                                     fbn_index stride, fbn_index len, fbn_index e0, fbn_index e1,
-                                    double h, double g, double k_dy, double k_xc, double k_0)
+                                    double h, double g, double k_dy, double k_xc, double k_0,
+                                    int stream)
     void fbn_grad_input_span_f32(const float *dy, const float *x, float *dx, fbn_index C,
                                  fbn_index len, fbn_index p0, fbn_index p1, const float *h,
                                  const float *g, const float *k_dy, const float *k_xc,
-                                 const float *k_0)
+                                 const float *k_0, int stream)
     void fbn_grad_input_span_f64(const double *dy, const double *x, double *dx, fbn_index C,
                                  fbn_index len, fbn_index p0, fbn_index p1, const double *h,
                                  const double *g, const double *k_dy, const double *k_xc,
-                                 const double *k_0)
+                                 const double *k_0, int stream)
     void fbn_grad_input_rows_f32(const float *dy, const float *x, float *dx, fbn_index nrows,
                                  fbn_index C, int step, const float *h, const float *g,
-                                 const float *k_dy, const float *k_xc, const float *k_0)
+                                 const float *k_dy, const float *k_xc, const float *k_0,
+                                 int stream)
     void fbn_grad_input_rows_f64(const double *dy, const double *x, double *dx,
                                  fbn_index nrows, fbn_index C, int step, const double *h,
                                  const double *g, const double *k_dy, const double *k_xc,
-                                 const double *k_0)
+                                 const double *k_0, int stream)
     void fbn_grad_coefficients_f32(fbn_grad_sums s, double count, double m, double q, double invstd,
                                    double gamma, float *h, float *g, float *k_dy, float *k_xc,
                                    float *k_0, double *dweight, double *dbias)
@@ -142,11 +145,13 @@ cdef inline fbn_moments moments_channel(const floating *x, fbn_index stride, fbn
 cdef inline void normalize_channel(const floating *x, const floating *r, floating *y,
                                    fbn_index stride, fbn_index len, fbn_index e0, fbn_index e1,
                                    floating hi, floating scale, floating offset, int act,
-                                   floating slope) noexcept nogil:
+                                   floating slope, int stream) noexcept nogil:
     if floating is float:
-        fbn_normalize_channel_f32(x, r, y, stride, len, e0, e1, hi, scale, offset, act, slope)
+        fbn_normalize_channel_f32(x, r, y, stride, len, e0, e1, hi, scale, offset, act, slope,
+                                  stream)
     else:
-        fbn_normalize_channel_f64(x, r, y, stride, len, e0, e1, hi, scale, offset, act, slope)
+        fbn_normalize_channel_f64(x, r, y, stride, len, e0, e1, hi, scale, offset, act, slope,
+                                  stream)
 
 
 cdef inline fbn_grad_sums grad_sums_channel(const floating *dy, const floating *x,
@@ -163,11 +168,11 @@ cdef inline fbn_grad_sums grad_sums_channel(const floating *dy, const floating *
 cdef inline void normalize_span(const floating *x, const floating *r, floating *y, fbn_index C,
                                 fbn_index len, fbn_index p0, fbn_index p1, const floating *hi,
                                 const floating *scale, const floating *offset, int act,
-                                floating slope) noexcept nogil:
+                                floating slope, int stream) noexcept nogil:
     if floating is float:
-        fbn_normalize_span_f32(x, r, y, C, len, p0, p1, hi, scale, offset, act, slope)
+        fbn_normalize_span_f32(x, r, y, C, len, p0, p1, hi, scale, offset, act, slope, stream)
     else:
-        fbn_normalize_span_f64(x, r, y, C, len, p0, p1, hi, scale, offset, act, slope)
+        fbn_normalize_span_f64(x, r, y, C, len, p0, p1, hi, scale, offset, act, slope, stream)
 
 
 cdef inline floating act_grad_value(floating dy, floating y, int act,
@@ -201,11 +206,11 @@ cdef inline void grad_sums_rows_chunk(const floating *dy, const floating *x, fbn
 cdef inline void normalize_rows(const floating *x, const floating *r, floating *y,
                                 fbn_index nrows, fbn_index C, int step, const floating *hi,
                                 const floating *scale, const floating *offset, int act,
-                                floating slope) noexcept nogil:
+                                floating slope, int stream) noexcept nogil:
     if floating is float:
-        fbn_normalize_rows_f32(x, r, y, nrows, C, step, hi, scale, offset, act, slope)
+        fbn_normalize_rows_f32(x, r, y, nrows, C, step, hi, scale, offset, act, slope, stream)
     else:
-        fbn_normalize_rows_f64(x, r, y, nrows, C, step, hi, scale, offset, act, slope)
+        fbn_normalize_rows_f64(x, r, y, nrows, C, step, hi, scale, offset, act, slope, stream)
 
 
 
@@ -239,29 +244,32 @@ cdef inline void update_running(floating *running_mean, floating *running_var, f
 cdef inline void grad_input_channel(const floating *dy, const floating *x, floating *dx,
                                     fbn_index stride, fbn_index len, fbn_index e0, fbn_index e1,
                                     floating h, floating g, floating k_dy, floating k_xc,
-                                    floating k_0) noexcept nogil:
+                                    floating k_0, int stream) noexcept nogil:
     if floating is float:
-        fbn_grad_input_channel_f32(dy, x, dx, stride, len, e0, e1, h, g, k_dy, k_xc, k_0)
+        fbn_grad_input_channel_f32(dy, x, dx, stride, len, e0, e1, h, g, k_dy, k_xc, k_0,
+                                   stream)
     else:
-        fbn_grad_input_channel_f64(dy, x, dx, stride, len, e0, e1, h, g, k_dy, k_xc, k_0)
+        fbn_grad_input_channel_f64(dy, x, dx, stride, len, e0, e1, h, g, k_dy, k_xc, k_0,
+                                   stream)
 
 cdef inline void grad_input_span(const floating *dy, const floating *x, floating *dx,
                                  fbn_index C, fbn_index len, fbn_index p0, fbn_index p1,
                                  const floating *h, const floating *g, const floating *k_dy,
-                                 const floating *k_xc, const floating *k_0) noexcept nogil:
+                                 const floating *k_xc, const floating *k_0,
+                                 int stream) noexcept nogil:
     if floating is float:
-        fbn_grad_input_span_f32(dy, x, dx, C, len, p0, p1, h, g, k_dy, k_xc, k_0)
+        fbn_grad_input_span_f32(dy, x, dx, C, len, p0, p1, h, g, k_dy, k_xc, k_0, stream)
     else:
-        fbn_grad_input_span_f64(dy, x, dx, C, len, p0, p1, h, g, k_dy, k_xc, k_0)
+        fbn_grad_input_span_f64(dy, x, dx, C, len, p0, p1, h, g, k_dy, k_xc, k_0, stream)
 
 cdef inline void grad_input_rows(const floating *dy, const floating *x, floating *dx,
                                  fbn_index nrows, fbn_index C, int step, const floating *h,
                                  const floating *g, const floating *k_dy, const floating *k_xc,
-                                 const floating *k_0) noexcept nogil:
+                                 const floating *k_0, int stream) noexcept nogil:
     if floating is float:
-        fbn_grad_input_rows_f32(dy, x, dx, nrows, C, step, h, g, k_dy, k_xc, k_0)
+        fbn_grad_input_rows_f32(dy, x, dx, nrows, C, step, h, g, k_dy, k_xc, k_0, stream)
     else:
-        fbn_grad_input_rows_f64(dy, x, dx, nrows, C, step, h, g, k_dy, k_xc, k_0)
+        fbn_grad_input_rows_f64(dy, x, dx, nrows, C, step, h, g, k_dy, k_xc, k_0, stream)
 
 cdef inline void grad_coefficients(fbn_grad_sums s, double count, double m, double q, double invstd,
                                    double gamma, floating *h, floating *g, floating *k_dy,

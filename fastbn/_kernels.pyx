@@ -24,6 +24,10 @@ cdef enum:
     MIN_BLOCK_ROWS = 16   # channels-last statistics blocks: rows at least,
     MAX_BLOCK_ROWS = 64   # and at most, unless FBN_BLOCK values need more
     STREAMING_BYTES = 16 << 20   # arrays this large stream from memory (L3 is 32 MB here)
+    # Outputs this large take non-temporal stores (kernels_impl.h): a smaller output may
+    # still be in cache for whoever reads it next (the 25.7 MB float32 (32,64,56,56) lost
+    # up to 1.6x with them in a loop that re-reads it, where float64 gained 1.2-2.3x)
+    STREAM_STORE_BYTES = 32 << 20
     # Channels-first channels small enough are taken GROUP_BYTES of data at a time: every
     # channel's statistics, then every channel's coefficients, then every channel's output.
     # A channel's coefficients are a chain of divisions and a square root (~60 cycles of
@@ -137,10 +141,23 @@ cdef struct Plan:
     Py_ssize_t block_rows  # channels-last: rows per statistics block
     Py_ssize_t nblocks     # channels-last: row blocks
     int row_step           # channels-last: rows per step (4 in cache, 1 streaming)
+    int stream             # arrays too large for cache: outputs take streaming stores
 
 
 cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
+
+
+cdef Py_ssize_t _stream_store_bytes = STREAM_STORE_BYTES
+
+
+def _set_stream_store_bytes(Py_ssize_t nbytes):
+    """Tests: outputs of at least nbytes take streaming stores from now on (-1: the default).
+    Returns the previous threshold."""
+    global _stream_store_bytes
+    previous = _stream_store_bytes
+    _stream_store_bytes = STREAM_STORE_BYTES if nbytes < 0 else nbytes
+    return previous
 
 
 cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
@@ -166,6 +183,7 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
         p.group = 1
     # a shape-only choice (like everything in the plan), so results stay the same bits
     p.row_step = 1 if outer * C * inner * itemsize >= STREAMING_BYTES else 4
+    p.stream = outer * C * inner * itemsize >= _stream_store_bytes
     return p
 
 
@@ -174,7 +192,7 @@ def plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize=4
     cdef Plan p = make_plan(outer, C, inner, itemsize)
     return {"family": "channels_first" if inner > 1 else "channels_last",
             "nchunks": p.nchunks, "group": p.group, "block_rows": p.block_rows,
-            "row_step": p.row_step,
+            "row_step": p.row_step, "stream": bool(p.stream),
             "threads": threads_for(outer * C * inner, SERIAL_BELOW_STATS),
             "threads_infer": threads_for(outer * C * inner, SERIAL_BELOW_PASS)}
 
@@ -277,12 +295,12 @@ cdef void normalize_part(const floating *x, floating *y, const Plan *p, const fl
     if p.inner > 1:
         chunk_range(p.outer * C * p.inner, t, nparts, &start, &stop)
         normalize_span(x, residual_at(ep, y, 0), y, C, p.inner, start, stop, coef, coef + C,
-                       coef + 2 * C, ep.activation, slope)
+                       coef + 2 * C, ep.activation, slope, p.stream)
     else:
         chunk_range(p.outer, t, nparts, &start, &stop)
         normalize_rows(x + start * C, residual_at(ep, y, start * C), y + start * C,
                        stop - start, C, p.row_step, coef, coef + C, coef + 2 * C, ep.activation,
-                       slope)
+                       slope, p.stream)
 
 
 cdef void normalize(const floating *x, floating *y, const Plan *p, const floating *coef,
@@ -401,7 +419,7 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
                     normalize_channel(x + c * p.inner, residual_at(ep, y, c * p.inner),
                                       y + c * p.inner, C * p.inner, p.inner, 0, p.count, coef[c],
                                       coef[C + c], coef[2 * C + c], ep.activation,
-                                      <floating>ep.negative_slope)
+                                      <floating>ep.negative_slope, p.stream)
         elif p.inner > 1:
             for i in prange(C * K, schedule='static'):
                 parts[i] = cf_chunk_moments(x, p, i // K, i % K)
@@ -538,11 +556,12 @@ cdef void grad_input_part(const floating *dy, const floating *x, floating *dx, c
     if p.inner > 1:
         chunk_range(p.outer * C * p.inner, t, nparts, &start, &stop)
         grad_input_span(dy, x, dx, C, p.inner, start, stop, coef, coef + C, coef + 2 * C,
-                        coef + 3 * C, coef + 4 * C)
+                        coef + 3 * C, coef + 4 * C, p.stream)
     else:
         chunk_range(p.outer, t, nparts, &start, &stop)
         grad_input_rows(dy + start * C, x + start * C, dx + start * C, stop - start, C,
-                        p.row_step, coef, coef + C, coef + 2 * C, coef + 3 * C, coef + 4 * C)
+                        p.row_step, coef, coef + C, coef + 2 * C, coef + 3 * C, coef + 4 * C,
+                        p.stream)
 
 
 cdef void merge_grad(const fbn_grad_sums *parts, Py_ssize_t K, const Plan *p, Py_ssize_t c,
@@ -612,7 +631,8 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
                 for c in range(i * p.group, c1):
                     grad_input_channel(g + c * p.inner, x + c * p.inner, dx + c * p.inner,
                                        C * p.inner, p.inner, 0, p.count, coef[c], coef[C + c],
-                                       coef[2 * C + c], coef[3 * C + c], coef[4 * C + c])
+                                       coef[2 * C + c], coef[3 * C + c], coef[4 * C + c],
+                                       p.stream)
         elif p.inner > 1:
             for i in prange(C * K, schedule='static'):
                 parts[i] = cf_chunk_grad_sums(dy, x, p, i // K, i % K, mean[i // K], &a)

@@ -87,6 +87,19 @@
         }                                                                                \
     } while (0)
 
+/* Streaming stores (stream_head and the *_stream segments in kernels_impl.h): GCC's and
+ * clang's vector extensions with SSE2's non-temporal store, which every x86-64 clone has.
+ * Elsewhere the streaming segments are the plain ones. */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__SSE2__) && !defined(FBN_NO_STREAM)
+#  include <emmintrin.h>
+#  include <stdint.h>
+#  include <string.h>
+#  define FBN_STREAM 1
+#  define fbn_stream_fence() _mm_sfence()   /* streaming stores are weakly ordered */
+#else
+#  define fbn_stream_fence() ((void)0)
+#endif
+
 #define FBN_T float
 #define FBN_FN(name) fbn_##name##_f32
 #define FBN_TANH fbn_tanhf

@@ -113,6 +113,104 @@ FBN_SEGMENT void FBN_FN(grad_input_segment)(const T *dy, const T *x, T *dx, fbn_
         dx[i] = FBN_FN(grad_input_value)(dy[i], x[i], h, g, k_dy, k_xc, k_0);
 }
 
+/* Streaming segments, for outputs too large to stay in cache (the plan's streaming arrays):
+ * non-temporal stores skip the read of each output line that a normal store makes first
+ * (write-allocate), one memory transfer per line instead of two. Values before y's first
+ * 16-byte boundary, and the last few, take the plain segment; the math is the same
+ * expression, so the bits are the same. */
+#ifdef FBN_STREAM
+typedef T FBN_FN(vec) __attribute__((vector_size(16)));
+#define FBN_VEC ((fbn_index)(16 / sizeof(T)))
+
+FBN_SEGMENT FBN_FN(vec) FBN_FN(vec_load)(const T *p)
+{
+    FBN_FN(vec) v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+FBN_SEGMENT void FBN_FN(vec_stream)(T *p, FBN_FN(vec) v)
+{
+    _mm_stream_si128((__m128i *)p, (__m128i)v);
+}
+
+/* how many of n values at y come before its first 16-byte boundary (all n when y is not
+ * aligned to T) */
+FBN_SEGMENT fbn_index FBN_FN(stream_head)(const T *y, fbn_index n)
+{
+    const uintptr_t a = (uintptr_t)y;
+    const fbn_index head = a % sizeof(T) != 0 ? n : (fbn_index)((16 - a % 16) % 16 / sizeof(T));
+    return head < n ? head : n;
+}
+#endif
+
+FBN_SEGMENT void FBN_FN(normalize_stream)(const T *x, T *y, fbn_index n, T hi, T scale,
+                                          T offset)
+{
+    fbn_index i = 0;
+#ifdef FBN_STREAM
+    i = FBN_FN(stream_head)(y, n);
+    FBN_FN(normalize_segment)(x, y, i, hi, scale, offset);
+    for (; i + FBN_VEC <= n; i += FBN_VEC)
+        FBN_FN(vec_stream)(y + i, (FBN_FN(vec_load)(x + i) - hi) * scale + offset);
+#endif
+    FBN_FN(normalize_segment)(x + i, y + i, n - i, hi, scale, offset);
+}
+
+FBN_SEGMENT void FBN_FN(grad_input_stream)(const T *dy, const T *x, T *dx, fbn_index n, T h,
+                                           T g, T k_dy, T k_xc, T k_0)
+{
+    fbn_index i = 0;
+#ifdef FBN_STREAM
+    i = FBN_FN(stream_head)(dx, n);
+    FBN_FN(grad_input_segment)(dy, x, dx, i, h, g, k_dy, k_xc, k_0);
+    for (; i + FBN_VEC <= n; i += FBN_VEC)
+        FBN_FN(vec_stream)(dx + i, k_dy * (FBN_FN(vec_load)(dy + i) - g)
+                                   + k_xc * (FBN_FN(vec_load)(x + i) - h) + k_0);
+#endif
+    FBN_FN(grad_input_segment)(dy + i, x + i, dx + i, n - i, h, g, k_dy, k_xc, k_0);
+}
+
+/* One channels-last row of C values, coefficients per channel */
+FBN_SEGMENT void FBN_FN(normalize_row_stream)(const T *x, T *y, fbn_index C,
+                                              const T *FBN_RESTRICT hi,
+                                              const T *FBN_RESTRICT scale,
+                                              const T *FBN_RESTRICT offset)
+{
+    fbn_index c = 0;
+#ifdef FBN_STREAM
+    for (const fbn_index head = FBN_FN(stream_head)(y, C); c < head; ++c)
+        y[c] = FBN_FN(normalize_value)(x[c], hi[c], scale[c], offset[c]);
+    for (; c + FBN_VEC <= C; c += FBN_VEC)
+        FBN_FN(vec_stream)(y + c, (FBN_FN(vec_load)(x + c) - FBN_FN(vec_load)(hi + c))
+                                  * FBN_FN(vec_load)(scale + c) + FBN_FN(vec_load)(offset + c));
+#endif
+    for (; c < C; ++c)
+        y[c] = FBN_FN(normalize_value)(x[c], hi[c], scale[c], offset[c]);
+}
+
+FBN_SEGMENT void FBN_FN(grad_input_row_stream)(const T *dy, const T *x, T *dx, fbn_index C,
+                                               const T *FBN_RESTRICT h,
+                                               const T *FBN_RESTRICT g,
+                                               const T *FBN_RESTRICT k_dy,
+                                               const T *FBN_RESTRICT k_xc,
+                                               const T *FBN_RESTRICT k_0)
+{
+    fbn_index c = 0;
+#ifdef FBN_STREAM
+    for (const fbn_index head = FBN_FN(stream_head)(dx, C); c < head; ++c)
+        dx[c] = FBN_FN(grad_input_value)(dy[c], x[c], h[c], g[c], k_dy[c], k_xc[c], k_0[c]);
+    for (; c + FBN_VEC <= C; c += FBN_VEC)
+        FBN_FN(vec_stream)(dx + c,
+                           FBN_FN(vec_load)(k_dy + c) * (FBN_FN(vec_load)(dy + c) - FBN_FN(vec_load)(g + c))
+                           + FBN_FN(vec_load)(k_xc + c) * (FBN_FN(vec_load)(x + c) - FBN_FN(vec_load)(h + c))
+                           + FBN_FN(vec_load)(k_0 + c));
+#endif
+    for (; c < C; ++c)
+        dx[c] = FBN_FN(grad_input_value)(dy[c], x[c], h[c], g[c], k_dy[c], k_xc[c], k_0[c]);
+}
+#undef FBN_VEC
+
 /* Fusion (see activation.h): the activation and residual after normalizing,
  *     y = act(bn(x) + residual),
  * and the gradient at the activation's input before the backward's sums,
@@ -240,12 +338,20 @@ FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const T *x, fbn_index st
 }
 
 /* y = act(normalize(x) + r) over positions [e0, e1) of a channel; r (the residual, laid out
- * as x) may be NULL, and act FBN_ACT_NONE */
+ * as x) may be NULL, and act FBN_ACT_NONE. stream: the plain op streams its stores (a fused
+ * one reads its blocks back, see normalize_rows). */
 FBN_DISPATCH static void FBN_FN(normalize_channel)(const T *x, const T *r, T *y,
                                                    fbn_index stride, fbn_index len,
                                                    fbn_index e0, fbn_index e1, T hi, T scale,
-                                                   T offset, int act, T slope)
+                                                   T offset, int act, T slope, int stream)
 {
+    if (r == NULL && act == FBN_ACT_NONE && stream) {
+#define FBN_NORM(off, cnt) FBN_FN(normalize_stream)(x + (off), y + (off), (cnt), hi, scale, offset)
+        FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_NORM);
+#undef FBN_NORM
+        fbn_stream_fence();
+        return;
+    }
     if (r == NULL && act == FBN_ACT_NONE) {
 #define FBN_NORM(off, cnt) FBN_FN(normalize_segment)(x + (off), y + (off), (cnt), hi, scale, offset)
         FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_NORM);
@@ -292,8 +398,15 @@ FBN_DISPATCH static fbn_grad_sums FBN_FN(grad_sums_channel)(const T *dy, const T
 FBN_DISPATCH static void FBN_FN(grad_input_channel)(const T *dy, const T *x, T *dx,
                                                     fbn_index stride, fbn_index len,
                                                     fbn_index e0, fbn_index e1, T h, T g,
-                                                    T k_dy, T k_xc, T k_0)
+                                                    T k_dy, T k_xc, T k_0, int stream)
 {
+    if (stream) {
+#define FBN_GIN(off, cnt) FBN_FN(grad_input_stream)(dy + (off), x + (off), dx + (off), (cnt), h, g, k_dy, k_xc, k_0)
+        FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_GIN);
+#undef FBN_GIN
+        fbn_stream_fence();
+        return;
+    }
 #define FBN_GIN(off, cnt) FBN_FN(grad_input_segment)(dy + (off), x + (off), dx + (off), (cnt), h, g, k_dy, k_xc, k_0)
     FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_GIN);
 #undef FBN_GIN
@@ -321,7 +434,7 @@ FBN_SEGMENT void FBN_FN(normalize_runs4)(const T *x, T *y, fbn_index len, const 
 }
 
 FBN_SEGMENT void FBN_FN(normalize_span_plain)(const T *x, T *y, fbn_index C, fbn_index len,
-                                              fbn_index p0, fbn_index p1,
+                                              fbn_index p0, fbn_index p1, int stream,
                                               const T *FBN_RESTRICT hi,
                                               const T *FBN_RESTRICT scale,
                                               const T *FBN_RESTRICT offset)
@@ -344,6 +457,13 @@ FBN_SEGMENT void FBN_FN(normalize_span_plain)(const T *x, T *y, fbn_index C, fbn
         }
         p0 = p;                                    /* the last runs, one at a time */
     }
+    if (stream) {                                  /* long runs only: see normalize_channel */
+#define FBN_NORM(q, cnt, ch) FBN_FN(normalize_stream)(x + (q), y + (q), (cnt), hi[ch], scale[ch], offset[ch])
+        FBN_SPAN_WALK(p0, p1, C, len, FBN_NORM);
+#undef FBN_NORM
+        fbn_stream_fence();
+        return;
+    }
 #define FBN_NORM(q, cnt, ch) FBN_FN(normalize_segment)(x + (q), y + (q), (cnt), hi[ch], scale[ch], offset[ch])
     FBN_SPAN_WALK(p0, p1, C, len, FBN_NORM);
 #undef FBN_NORM
@@ -354,15 +474,17 @@ FBN_DISPATCH static void FBN_FN(normalize_span)(const T *x, const T *r, T *y, fb
                                                 fbn_index len, fbn_index p0, fbn_index p1,
                                                 const T *FBN_RESTRICT hi,
                                                 const T *FBN_RESTRICT scale,
-                                                const T *FBN_RESTRICT offset, int act, T slope)
+                                                const T *FBN_RESTRICT offset, int act, T slope,
+                                                int stream)
 {
     if (r == NULL && act == FBN_ACT_NONE) {
-        FBN_FN(normalize_span_plain)(x, y, C, len, p0, p1, hi, scale, offset);
+        FBN_FN(normalize_span_plain)(x, y, C, len, p0, p1, stream && len > FBN_SHORT_RUN, hi,
+                                     scale, offset);
         return;
     }
     for (fbn_index b = p0; b < p1; b += FBN_FUSED_BLOCK) {
         const fbn_index end = p1 - b < FBN_FUSED_BLOCK ? p1 : b + FBN_FUSED_BLOCK;
-        FBN_FN(normalize_span_plain)(x, y, C, len, b, end, hi, scale, offset);
+        FBN_FN(normalize_span_plain)(x, y, C, len, b, end, 0, hi, scale, offset);
         FBN_FN(epilogue_segment)(y + b, r != NULL ? r + b : NULL, end - b, act, slope);
     }
 }
@@ -373,8 +495,15 @@ FBN_DISPATCH static void FBN_FN(grad_input_span)(const T *dy, const T *x, T *dx,
                                                  const T *FBN_RESTRICT g,
                                                  const T *FBN_RESTRICT k_dy,
                                                  const T *FBN_RESTRICT k_xc,
-                                                 const T *FBN_RESTRICT k_0)
+                                                 const T *FBN_RESTRICT k_0, int stream)
 {
+    if (stream) {
+#define FBN_GIN(p, cnt, c) FBN_FN(grad_input_stream)(dy + (p), x + (p), dx + (p), (cnt), h[c], g[c], k_dy[c], k_xc[c], k_0[c])
+        FBN_SPAN_WALK(p0, p1, C, len, FBN_GIN);
+#undef FBN_GIN
+        fbn_stream_fence();
+        return;
+    }
 #define FBN_GIN(p, cnt, c) FBN_FN(grad_input_segment)(dy + (p), x + (p), dx + (p), (cnt), h[c], g[c], k_dy[c], k_xc[c], k_0[c])
     FBN_SPAN_WALK(p0, p1, C, len, FBN_GIN);
 #undef FBN_GIN
@@ -447,7 +576,7 @@ FBN_SEGMENT void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C, 
 
 /* normalize_segment over nrows x C channels-last rows, with C-length coefficient vectors */
 FBN_SEGMENT void FBN_FN(normalize_rows_plain)(const T *x, T *y, fbn_index nrows, fbn_index C,
-                                              int step,
+                                              int step, int stream,
                                               const T *FBN_RESTRICT hi,
                                               const T *FBN_RESTRICT scale,
                                               const T *FBN_RESTRICT offset)
@@ -465,6 +594,12 @@ FBN_SEGMENT void FBN_FN(normalize_rows_plain)(const T *x, T *y, fbn_index nrows,
             y0[3 * C + c] = FBN_FN(normalize_value)(x0[3 * C + c], h, s, o);
         }
     }
+    if (stream) {
+        for (; r < nrows; ++r)
+            FBN_FN(normalize_row_stream)(x + r * C, y + r * C, C, hi, scale, offset);
+        fbn_stream_fence();
+        return;
+    }
     for (; r < nrows; ++r) {
         const T *x0 = x + r * C;
         T *y0 = y + r * C;
@@ -474,21 +609,24 @@ FBN_SEGMENT void FBN_FN(normalize_rows_plain)(const T *x, T *y, fbn_index nrows,
     }
 }
 
-/* y = act(normalize(x) + r) over nrows x C rows; r may be NULL, act FBN_ACT_NONE */
+/* y = act(normalize(x) + r) over nrows x C rows; r may be NULL, act FBN_ACT_NONE. stream:
+ * the plain op streams its stores; a fused one does not, as its epilogue reads each block
+ * back from L1. */
 FBN_DISPATCH static void FBN_FN(normalize_rows)(const T *x, const T *r, T *y, fbn_index nrows,
                                                 fbn_index C, int step,
                                                 const T *FBN_RESTRICT hi,
                                                 const T *FBN_RESTRICT scale,
-                                                const T *FBN_RESTRICT offset, int act, T slope)
+                                                const T *FBN_RESTRICT offset, int act, T slope,
+                                                int stream)
 {
     if (r == NULL && act == FBN_ACT_NONE) {
-        FBN_FN(normalize_rows_plain)(x, y, nrows, C, step, hi, scale, offset);
+        FBN_FN(normalize_rows_plain)(x, y, nrows, C, step, stream, hi, scale, offset);
         return;
     }
     const fbn_index block = C < FBN_FUSED_BLOCK ? FBN_FUSED_BLOCK / C : 1;    /* rows */
     for (fbn_index b = 0; b < nrows; b += block) {
         const fbn_index n = nrows - b < block ? nrows - b : block;
-        FBN_FN(normalize_rows_plain)(x + b * C, y + b * C, n, C, step, hi, scale, offset);
+        FBN_FN(normalize_rows_plain)(x + b * C, y + b * C, n, C, step, 0, hi, scale, offset);
         FBN_FN(epilogue_segment)(y + b * C, r != NULL ? r + b * C : NULL, n * C, act, slope);
     }
 }
@@ -536,7 +674,7 @@ FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx,
                                                  const T *FBN_RESTRICT g,
                                                  const T *FBN_RESTRICT k_dy,
                                                  const T *FBN_RESTRICT k_xc,
-                                                 const T *FBN_RESTRICT k_0)
+                                                 const T *FBN_RESTRICT k_0, int stream)
 {
     fbn_index r;
     for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
@@ -550,6 +688,13 @@ FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx,
             d0[2 * C + c] = FBN_FN(grad_input_value)(g0[2 * C + c], x0[2 * C + c], hc, gc, a, b, z);
             d0[3 * C + c] = FBN_FN(grad_input_value)(g0[3 * C + c], x0[3 * C + c], hc, gc, a, b, z);
         }
+    }
+    if (stream) {
+        for (; r < nrows; ++r)
+            FBN_FN(grad_input_row_stream)(dy + r * C, x + r * C, dx + r * C, C, h, g, k_dy, k_xc,
+                                          k_0);
+        fbn_stream_fence();
+        return;
     }
     for (; r < nrows; ++r) {
         const T *x0 = x + r * C, *g0 = dy + r * C;
