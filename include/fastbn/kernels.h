@@ -87,7 +87,7 @@
         }                                                                                \
     } while (0)
 
-/* Streaming stores (stream_head and the *_stream segments in kernels_impl.h): GCC's and
+/* Streaming stores (stream_head and the segments that use it in kernels_impl.h): GCC's and
  * clang's vector extensions with SSE2's non-temporal store, which every x86-64 clone has.
  * Elsewhere the streaming segments are the plain ones. */
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__SSE2__) && !defined(FBN_NO_STREAM)

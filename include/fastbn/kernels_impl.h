@@ -144,12 +144,13 @@ FBN_SEGMENT fbn_index FBN_FN(stream_head)(const T *y, fbn_index n)
 }
 #endif
 
-FBN_SEGMENT void FBN_FN(normalize_stream)(const T *x, T *y, fbn_index n, T hi, T scale,
-                                          T offset)
+/* normalize_segment, with streaming stores when stream is set */
+FBN_SEGMENT void FBN_FN(normalize_store)(const T *x, T *y, fbn_index n, T hi, T scale,
+                                         T offset, int stream)
 {
     fbn_index i = 0;
 #ifdef FBN_STREAM
-    i = FBN_FN(stream_head)(y, n);
+    i = stream ? FBN_FN(stream_head)(y, n) : n;
     FBN_FN(normalize_segment)(x, y, i, hi, scale, offset);
     for (; i + FBN_VEC <= n; i += FBN_VEC)
         FBN_FN(vec_stream)(y + i, (FBN_FN(vec_load)(x + i) - hi) * scale + offset);
@@ -157,12 +158,13 @@ FBN_SEGMENT void FBN_FN(normalize_stream)(const T *x, T *y, fbn_index n, T hi, T
     FBN_FN(normalize_segment)(x + i, y + i, n - i, hi, scale, offset);
 }
 
-FBN_SEGMENT void FBN_FN(grad_input_stream)(const T *dy, const T *x, T *dx, fbn_index n, T h,
-                                           T g, T k_dy, T k_xc, T k_0)
+/* grad_input_segment, with streaming stores when stream is set */
+FBN_SEGMENT void FBN_FN(grad_input_store)(const T *dy, const T *x, T *dx, fbn_index n, T h,
+                                          T g, T k_dy, T k_xc, T k_0, int stream)
 {
     fbn_index i = 0;
 #ifdef FBN_STREAM
-    i = FBN_FN(stream_head)(dx, n);
+    i = stream ? FBN_FN(stream_head)(dx, n) : n;
     FBN_FN(grad_input_segment)(dy, x, dx, i, h, g, k_dy, k_xc, k_0);
     for (; i + FBN_VEC <= n; i += FBN_VEC)
         FBN_FN(vec_stream)(dx + i, k_dy * (FBN_FN(vec_load)(dy + i) - g)
@@ -345,17 +347,11 @@ FBN_DISPATCH static void FBN_FN(normalize_channel)(const T *x, const T *r, T *y,
                                                    fbn_index e0, fbn_index e1, T hi, T scale,
                                                    T offset, int act, T slope, int stream)
 {
-    if (r == NULL && act == FBN_ACT_NONE && stream) {
-#define FBN_NORM(off, cnt) FBN_FN(normalize_stream)(x + (off), y + (off), (cnt), hi, scale, offset)
-        FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_NORM);
-#undef FBN_NORM
-        fbn_stream_fence();
-        return;
-    }
     if (r == NULL && act == FBN_ACT_NONE) {
-#define FBN_NORM(off, cnt) FBN_FN(normalize_segment)(x + (off), y + (off), (cnt), hi, scale, offset)
+#define FBN_NORM(off, cnt) FBN_FN(normalize_store)(x + (off), y + (off), (cnt), hi, scale, offset, stream)
         FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_NORM);
 #undef FBN_NORM
+        if (stream) fbn_stream_fence();
         return;
     }
 #define FBN_NORM_FUSED(off, cnt) \
@@ -400,16 +396,10 @@ FBN_DISPATCH static void FBN_FN(grad_input_channel)(const T *dy, const T *x, T *
                                                     fbn_index e0, fbn_index e1, T h, T g,
                                                     T k_dy, T k_xc, T k_0, int stream)
 {
-    if (stream) {
-#define FBN_GIN(off, cnt) FBN_FN(grad_input_stream)(dy + (off), x + (off), dx + (off), (cnt), h, g, k_dy, k_xc, k_0)
-        FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_GIN);
-#undef FBN_GIN
-        fbn_stream_fence();
-        return;
-    }
-#define FBN_GIN(off, cnt) FBN_FN(grad_input_segment)(dy + (off), x + (off), dx + (off), (cnt), h, g, k_dy, k_xc, k_0)
+#define FBN_GIN(off, cnt) FBN_FN(grad_input_store)(dy + (off), x + (off), dx + (off), (cnt), h, g, k_dy, k_xc, k_0, stream)
     FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_GIN);
 #undef FBN_GIN
+    if (stream) fbn_stream_fence();
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -442,6 +432,7 @@ FBN_SEGMENT void FBN_FN(normalize_span_plain)(const T *x, T *y, fbn_index C, fbn
     const fbn_index run = p0 < len ? 0 : p0 / len;
     fbn_index c = run < C ? run : run % C, p = p0;
     if (len <= FBN_SHORT_RUN) {
+        stream = 0;                                /* runs4 has cached stores only */
         if (p > run * len) {                       /* the rest of a run begun before p0 */
             const fbn_index n = ((run + 1) * len < p1 ? (run + 1) * len : p1) - p;
             FBN_FN(normalize_segment)(x + p, y + p, n, hi[c], scale[c], offset[c]);
@@ -457,16 +448,10 @@ FBN_SEGMENT void FBN_FN(normalize_span_plain)(const T *x, T *y, fbn_index C, fbn
         }
         p0 = p;                                    /* the last runs, one at a time */
     }
-    if (stream) {                                  /* long runs only: see normalize_channel */
-#define FBN_NORM(q, cnt, ch) FBN_FN(normalize_stream)(x + (q), y + (q), (cnt), hi[ch], scale[ch], offset[ch])
-        FBN_SPAN_WALK(p0, p1, C, len, FBN_NORM);
-#undef FBN_NORM
-        fbn_stream_fence();
-        return;
-    }
-#define FBN_NORM(q, cnt, ch) FBN_FN(normalize_segment)(x + (q), y + (q), (cnt), hi[ch], scale[ch], offset[ch])
+#define FBN_NORM(q, cnt, ch) FBN_FN(normalize_store)(x + (q), y + (q), (cnt), hi[ch], scale[ch], offset[ch], stream)
     FBN_SPAN_WALK(p0, p1, C, len, FBN_NORM);
 #undef FBN_NORM
+    if (stream) fbn_stream_fence();
 }
 
 /* y = act(normalize(x) + r) over memory [p0, p1); r may be NULL, act FBN_ACT_NONE */
@@ -478,8 +463,7 @@ FBN_DISPATCH static void FBN_FN(normalize_span)(const T *x, const T *r, T *y, fb
                                                 int stream)
 {
     if (r == NULL && act == FBN_ACT_NONE) {
-        FBN_FN(normalize_span_plain)(x, y, C, len, p0, p1, stream && len > FBN_SHORT_RUN, hi,
-                                     scale, offset);
+        FBN_FN(normalize_span_plain)(x, y, C, len, p0, p1, stream, hi, scale, offset);
         return;
     }
     for (fbn_index b = p0; b < p1; b += FBN_FUSED_BLOCK) {
@@ -497,16 +481,10 @@ FBN_DISPATCH static void FBN_FN(grad_input_span)(const T *dy, const T *x, T *dx,
                                                  const T *FBN_RESTRICT k_xc,
                                                  const T *FBN_RESTRICT k_0, int stream)
 {
-    if (stream) {
-#define FBN_GIN(p, cnt, c) FBN_FN(grad_input_stream)(dy + (p), x + (p), dx + (p), (cnt), h[c], g[c], k_dy[c], k_xc[c], k_0[c])
-        FBN_SPAN_WALK(p0, p1, C, len, FBN_GIN);
-#undef FBN_GIN
-        fbn_stream_fence();
-        return;
-    }
-#define FBN_GIN(p, cnt, c) FBN_FN(grad_input_segment)(dy + (p), x + (p), dx + (p), (cnt), h[c], g[c], k_dy[c], k_xc[c], k_0[c])
+#define FBN_GIN(p, cnt, c) FBN_FN(grad_input_store)(dy + (p), x + (p), dx + (p), (cnt), h[c], g[c], k_dy[c], k_xc[c], k_0[c], stream)
     FBN_SPAN_WALK(p0, p1, C, len, FBN_GIN);
 #undef FBN_GIN
+    if (stream) fbn_stream_fence();
 }
 
 /* ------------------------------------------------------------------------------------------
