@@ -24,10 +24,15 @@ cdef enum:
     MIN_BLOCK_ROWS = 16   # channels-last statistics blocks: rows at least,
     MAX_BLOCK_ROWS = 64   # and at most, unless FBN_BLOCK values need more
     STREAMING_BYTES = 16 << 20   # arrays this large stream from memory (L3 is 32 MB here)
-    # Outputs this large take non-temporal stores (kernels_impl.h): a smaller output may
-    # still be in cache for whoever reads it next (the 25.7 MB float32 (32,64,56,56) lost
-    # up to 1.6x with them in a loop that re-reads it, where float64 gained 1.2-2.3x)
-    STREAM_STORE_BYTES = 32 << 20
+    # An op whose traffic (its reads of the inputs, re-reads included, and its output) comes
+    # to this much writes its output with non-temporal stores (kernels_impl.h): below it the
+    # output may still be in L3 for whoever reads it next. Measured in chains of ops that
+    # each read the last one's output (float32, 2 threads; streaming time / cached time):
+    #   12.8 MB arrays: inference + a NumPy sum 1.47, channels-first train 1.12;
+    #   19.3 MB: inference + sum 1.17 (traffic 39 MB), channels-last train 0.90 (58 MB),
+    #            channels-first backward 0.93 (58 MB), channels-last backward 0.85-0.91;
+    #   25.7 MB: 0.87-0.92 for every op (51 MB and more).
+    STREAM_TRAFFIC_BYTES = 48 << 20
     # Channels-first channels small enough are taken GROUP_BYTES of data at a time: every
     # channel's statistics, then every channel's coefficients, then every channel's output.
     # A channel's coefficients are a chain of divisions and a square root (~60 cycles of
@@ -141,28 +146,36 @@ cdef struct Plan:
     Py_ssize_t block_rows  # channels-last: rows per statistics block
     Py_ssize_t nblocks     # channels-last: row blocks
     int row_step           # channels-last: rows per step (4 in cache, 1 streaming)
-    int stream             # arrays too large for cache: outputs take streaming stores
+    int stream             # the op's traffic is too large for cache: streaming stores
 
 
 cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef Py_ssize_t _stream_store_bytes = STREAM_STORE_BYTES
+cdef Py_ssize_t _stream_traffic_bytes = STREAM_TRAFFIC_BYTES
 
 
-def _set_stream_store_bytes(Py_ssize_t nbytes):
-    """Tests: outputs of at least nbytes take streaming stores from now on (-1: the default).
-    Returns the previous threshold."""
-    global _stream_store_bytes
-    previous = _stream_store_bytes
-    _stream_store_bytes = STREAM_STORE_BYTES if nbytes < 0 else nbytes
+def _set_stream_traffic_bytes(Py_ssize_t nbytes):
+    """Tests: ops whose traffic comes to nbytes or more stream their output from now on
+    (-1: the default). Returns the previous threshold."""
+    global _stream_traffic_bytes
+    previous = _stream_traffic_bytes
+    _stream_traffic_bytes = STREAM_TRAFFIC_BYTES if nbytes < 0 else nbytes
     return previous
 
 
-cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                    Py_ssize_t itemsize) noexcept nogil:
-    """Chunks (and channels-last blocks) for an (outer, C, inner) problem; all sizes >= 1."""
+cdef enum Op:
+    OP_TRAIN, OP_INFER, OP_BACKWARD
+
+
+cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize,
+                    Op op) noexcept nogil:
+    """Chunks (and channels-last blocks) for op on an (outer, C, inner) problem; all sizes
+    >= 1."""
+    cdef Py_ssize_t nbytes = outer * C * inner * itemsize, reads
+    cdef bint one_read   # channels-first, one chunk a channel: each channel is read once,
+                         # its statistics and its output made while it is in cache
     cdef Plan p
     p.outer = outer
     p.C = C
@@ -182,17 +195,28 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
         p.nchunks = max(1, min(MAX_CHUNKS, p.nblocks, outer * C // MIN_CHUNK))
         p.group = 1
     # a shape-only choice (like everything in the plan), so results stay the same bits
-    p.row_step = 1 if outer * C * inner * itemsize >= STREAMING_BYTES else 4
-    p.stream = outer * C * inner * itemsize >= _stream_store_bytes
+    p.row_step = 1 if nbytes >= STREAMING_BYTES else 4
+    # arrays read from memory: x; x twice (statistics, then output); x and dy, or twice both
+    one_read = inner > 1 and p.nchunks == 1
+    if op == OP_INFER:
+        reads = 1
+    elif op == OP_TRAIN:
+        reads = 1 if one_read else 2
+    else:
+        reads = 2 if one_read else 4
+    p.stream = (reads + 1) * nbytes >= _stream_traffic_bytes
     return p
 
 
 def plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize=4):
     """The work split for an (outer, C, inner) problem, as a dict (for tests and benchmarks)."""
-    cdef Plan p = make_plan(outer, C, inner, itemsize)
+    cdef Plan p = make_plan(outer, C, inner, itemsize, OP_TRAIN)
     return {"family": "channels_first" if inner > 1 else "channels_last",
             "nchunks": p.nchunks, "group": p.group, "block_rows": p.block_rows,
-            "row_step": p.row_step, "stream": bool(p.stream),
+            "row_step": p.row_step,
+            "stream": {"train": bool(p.stream),
+                       "infer": bool(make_plan(outer, C, inner, itemsize, OP_INFER).stream),
+                       "backward": bool(make_plan(outer, C, inner, itemsize, OP_BACKWARD).stream)},
             "threads": threads_for(outer * C * inner, SERIAL_BELOW_STATS),
             "threads_infer": threads_for(outer * C * inner, SERIAL_BELOW_PASS)}
 
@@ -688,7 +712,7 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
     """Training forward into y, save_mean, save_invstd; running statistics (1-D, any stride,
     or None) updated in place. With residual (like x) and activation (FBN_ACT_*), y is
     act(bn(x) + residual)."""
-    cdef Plan p = make_plan(outer, C, inner, x.itemsize)
+    cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_TRAIN)
     cdef Epilogue ep = make_epilogue(residual, activation, negative_slope)
     cdef TrainArgs a
     cdef int nthreads, status
@@ -725,7 +749,7 @@ def forward_infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
                   residual=None, int activation=FBN_ACT_NONE, double negative_slope=0.0):
     """Inference forward into y (act(bn(x) + residual) as in forward_train). Raises
     ValueError, before writing, if running_var < 0."""
-    cdef Plan p = make_plan(outer, C, inner, x.itemsize)
+    cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_INFER)
     cdef Epilogue ep = make_epilogue(residual, activation, negative_slope)
     cdef int nthreads
     cdef Py_ssize_t status
@@ -764,7 +788,7 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
     the gradient of the fused output y = act(bn(x) + residual): g = dy * act'(y) (y is needed
     with an activation) goes to grad, the residual's gradient, and dx, dweight, dbias are
     those of g. grad must not be x; it may be dx, dy or y."""
-    cdef Plan p = make_plan(outer, C, inner, x.itemsize)
+    cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_BACKWARD)
     cdef GradArgs a
     cdef int nthreads, status
     cdef void *dyp = cnp.PyArray_DATA(dy)

@@ -1,6 +1,7 @@
-"""Streaming stores: outputs of 32 MB and more are written with non-temporal stores
-(kernels_impl.h). Forcing the threshold down, every kernel path that streams must give the
-same bits as its cached path, from any alignment of the output, and so match the reference."""
+"""Streaming stores: an op whose traffic (inputs read, re-reads counted, and output) comes to
+48 MB or more writes its output with non-temporal stores (kernels_impl.h). Forcing the
+threshold down, every kernel path that streams must give the same bits as its cached path,
+from any alignment of the output, and so match the reference."""
 import numpy as np
 import pytest
 
@@ -16,9 +17,9 @@ CASES = SMALL_CASES + PARALLEL_CASES[:-1] + [((2, 4, 3, 67), -1), ((3, 9, 2, 37)
 def streaming():
     """Call with True to stream every output, False for none; restores the default."""
     def force(on):
-        _kernels._set_stream_store_bytes(0 if on else 1 << 62)
+        _kernels._set_stream_traffic_bytes(0 if on else 1 << 62)
     yield force
-    _kernels._set_stream_store_bytes(-1)
+    _kernels._set_stream_traffic_bytes(-1)
 
 
 def misaligned_like(x):
@@ -39,10 +40,17 @@ def run_ops(x, axis, weight, bias, dy, out=None):
     return y, mean, invstd, rm, rv, y_inf, dx, dw, db
 
 
-def test_the_plan_streams_large_outputs_only():
-    assert not plan((32, 64, 56, 56), 1)["stream"]             # 25.7 MB: may stay in L3
-    assert plan((32, 64, 56, 56), 1, np.float64)["stream"]     # 51 MB
-    assert plan((32, 56, 56, 64), -1, np.float64)["stream"]
+def test_the_plan_streams_when_the_traffic_outgrows_the_cache():
+    everything = {"train": True, "infer": True, "backward": True}
+    assert plan((32, 64, 56, 56), 1)["stream"] == everything    # 25.7 MB: 51 MB and more
+    assert plan((32, 56, 56, 64), -1, np.float64)["stream"] == everything
+    # 19.3 MB: inference (39 MB) and the one-read channels-first training keep their output
+    # in cache; the channels-last ops that read x twice, and backward, do not
+    assert plan((24, 64, 56, 56), 1)["stream"] == {"train": False, "infer": False,
+                                                   "backward": True}
+    assert plan((24, 56, 56, 64), -1)["stream"] == {"train": True, "infer": False,
+                                                    "backward": True}
+    assert not any(plan((8, 64, 56, 56), 1)["stream"].values())      # 6.4 MB
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -54,7 +62,7 @@ def test_streaming_gives_the_cached_bits(shape, axis, dtype, rng, streaming):
     streaming(False)
     cached = run_ops(x, axis, weight, bias, dy)
     streaming(True)
-    assert plan(shape, axis, dtype)["stream"]
+    assert all(plan(shape, axis, dtype)["stream"].values())
     for out in (None, lambda: misaligned_like(x)):
         streamed = run_ops(x, axis, weight, bias, dy, out)
         for name, a, b in zip("y mean invstd rm rv y_inf dx dw db".split(), cached, streamed):
