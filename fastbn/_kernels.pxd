@@ -93,12 +93,12 @@ cdef extern from "fastbn/platform.h" nogil:
                                       float *hi, float *scale, float *offset)
     double fbn_train_coefficients_f64(fbn_moments m, double eps, double gamma, double beta,
                                       double *hi, double *scale, double *offset)
-    void fbn_infer_coefficients_f32(fbn_index C, const float *running_mean,
-                                    const float *running_var, const float *weight,
-                                    const float *bias, double eps, float *coef)
-    void fbn_infer_coefficients_f64(fbn_index C, const double *running_mean,
-                                    const double *running_var, const double *weight,
-                                    const double *bias, double eps, double *coef)
+    int fbn_infer_coefficients_f32(fbn_index C, const float *running_mean,
+                                   const float *running_var, const float *weight,
+                                   const float *bias, double eps, float *coef)
+    int fbn_infer_coefficients_f64(fbn_index C, const double *running_mean,
+                                   const double *running_var, const double *weight,
+                                   const double *bias, double eps, double *coef)
     void fbn_update_running_f32(float *running_mean, float *running_var, fbn_moments m,
                                 double momentum)
     void fbn_update_running_f64(double *running_mean, double *running_var, fbn_moments m,
@@ -224,14 +224,15 @@ cdef inline double train_coefficients(fbn_moments m, double eps, double gamma, d
         return fbn_train_coefficients_f64(m, eps, gamma, beta, hi, scale, offset)
 
 
-cdef inline void infer_coefficients(fbn_index C, const floating *running_mean,
+cdef inline bint infer_coefficients(fbn_index C, const floating *running_mean,
                                     const floating *running_var, const floating *weight,
                                     const floating *bias, double eps,
                                     floating *coef) noexcept nogil:
+    """The coefficients into coef; true when some running_var is negative."""
     if floating is float:
-        fbn_infer_coefficients_f32(C, running_mean, running_var, weight, bias, eps, coef)
+        return fbn_infer_coefficients_f32(C, running_mean, running_var, weight, bias, eps, coef)
     else:
-        fbn_infer_coefficients_f64(C, running_mean, running_var, weight, bias, eps, coef)
+        return fbn_infer_coefficients_f64(C, running_mean, running_var, weight, bias, eps, coef)
 
 cdef inline void update_running(floating *running_mean, floating *running_var, fbn_moments m,
                                 double momentum) noexcept nogil:

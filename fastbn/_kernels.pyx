@@ -491,13 +491,15 @@ cdef Py_ssize_t infer_impl(const floating *x, floating *y, const Plan *p,
                            const Epilogue *ep, int nthreads) noexcept nogil:
     """y from the running statistics. -1: out of memory; c + 1: running_var[c] < 0."""
     cdef Py_ssize_t C = p.C, c
-    for c in range(C):
-        if running_var[c] < 0:   # checked before y is touched
-            return c + 1
     cdef floating *coef = <floating *>malloc(NORM_COEFS * C * sizeof(floating))
     if coef == NULL:
         return -1
-    infer_coefficients(C, running_mean, running_var, weight, bias, eps, coef)
+    if infer_coefficients(C, running_mean, running_var, weight, bias, eps, coef):
+        free(coef)
+        c = 0
+        while not running_var[c] < 0:     # the first negative one (y is not touched yet)
+            c += 1
+        return c + 1
     normalize(x, y, p, coef, ep, nthreads)
     free(coef)
     return 0
@@ -722,10 +724,10 @@ cdef inline Epilogue make_epilogue(residual, int activation, double negative_slo
     return ep
 
 
-def forward_train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                  weight, bias, double eps, running_mean, running_var, double momentum,
-                  cnp.ndarray save_mean, cnp.ndarray save_invstd, residual=None,
-                  int activation=FBN_ACT_NONE, double negative_slope=0.0):
+cpdef forward_train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C,
+                    Py_ssize_t inner, weight, bias, double eps, running_mean, running_var,
+                    double momentum, cnp.ndarray save_mean, cnp.ndarray save_invstd, residual=None,
+                    int activation=FBN_ACT_NONE, double negative_slope=0.0):
     """Training forward into y, save_mean, save_invstd; running statistics (1-D, any stride,
     or None) updated in place. With residual (like x) and activation (FBN_ACT_*), y is
     act(bn(x) + residual)."""
@@ -761,9 +763,10 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
         raise MemoryError("fastbn: out of memory for the per-channel partial statistics")
 
 
-def forward_infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                  cnp.ndarray running_mean, cnp.ndarray running_var, weight, bias, double eps,
-                  residual=None, int activation=FBN_ACT_NONE, double negative_slope=0.0):
+cpdef forward_infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C,
+                    Py_ssize_t inner, cnp.ndarray running_mean, cnp.ndarray running_var,
+                    weight, bias, double eps, residual=None, int activation=FBN_ACT_NONE,
+                    double negative_slope=0.0):
     """Inference forward into y (act(bn(x) + residual) as in forward_train). Raises
     ValueError, before writing, if running_var < 0."""
     cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_INFER)
@@ -797,10 +800,10 @@ def forward_infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, 
                          f"for channel {status - 1}")
 
 
-def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py_ssize_t C,
-             Py_ssize_t inner, cnp.ndarray mean, cnp.ndarray invstd, weight,
-             cnp.ndarray dweight, cnp.ndarray dbias, y=None, grad=None,
-             int activation=FBN_ACT_NONE, double negative_slope=0.0):
+cpdef backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py_ssize_t C,
+               Py_ssize_t inner, cnp.ndarray mean, cnp.ndarray invstd, weight,
+               cnp.ndarray dweight, cnp.ndarray dbias, y=None, grad=None,
+               int activation=FBN_ACT_NONE, double negative_slope=0.0):
     """Gradients of the training forward into dx, dweight, dbias. With grad (like x), dy is
     the gradient of the fused output y = act(bn(x) + residual): g = dy * act'(y) (y is needed
     with an activation) goes to grad, the residual's gradient, and dx, dweight, dbias are

@@ -348,10 +348,9 @@ FBN_DISPATCH static void FBN_FN(normalize_channel)(const T *x, const T *r, T *y,
                                                    T offset, int act, T slope, int stream)
 {
     if (r == NULL && act == FBN_ACT_NONE) {
-#define FBN_NORM(off, cnt) FBN_FN(normalize_store)(x + (off), y + (off), (cnt), hi, scale, offset, stream)
-        FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_NORM);
+#define FBN_NORM(off, cnt) FBN_FN(normalize_store)(x + (off), y + (off), (cnt), hi, scale, offset, stream_on)
+        FBN_STREAM_CASES(stream, FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_NORM));
 #undef FBN_NORM
-        if (stream) fbn_stream_fence();
         return;
     }
 #define FBN_NORM_FUSED(off, cnt) \
@@ -396,10 +395,9 @@ FBN_DISPATCH static void FBN_FN(grad_input_channel)(const T *dy, const T *x, T *
                                                     fbn_index e0, fbn_index e1, T h, T g,
                                                     T k_dy, T k_xc, T k_0, int stream)
 {
-#define FBN_GIN(off, cnt) FBN_FN(grad_input_store)(dy + (off), x + (off), dx + (off), (cnt), h, g, k_dy, k_xc, k_0, stream)
-    FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_GIN);
+#define FBN_GIN(off, cnt) FBN_FN(grad_input_store)(dy + (off), x + (off), dx + (off), (cnt), h, g, k_dy, k_xc, k_0, stream_on)
+    FBN_STREAM_CASES(stream, FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_GIN));
 #undef FBN_GIN
-    if (stream) fbn_stream_fence();
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -448,10 +446,9 @@ FBN_SEGMENT void FBN_FN(normalize_span_plain)(const T *x, T *y, fbn_index C, fbn
         }
         p0 = p;                                    /* the last runs, one at a time */
     }
-#define FBN_NORM(q, cnt, ch) FBN_FN(normalize_store)(x + (q), y + (q), (cnt), hi[ch], scale[ch], offset[ch], stream)
-    FBN_SPAN_WALK(p0, p1, C, len, FBN_NORM);
+#define FBN_NORM(q, cnt, ch) FBN_FN(normalize_store)(x + (q), y + (q), (cnt), hi[ch], scale[ch], offset[ch], stream_on)
+    FBN_STREAM_CASES(stream, FBN_SPAN_WALK(p0, p1, C, len, FBN_NORM));
 #undef FBN_NORM
-    if (stream) fbn_stream_fence();
 }
 
 /* y = act(normalize(x) + r) over memory [p0, p1); r may be NULL, act FBN_ACT_NONE */
@@ -481,10 +478,9 @@ FBN_DISPATCH static void FBN_FN(grad_input_span)(const T *dy, const T *x, T *dx,
                                                  const T *FBN_RESTRICT k_xc,
                                                  const T *FBN_RESTRICT k_0, int stream)
 {
-#define FBN_GIN(p, cnt, c) FBN_FN(grad_input_store)(dy + (p), x + (p), dx + (p), (cnt), h[c], g[c], k_dy[c], k_xc[c], k_0[c], stream)
-    FBN_SPAN_WALK(p0, p1, C, len, FBN_GIN);
+#define FBN_GIN(p, cnt, c) FBN_FN(grad_input_store)(dy + (p), x + (p), dx + (p), (cnt), h[c], g[c], k_dy[c], k_xc[c], k_0[c], stream_on)
+    FBN_STREAM_CASES(stream, FBN_SPAN_WALK(p0, p1, C, len, FBN_GIN));
 #undef FBN_GIN
-    if (stream) fbn_stream_fence();
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -761,20 +757,25 @@ static inline double FBN_FN(train_coefficients)(fbn_moments m, double eps, doubl
 
 /* Inference coefficients (running statistics), C channels at once, vectorized:
  *     hi = running_mean, scale = gamma / sqrt(running_var + eps), offset = beta
- * weight or bias may be NULL (gamma = 1, beta = 0). The caller checks running_var >= 0. */
-FBN_DISPATCH static void FBN_FN(infer_coefficients)(fbn_index C, const T *running_mean,
-                                                    const T *running_var, const T *weight,
-                                                    const T *bias, double eps,
-                                                    T *FBN_RESTRICT coef)
+ * weight or bias may be NULL (gamma = 1, beta = 0). Returns whether some running_var is
+ * negative (the check rides along: a loop of its own, scalar for its early exit, took as
+ * long as the coefficients); the caller then raises before it writes anything. */
+FBN_DISPATCH static int FBN_FN(infer_coefficients)(fbn_index C, const T *running_mean,
+                                                   const T *running_var, const T *weight,
+                                                   const T *bias, double eps,
+                                                   T *FBN_RESTRICT coef)
 {
     T *hi = coef, *scale = coef + C, *offset = coef + 2 * C;
-#pragma omp simd
+    int negative = 0;
+#pragma omp simd reduction(|:negative)
     for (fbn_index c = 0; c < C; ++c) {
         const double gamma = weight == NULL ? 1.0 : (double)weight[c];
+        negative |= running_var[c] < 0;
         hi[c] = running_mean[c];
         scale[c] = (T)(gamma / sqrt((double)running_var[c] + eps));
         offset[c] = bias == NULL ? 0 : bias[c];
     }
+    return negative;
 }
 
 /* PyTorch's running statistics, with the unbiased variance n/(n-1) of the batch:
