@@ -15,28 +15,33 @@
  * Segments: the math, over n contiguous values of one channel
  * ------------------------------------------------------------------------------------------ */
 
-/* The segment sums keep FBN_LANES partial sums, lane j taking values j, j + FBN_LANES, ...,
- * and add the lanes as a tree at the end (fbn_lane_total), then the last n % FBN_LANES
- * values. GCC ends an `omp simd reduction` with one scalar add per vector lane in series (16
- * for float32 under AVX-512), which on a 49-value run cost more than the run. Fixed lanes
- * also make the sums the same bits under every instruction set. */
-FBN_SEGMENT double FBN_FN(sum_segment)(const T *x, fbn_index n)
+/* The segment sums add into FBN_LANES partial sums that their caller keeps over a whole
+ * block, every segment of it, and adds as a tree once, at the block's end (fbn_lane_total):
+ * lane j takes values j, j + FBN_LANES, ... of each segment; each segment's last
+ * n % FBN_LANES values are summed apart (a dependency chain per segment, which the core
+ * overlaps across segments) into a rest, added after the lanes. Adding the lanes up per segment
+ * cost more than a short run's values, and GCC's own `omp simd reduction` ends with one
+ * scalar add per vector lane in series. Fixed lanes make the sums the same bits under every
+ * instruction set. */
+FBN_SEGMENT void FBN_FN(sum_segment)(const T *x, fbn_index n, double *FBN_RESTRICT sum,
+                                      double *FBN_RESTRICT rest)
 {
-    double sum[FBN_LANES] = {0.0}, rest = 0.0;
     fbn_index i = 0;
     for (; i + FBN_LANES <= n; i += FBN_LANES) {
 #pragma omp simd
         for (int j = 0; j < FBN_LANES; ++j) sum[j] += (double)x[i + j];
     }
-    for (; i < n; ++i) rest += (double)x[i];
-    return fbn_lane_total(sum) + rest;
+    double r = 0.0;
+    for (; i < n; ++i) r += (double)x[i];
+    *rest += r;
 }
 
-/* sum (x - shift) and sum (x - shift)^2; x - shift is exact near the mean (Sterbenz) */
+/* sum (x - shift) and sum (x - shift)^2 into lanes and rests; x - shift is exact near the
+ * mean (Sterbenz) */
 FBN_SEGMENT void FBN_FN(deviation_segment)(const T *x, fbn_index n, double shift,
-                                             double *dev_sum, double *dev_sq)
+                                             double *FBN_RESTRICT s1, double *FBN_RESTRICT s2,
+                                             double *FBN_RESTRICT rest)
 {
-    double s1[FBN_LANES] = {0.0}, s2[FBN_LANES] = {0.0}, r1 = 0.0, r2 = 0.0;
     fbn_index i = 0;
     for (; i + FBN_LANES <= n; i += FBN_LANES) {
 #pragma omp simd
@@ -46,13 +51,14 @@ FBN_SEGMENT void FBN_FN(deviation_segment)(const T *x, fbn_index n, double shift
             s2[j] += d * d;
         }
     }
+    double r1 = 0.0, r2 = 0.0;
     for (; i < n; ++i) {
         const double d = (double)x[i] - shift;
         r1 += d;
         r2 += d * d;
     }
-    *dev_sum += fbn_lane_total(s1) + r1;
-    *dev_sq += fbn_lane_total(s2) + r2;
+    rest[0] += r1;
+    rest[1] += r2;
 }
 
 /* y = (x - hi) * scale + offset: x - hi is exact near the mean (hi is the mean rounded to T;
@@ -77,12 +83,14 @@ FBN_SEGMENT void FBN_FN(normalize_segment)(const T *x, T *y, fbn_index n, T hi, 
     for (fbn_index i = 0; i < n; ++i) y[i] = FBN_FN(normalize_value)(x[i], hi, scale, offset);
 }
 
-/* sum (dy - q), sum (dy - q)(x - m), sum (x - m)   (see fbn_grad_sums; lanes as above) */
+/* sum (dy - q), sum (dy - q)(x - m), sum (x - m) into lanes and rests (see fbn_grad_sums;
+ * lanes as above) */
 FBN_SEGMENT void FBN_FN(grad_sums_segment)(const T *dy, const T *x, fbn_index n, double m,
-                                             double q, fbn_grad_sums *s)
+                                             double q, double *FBN_RESTRICT s_dy,
+                                             double *FBN_RESTRICT s_dy_xc,
+                                             double *FBN_RESTRICT s_xc,
+                                             double *FBN_RESTRICT rest)
 {
-    double s_dy[FBN_LANES] = {0.0}, s_dy_xc[FBN_LANES] = {0.0}, s_xc[FBN_LANES] = {0.0};
-    double r_dy = 0.0, r_dy_xc = 0.0, r_xc = 0.0;
     fbn_index i = 0;
     for (; i + FBN_LANES <= n; i += FBN_LANES) {
 #pragma omp simd
@@ -93,15 +101,16 @@ FBN_SEGMENT void FBN_FN(grad_sums_segment)(const T *dy, const T *x, fbn_index n,
             s_xc[j] += xc;
         }
     }
+    double r_dy = 0.0, r_dy_xc = 0.0, r_xc = 0.0;
     for (; i < n; ++i) {
         const double xc = (double)x[i] - m, g = (double)dy[i] - q;
         r_dy += g;
         r_dy_xc += g * xc;
         r_xc += xc;
     }
-    s->dy += fbn_lane_total(s_dy) + r_dy;
-    s->dy_xc += fbn_lane_total(s_dy_xc) + r_dy_xc;
-    s->xc += fbn_lane_total(s_xc) + r_xc;
+    rest[0] += r_dy;
+    rest[1] += r_dy_xc;
+    rest[2] += r_xc;
 }
 
 /* dx may be dy or x (in place) */
@@ -312,24 +321,28 @@ FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const T *x, fbn_index st
     for (fbn_index b = e0; b < e1; b += FBN_BLOCK) {
         const fbn_index end = (e1 - b < FBN_BLOCK) ? e1 : b + FBN_BLOCK;
         const double n = (double)(end - b);
-        double shift, dev_sum = 0.0, dev_sq = 0.0;
+        double shift, s1[FBN_LANES] = {0.0}, s2[FBN_LANES] = {0.0}, rest[2] = {0.0, 0.0};
         if (acc.count > 0.0) {
             shift = acc.shift + acc.dev_sum / acc.count;
         } else {
             const fbn_index o = b < len ? 0 : b / len;
             shift = (double)x[o * stride + (b - o * len)];
         }
-#define FBN_DEV(off, cnt) FBN_FN(deviation_segment)(x + (off), (cnt), shift, &dev_sum, &dev_sq)
+#define FBN_DEV(off, cnt) FBN_FN(deviation_segment)(x + (off), (cnt), shift, s1, s2, rest)
         FBN_CHANNEL_WALK(b, end, stride, len, FBN_DEV);
+        double dev_sum = fbn_lane_total(s1) + rest[0], dev_sq = fbn_lane_total(s2) + rest[1];
         double m2 = dev_sq - dev_sum * dev_sum / n;
         if (acc.count == 0.0 && !(dev_sq <= FBN_MAX_LOSS * m2) && dev_sq != 0.0) {
-            double sum = 0.0;
-#define FBN_SUM(off, cnt) sum += FBN_FN(sum_segment)(x + (off), (cnt))
+            double sum[FBN_LANES] = {0.0}, sum_rest = 0.0;
+#define FBN_SUM(off, cnt) FBN_FN(sum_segment)(x + (off), (cnt), sum, &sum_rest)
             FBN_CHANNEL_WALK(b, end, stride, len, FBN_SUM);
 #undef FBN_SUM
-            shift = sum / n;
-            dev_sum = dev_sq = 0.0;
+            shift = (fbn_lane_total(sum) + sum_rest) / n;
+            for (int j = 0; j < FBN_LANES; ++j) s1[j] = s2[j] = 0.0;
+            rest[0] = rest[1] = 0.0;
             FBN_CHANNEL_WALK(b, end, stride, len, FBN_DEV);
+            dev_sum = fbn_lane_total(s1) + rest[0];
+            dev_sq = fbn_lane_total(s2) + rest[1];
             m2 = dev_sq - dev_sum * dev_sum / n;
         }
 #undef FBN_DEV
@@ -371,20 +384,24 @@ FBN_DISPATCH static fbn_grad_sums FBN_FN(grad_sums_channel)(const T *dy, const T
     fbn_grad_sums acc = fbn_grad_sums_empty;
     for (fbn_index b = e0; b < e1; b += FBN_BLOCK) {
         const fbn_index end = (e1 - b < FBN_BLOCK) ? e1 : b + FBN_BLOCK;
-        fbn_grad_sums block = fbn_grad_sums_empty;
+        double s_dy[FBN_LANES] = {0.0}, s_dy_xc[FBN_LANES] = {0.0}, s_xc[FBN_LANES] = {0.0};
+        double rest[3] = {0.0, 0.0, 0.0};
         if (g == NULL) {
-#define FBN_GSUM(off, cnt) FBN_FN(grad_sums_segment)(dy + (off), x + (off), (cnt), m, q, &block)
+#define FBN_GSUM(off, cnt) FBN_FN(grad_sums_segment)(dy + (off), x + (off), (cnt), m, q, s_dy, s_dy_xc, s_xc, rest)
             FBN_CHANNEL_WALK(b, end, stride, len, FBN_GSUM);
 #undef FBN_GSUM
         } else {
 #define FBN_GSUM_FUSED(off, cnt)                                                                \
     do {                                                                                        \
         FBN_FN(act_grad_segment)(dy + (off), y != NULL ? y + (off) : NULL, g + (off), (cnt), act, slope); \
-        FBN_FN(grad_sums_segment)(g + (off), x + (off), (cnt), m, q, &block);                  \
+        FBN_FN(grad_sums_segment)(g + (off), x + (off), (cnt), m, q, s_dy, s_dy_xc, s_xc, rest);     \
     } while (0)
             FBN_CHANNEL_WALK(b, end, stride, len, FBN_GSUM_FUSED);
 #undef FBN_GSUM_FUSED
         }
+        const fbn_grad_sums block = {fbn_lane_total(s_dy) + rest[0],
+                                     fbn_lane_total(s_dy_xc) + rest[1],
+                                     fbn_lane_total(s_xc) + rest[2]};
         fbn_grad_sums_add(&acc, block);
     }
     return acc;

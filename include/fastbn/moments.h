@@ -25,7 +25,7 @@ typedef struct {
     double m2;
 } fbn_moments;
 
-/* Partial sums per segment (see sum_segment in kernels_impl.h), added as a tree */
+/* Partial sums of a block's segments (see sum_segment in kernels_impl.h), added as a tree */
 #define FBN_LANES 16
 
 /* The lanes added as a tree: lane j + 8 onto lane j, then pairs 4 apart, 2 apart, 1 apart */
