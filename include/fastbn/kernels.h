@@ -90,10 +90,11 @@
         }                                                                                \
     } while (0)
 
-/* Runs the walk given twice over, as the stream flag says: with stream_on the constant 1, then the
- * streaming fence, or with stream_on the constant 0. A walk whose segments test a variable
- * flag kept the test in its per-run loop, and GCC compiled the cached walk 1.2-1.5x slower
- * (C harness, float32 runs of 49-256 values); with a constant each copy is the plain loop. */
+/* Runs the walk given twice over, as the stream flag says: with stream_on the constant 1,
+ * then the streaming fence, or with stream_on the constant 0. A walk whose segments test a
+ * variable flag kept the test in its per-run loop, and GCC compiled the cached walk 1.2-1.5x
+ * slower (C harness, float32 runs of 49-256 values); with a constant each copy is the plain
+ * loop. */
 #define FBN_STREAM_CASES(stream, ...)                                                   \
     do {                                                                                 \
         if (stream) {                                                                    \

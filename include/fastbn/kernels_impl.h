@@ -302,6 +302,30 @@ FBN_SEGMENT void FBN_FN(normalize_fused_segment)(const T *x, const T *r, T *y, f
  * Channel walks (channels-first): positions [e0, e1) of one channel
  * ------------------------------------------------------------------------------------------ */
 
+/* sum x over positions [b, end) of a channel, one block: its lanes added up once */
+FBN_SEGMENT double FBN_FN(sum_block)(const T *x, fbn_index stride, fbn_index len, fbn_index b,
+                                     fbn_index end)
+{
+    double sum[FBN_LANES] = {0.0}, rest = 0.0;
+#define FBN_SUM(off, cnt) FBN_FN(sum_segment)(x + (off), (cnt), sum, &rest)
+    FBN_CHANNEL_WALK(b, end, stride, len, FBN_SUM);
+#undef FBN_SUM
+    return fbn_lane_total(sum) + rest;
+}
+
+/* sum (x - shift) and sum (x - shift)^2 over positions [b, end) of a channel, one block */
+FBN_SEGMENT void FBN_FN(deviation_block)(const T *x, fbn_index stride, fbn_index len,
+                                         fbn_index b, fbn_index end, double shift,
+                                         double *dev_sum, double *dev_sq)
+{
+    double s1[FBN_LANES] = {0.0}, s2[FBN_LANES] = {0.0}, rest[2] = {0.0, 0.0};
+#define FBN_DEV(off, cnt) FBN_FN(deviation_segment)(x + (off), (cnt), shift, s1, s2, rest)
+    FBN_CHANNEL_WALK(b, end, stride, len, FBN_DEV);
+#undef FBN_DEV
+    *dev_sum = fbn_lane_total(s1) + rest[0];
+    *dev_sq = fbn_lane_total(s2) + rest[1];
+}
+
 /* Moments of positions [e0, e1) of a channel, in blocks of FBN_BLOCK positions merged in
  * order (fbn_moments_merge). Each block is summed in one pass around a shift near its mean,
  *     d = x - shift,   m2 = sum d^2 - (sum d)^2 / n       (d exact near the mean: Sterbenz)
@@ -321,31 +345,20 @@ FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const T *x, fbn_index st
     for (fbn_index b = e0; b < e1; b += FBN_BLOCK) {
         const fbn_index end = (e1 - b < FBN_BLOCK) ? e1 : b + FBN_BLOCK;
         const double n = (double)(end - b);
-        double shift, s1[FBN_LANES] = {0.0}, s2[FBN_LANES] = {0.0}, rest[2] = {0.0, 0.0};
+        double shift, dev_sum, dev_sq;
         if (acc.count > 0.0) {
             shift = acc.shift + acc.dev_sum / acc.count;
         } else {
             const fbn_index o = b < len ? 0 : b / len;
             shift = (double)x[o * stride + (b - o * len)];
         }
-#define FBN_DEV(off, cnt) FBN_FN(deviation_segment)(x + (off), (cnt), shift, s1, s2, rest)
-        FBN_CHANNEL_WALK(b, end, stride, len, FBN_DEV);
-        double dev_sum = fbn_lane_total(s1) + rest[0], dev_sq = fbn_lane_total(s2) + rest[1];
+        FBN_FN(deviation_block)(x, stride, len, b, end, shift, &dev_sum, &dev_sq);
         double m2 = dev_sq - dev_sum * dev_sum / n;
         if (acc.count == 0.0 && !(dev_sq <= FBN_MAX_LOSS * m2) && dev_sq != 0.0) {
-            double sum[FBN_LANES] = {0.0}, sum_rest = 0.0;
-#define FBN_SUM(off, cnt) FBN_FN(sum_segment)(x + (off), (cnt), sum, &sum_rest)
-            FBN_CHANNEL_WALK(b, end, stride, len, FBN_SUM);
-#undef FBN_SUM
-            shift = (fbn_lane_total(sum) + sum_rest) / n;
-            for (int j = 0; j < FBN_LANES; ++j) s1[j] = s2[j] = 0.0;
-            rest[0] = rest[1] = 0.0;
-            FBN_CHANNEL_WALK(b, end, stride, len, FBN_DEV);
-            dev_sum = fbn_lane_total(s1) + rest[0];
-            dev_sq = fbn_lane_total(s2) + rest[1];
+            shift = FBN_FN(sum_block)(x, stride, len, b, end) / n;
+            FBN_FN(deviation_block)(x, stride, len, b, end, shift, &dev_sum, &dev_sq);
             m2 = dev_sq - dev_sum * dev_sum / n;
         }
-#undef FBN_DEV
         fbn_moments block = {n, shift, dev_sum, m2 < 0.0 ? 0.0 : m2};   /* NaN stays NaN */
         fbn_moments_merge(&acc, block);
     }
