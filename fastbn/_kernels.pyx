@@ -796,8 +796,9 @@ cpdef forward_infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C
     if status == -1:
         raise MemoryError("fastbn: out of memory for the normalizing coefficients")
     if status > 0:
-        raise ValueError(f"running_var must be non-negative, got {running_var[status - 1]!r} "
-                         f"for channel {status - 1}")
+        channel = status - 1
+        raise ValueError(f"running_var must be non-negative, got "
+                         f"{float(running_var[channel])!r} for channel {channel}")
 
 
 cpdef backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py_ssize_t C,

@@ -80,6 +80,23 @@ def test_inference_rejects_negative_variance_before_writing(arrays):
     assert_untouched(arrays)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_inference_names_the_first_negative_variance(rng, dtype, layout):
+    # 40 channels: negatives inside the vectorized check's body and in its tail
+    C = 40
+    x = rng.standard_normal((2, C, 3, 3)).astype(dtype)
+    axis = 1
+    if layout == "NHWC":
+        x, axis = np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1
+    rv = np.ones(C, dtype)
+    rv[[17, 30, 39]] = -0.25
+    out = np.full_like(x, 7.0)
+    with pytest.raises(ValueError, match="got -0.25 for channel 17"):
+        fastbn.batch_norm_infer(x, np.zeros(C, dtype), rv, axis=axis, out=out)
+    np.testing.assert_array_equal(out, 7.0)
+
+
 def test_inference_needs_running_statistics(arrays):
     with pytest.raises(ValueError, match="running_mean and running_var are required"):
         fastbn.batch_norm(arrays["x"], training=False)
