@@ -31,6 +31,23 @@ cdef extern from "fastbn/platform.h" nogil:
     const fbn_grad_sums fbn_grad_sums_empty
     void fbn_grad_sums_add(fbn_grad_sums *a, fbn_grad_sums b)
 
+    ctypedef struct fbn_grad_args:
+        const void *mean
+        const void *invstd
+        const void *weight
+        const void *shift
+        void *dweight
+        void *dbias
+        const void *y
+        void *grad
+        int activation
+        double negative_slope
+
+    enum: FBN_PREFETCH_SPAN
+    double fbn_prefetch_span
+    fbn_index fbn_runs_ahead(fbn_index len, fbn_index stride, fbn_index limit,
+                             fbn_index itemsize)
+
     int fbn_openmp_version()
     int fbn_max_threads()
     void fbn_barrier()
@@ -103,13 +120,6 @@ cdef extern from "fastbn/platform.h" nogil:
                                 double momentum)
     void fbn_update_running_f64(double *running_mean, double *running_var, fbn_moments m,
                                 double momentum)
-    void fbn_grad_input_channel_f32(const float *dy, const float *x, float *dx, fbn_index stride,
-                                    fbn_index len, fbn_index e0, fbn_index e1, float h, float g,
-                                    float k_dy, float k_xc, float k_0, int stream)
-    void fbn_grad_input_channel_f64(const double *dy, const double *x, double *dx,
-                                    fbn_index stride, fbn_index len, fbn_index e0, fbn_index e1,
-                                    double h, double g, double k_dy, double k_xc, double k_0,
-                                    int stream)
     void fbn_grad_input_span_f32(const float *dy, const float *x, float *dx, fbn_index C,
                                  fbn_index len, fbn_index p0, fbn_index p1, const float *h,
                                  const float *g, const float *k_dy, const float *k_xc,
@@ -126,12 +136,18 @@ cdef extern from "fastbn/platform.h" nogil:
                                  fbn_index nrows, fbn_index C, int step, const double *h,
                                  const double *g, const double *k_dy, const double *k_xc,
                                  const double *k_0, int stream)
-    void fbn_grad_coefficients_f32(fbn_grad_sums s, double count, double m, double q, double invstd,
-                                   double gamma, float *h, float *g, float *k_dy, float *k_xc,
-                                   float *k_0, double *dweight, double *dbias)
-    void fbn_grad_coefficients_f64(fbn_grad_sums s, double count, double m, double q, double invstd,
-                                   double gamma, double *h, double *g, double *k_dy,
-                                   double *k_xc, double *k_0, double *dweight, double *dbias)
+    void fbn_grad_finish_f32(fbn_grad_sums s, double count, fbn_index C, fbn_index c,
+                             const fbn_grad_args *a, float *coef)
+    void fbn_grad_finish_f64(fbn_grad_sums s, double count, fbn_index C, fbn_index c,
+                             const fbn_grad_args *a, double *coef)
+    void fbn_backward_group_f32(const float *dy, const float *x, float *dx, fbn_index C,
+                                fbn_index len, fbn_index count, fbn_index c0, fbn_index c1,
+                                const fbn_grad_args *a, fbn_grad_sums *sums, float *coef,
+                                int stream)
+    void fbn_backward_group_f64(const double *dy, const double *x, double *dx, fbn_index C,
+                                fbn_index len, fbn_index count, fbn_index c0, fbn_index c1,
+                                const fbn_grad_args *a, fbn_grad_sums *sums, double *coef,
+                                int stream)
 
 
 cdef inline fbn_moments moments_channel(const floating *x, fbn_index stride, fbn_index len,
@@ -242,17 +258,6 @@ cdef inline void update_running(floating *running_mean, floating *running_var, f
         fbn_update_running_f64(running_mean, running_var, m, momentum)
 
 
-cdef inline void grad_input_channel(const floating *dy, const floating *x, floating *dx,
-                                    fbn_index stride, fbn_index len, fbn_index e0, fbn_index e1,
-                                    floating h, floating g, floating k_dy, floating k_xc,
-                                    floating k_0, int stream) noexcept nogil:
-    if floating is float:
-        fbn_grad_input_channel_f32(dy, x, dx, stride, len, e0, e1, h, g, k_dy, k_xc, k_0,
-                                   stream)
-    else:
-        fbn_grad_input_channel_f64(dy, x, dx, stride, len, e0, e1, h, g, k_dy, k_xc, k_0,
-                                   stream)
-
 cdef inline void grad_input_span(const floating *dy, const floating *x, floating *dx,
                                  fbn_index C, fbn_index len, fbn_index p0, fbn_index p1,
                                  const floating *h, const floating *g, const floating *k_dy,
@@ -272,13 +277,18 @@ cdef inline void grad_input_rows(const floating *dy, const floating *x, floating
     else:
         fbn_grad_input_rows_f64(dy, x, dx, nrows, C, step, h, g, k_dy, k_xc, k_0, stream)
 
-cdef inline void grad_coefficients(fbn_grad_sums s, double count, double m, double q, double invstd,
-                                   double gamma, floating *h, floating *g, floating *k_dy,
-                                   floating *k_xc, floating *k_0, double *dweight,
-                                   double *dbias) noexcept nogil:
+cdef inline void grad_finish(fbn_grad_sums s, double count, fbn_index C, fbn_index c,
+                             const fbn_grad_args *a, floating *coef) noexcept nogil:
     if floating is float:
-        fbn_grad_coefficients_f32(s, count, m, q, invstd, gamma, h, g, k_dy, k_xc, k_0,
-                                  dweight, dbias)
+        fbn_grad_finish_f32(s, count, C, c, a, coef)
     else:
-        fbn_grad_coefficients_f64(s, count, m, q, invstd, gamma, h, g, k_dy, k_xc, k_0,
-                                  dweight, dbias)
+        fbn_grad_finish_f64(s, count, C, c, a, coef)
+
+cdef inline void backward_group(const floating *dy, const floating *x, floating *dx, fbn_index C,
+                                fbn_index len, fbn_index count, fbn_index c0, fbn_index c1,
+                                const fbn_grad_args *a, fbn_grad_sums *sums, floating *coef,
+                                int stream) noexcept nogil:
+    if floating is float:
+        fbn_backward_group_f32(dy, x, dx, C, len, count, c0, c1, a, sums, coef, stream)
+    else:
+        fbn_backward_group_f64(dy, x, dx, C, len, count, c0, c1, a, sums, coef, stream)

@@ -165,6 +165,15 @@ def _set_stream_traffic_bytes(Py_ssize_t nbytes):
     return previous
 
 
+def _set_prefetch_span(Py_ssize_t nbytes):
+    """Tests: channels-first walks over nbytes of memory or more prefetch from now on (-1: the
+    default, FBN_PREFETCH_SPAN in include/fastbn/kernels.h). Returns the previous span."""
+    global fbn_prefetch_span
+    previous = <Py_ssize_t>fbn_prefetch_span
+    fbn_prefetch_span = FBN_PREFETCH_SPAN if nbytes < 0 else nbytes
+    return previous
+
+
 cdef enum Op:
     OP_TRAIN, OP_INFER, OP_BACKWARD
 
@@ -221,6 +230,9 @@ def plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize=4
     return {"family": "channels_first" if inner > 1 else "channels_last",
             "nchunks": p.nchunks, "group": p.group, "block_rows": p.block_rows,
             "row_step": p.row_step,
+            # runs ahead that a whole channel's reading walk prefetches (0: none)
+            "prefetch_runs": fbn_runs_ahead(inner, C * inner, outer * inner, itemsize)
+                             if inner > 1 else 0,
             "stream": {"train": bool(op_streams(&p, OP_TRAIN, nbytes)),
                        "infer": bool(op_streams(&p, OP_INFER, nbytes)),
                        "backward": bool(op_streams(&p, OP_BACKWARD, nbytes))},
@@ -507,49 +519,23 @@ cdef Py_ssize_t infer_impl(const floating *x, floating *y, const Plan *p,
 
 # ----------------------------------------------------------------------------- backward pass
 
-cdef struct GradArgs:
-    const void *mean         # C saved means (a shift: the exact mean is recovered from x)
-    const void *invstd       # C saved 1/sqrt(var + eps)
-    const void *weight       # C values, or NULL for gamma = 1
-    void *dweight            # C outputs
-    void *dbias
-    # The fused backward: the gradient g = dy * act'(y) at the activation's input (the
-    # residual's gradient) is written to grad in the sums pass, and the dx pass reads it.
-    const void *y            # the fused forward's output (NULL without an activation)
-    void *grad               # laid out as x, or NULL: no fusion, g is dy
-    int activation
-    double negative_slope
-    const void *shift        # C values: each channel's dy shift q, its first g (see below)
-
-
-# Gradient coefficients, GRAD_COEFS*C values: h | g | k_dy | k_xc | k_0, so that
+# The backward's arguments: fbn_grad_args (include/fastbn/kernels.h). Gradient coefficients,
+# GRAD_COEFS*C values: h | g | k_dy | k_xc | k_0, so that
 #     dx = k_dy[c] * (dy - g[c]) + k_xc[c] * (x - h[c]) + k_0[c]      (see kernels_impl.h)
 # (backward_impl keeps the C dy shifts q after them)
 
-cdef inline void finish_grad_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_grad_sums s,
-                              double count, double q, const GradArgs *a) noexcept nogil:
-    """Channel c's gradient coefficients, dweight and dbias, from its sums around the saved
-    mean and the dy value q."""
-    cdef double gamma = 1.0 if a.weight == NULL else (<const floating *>a.weight)[c]
-    cdef double dweight, dbias
-    grad_coefficients(s, count, (<const floating *>a.mean)[c], q,
-                      (<const floating *>a.invstd)[c], gamma, &coef[c], &coef[C + c],
-                      &coef[2 * C + c], &coef[3 * C + c], &coef[4 * C + c], &dweight, &dbias)
-    (<floating *>a.dweight)[c] = <floating>dweight
-    (<floating *>a.dbias)[c] = <floating>dbias
 
-
-cdef inline const floating *y_at(const GradArgs *a, const floating *like,
+cdef inline const floating *y_at(const fbn_grad_args *a, const floating *like,
                                  Py_ssize_t offset) noexcept nogil:
     return NULL if a.y == NULL else <const floating *>a.y + offset
 
 
-cdef inline floating *grad_at(const GradArgs *a, const floating *like,
+cdef inline floating *grad_at(const fbn_grad_args *a, const floating *like,
                               Py_ssize_t offset) noexcept nogil:
     return NULL if a.grad == NULL else <floating *>a.grad + offset
 
 
-cdef void grad_shifts(const floating *dy, const Plan *p, const GradArgs *a,
+cdef void grad_shifts(const floating *dy, const Plan *p, const fbn_grad_args *a,
                       floating *q) noexcept nogil:
     """Each channel's dy shift q[c]: its first value of g = dy * act'(y) (g = dy without
     fusion), so that an offset in dy costs no digits. Every chunk sums g - q around it, so it
@@ -570,7 +556,7 @@ cdef void grad_shifts(const floating *dy, const Plan *p, const GradArgs *a,
 
 cdef fbn_grad_sums cf_chunk_grad_sums(const floating *dy, const floating *x, const Plan *p,
                                       Py_ssize_t c, Py_ssize_t k, double m,
-                                      const GradArgs *a) noexcept nogil:
+                                      const fbn_grad_args *a) noexcept nogil:
     """Chunk k's gradient sums of channel c, around the mean m and the channel's shift q."""
     cdef Py_ssize_t e0, e1, offset = c * p.inner
     chunk_range(p.count, k, p.nchunks, &e0, &e1)
@@ -580,7 +566,7 @@ cdef fbn_grad_sums cf_chunk_grad_sums(const floating *dy, const floating *x, con
 
 
 cdef void cl_chunk_grad_sums(const floating *dy, const floating *x, const Plan *p, Py_ssize_t k,
-                             const GradArgs *a, double *part, double *scratch) noexcept nogil:
+                             const fbn_grad_args *a, double *part, double *scratch) noexcept nogil:
     """Chunk k's gradient sums into part = [dy (C) | dy_xc (C) | xc (C)], around the means and
     the shifts q; scratch: 3*C."""
     cdef Py_ssize_t first_row, nrows, offset
@@ -608,17 +594,17 @@ cdef void grad_input_part(const floating *dy, const floating *x, floating *dx, c
 
 
 cdef void merge_grad(const fbn_grad_sums *parts, Py_ssize_t K, const Plan *p, Py_ssize_t c,
-                     floating *coef, const GradArgs *a) noexcept nogil:
+                     floating *coef, const fbn_grad_args *a) noexcept nogil:
     """Channel c: its chunk sums (parts[c*K + k]) added in chunk order, then finished."""
     cdef fbn_grad_sums s = parts[c * K]
     cdef Py_ssize_t k
     for k in range(1, K):
         fbn_grad_sums_add(&s, parts[c * K + k])
-    finish_grad_channel(coef, p.C, c, s, <double>p.count, (<const floating *>a.shift)[c], a)
+    grad_finish(s, <double>p.count, p.C, c, a, coef)
 
 
 cdef void cl_merge_grad(double *parts, Py_ssize_t K, const Plan *p, Py_ssize_t c0,
-                        Py_ssize_t c1, floating *coef, const GradArgs *a) noexcept nogil:
+                        Py_ssize_t c1, floating *coef, const fbn_grad_args *a) noexcept nogil:
     """Channels [c0, c1): chunk sums (chunk k at parts + k*3*C) added in chunk order into
     chunk 0's, then finished."""
     cdef fbn_grad_sums s
@@ -631,23 +617,23 @@ cdef void cl_merge_grad(double *parts, Py_ssize_t K, const Plan *p, Py_ssize_t c
         s.dy = parts[c]
         s.dy_xc = parts[C + c]
         s.xc = parts[2 * C + c]
-        finish_grad_channel(coef, C, c, s, <double>p.outer, (<const floating *>a.shift)[c], a)
+        grad_finish(s, <double>p.outer, C, c, a, coef)
 
 
 cdef int backward_impl(const floating *dy, const floating *x, floating *dx, const Plan *p,
-                       const GradArgs *args, int nthreads) noexcept nogil:
+                       const fbn_grad_args *args, int nthreads) noexcept nogil:
     """dweight, dbias, then dx, in one OpenMP region (phases as in forward_train_impl).
     -1: out of memory."""
     cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, i, t
     cdef Py_ssize_t nmerge = ceil_div(C, MERGE_CHANNELS)
     cdef bint fused = p.inner > 1 and K == 1
-    cdef Py_ssize_t ngroups = ceil_div(C, p.group), c1
+    cdef Py_ssize_t ngroups = ceil_div(C, p.group)
     cdef const floating *mean = <const floating *>args.mean
     # the dx pass reads g: the fused sums pass wrote it to grad
     cdef const floating *g = dy if args.grad == NULL else <const floating *>args.grad
-    cdef GradArgs a = args[0]
+    cdef fbn_grad_args a = args[0]
     cdef Work w
-    cdef fbn_grad_sums *parts         # channels-first: parts[c*K + k]
+    cdef fbn_grad_sums *parts         # channels-first: parts[c*K + k] (parts[c] for groups)
     cdef double *cl_parts             # channels-last: chunk k at k * 3*C
     cdef floating *coef = <floating *>malloc((GRAD_COEFS + 1) * C * sizeof(floating))
     if coef == NULL:
@@ -665,17 +651,8 @@ cdef int backward_impl(const floating *dy, const floating *x, floating *dx, cons
             # One group of channels per work item (as in forward_train_impl): their sums,
             # their coefficients, then their dx while the group is in cache.
             for i in prange(ngroups, schedule='static'):
-                c1 = min(C, (i + 1) * p.group)
-                for c in range(i * p.group, c1):
-                    parts[c] = cf_chunk_grad_sums(dy, x, p, c, 0, mean[c], &a)
-                for c in range(i * p.group, c1):
-                    finish_grad_channel(coef, C, c, parts[c], <double>p.count,
-                                        coef[GRAD_COEFS * C + c], &a)
-                for c in range(i * p.group, c1):
-                    grad_input_channel(g + c * p.inner, x + c * p.inner, dx + c * p.inner,
-                                       C * p.inner, p.inner, 0, p.count, coef[c], coef[C + c],
-                                       coef[2 * C + c], coef[3 * C + c], coef[4 * C + c],
-                                       p.stream)
+                backward_group(dy, x, dx, C, p.inner, p.count, i * p.group,
+                               min(C, (i + 1) * p.group), &a, parts, coef, p.stream)
         elif p.inner > 1:
             for i in prange(C * K, schedule='static'):
                 parts[i] = cf_chunk_grad_sums(dy, x, p, i // K, i % K, mean[i // K], &a)
@@ -810,7 +787,7 @@ cpdef backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, 
     with an activation) goes to grad, the residual's gradient, and dx, dweight, dbias are
     those of g. grad must not be x; it may be dx, dy or y."""
     cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_BACKWARD)
-    cdef GradArgs a
+    cdef fbn_grad_args a
     cdef int nthreads, status
     cdef void *dyp = cnp.PyArray_DATA(dy)
     cdef void *xp = cnp.PyArray_DATA(x)

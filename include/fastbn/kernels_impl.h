@@ -15,6 +15,12 @@
  * Segments: the math, over n contiguous values of one channel
  * ------------------------------------------------------------------------------------------ */
 
+/* the lines of FBN_LANES values at p (a sum's prefetch, ahead of the values it adds now) */
+FBN_SEGMENT void FBN_FN(prefetch_lanes)(const T *p)
+{
+    for (size_t k = 0; k < FBN_LANES * sizeof(T); k += 64) fbn_prefetch((const char *)p + k);
+}
+
 /* The segment sums add into FBN_LANES partial sums that their caller keeps over a whole
  * block, every segment of it, and adds as a tree once, at the block's end (fbn_lane_total):
  * lane j takes values j, j + FBN_LANES, ... of each segment; each segment's last
@@ -22,12 +28,14 @@
  * overlaps across segments) into a rest, added after the lanes. Adding the lanes up per segment
  * cost more than a short run's values, and GCC's own `omp simd reduction` ends with one
  * scalar add per vector lane in series. Fixed lanes make the sums the same bits under every
- * instruction set. */
-FBN_SEGMENT void FBN_FN(sum_segment)(const T *x, fbn_index n, double *FBN_RESTRICT sum,
-                                      double *FBN_RESTRICT rest)
+ * instruction set. Reading a channel from memory, a segment prefetches the lines `ahead`
+ * elements on as it goes (see FBN_CHANNEL_WALK; 0: none). */
+FBN_SEGMENT void FBN_FN(sum_segment)(const T *x, fbn_index n, fbn_index ahead,
+                                      double *FBN_RESTRICT sum, double *FBN_RESTRICT rest)
 {
     fbn_index i = 0;
     for (; i + FBN_LANES <= n; i += FBN_LANES) {
+        if (ahead != 0) FBN_FN(prefetch_lanes)(x + i + ahead);
 #pragma omp simd
         for (int j = 0; j < FBN_LANES; ++j) sum[j] += (double)x[i + j];
     }
@@ -38,12 +46,13 @@ FBN_SEGMENT void FBN_FN(sum_segment)(const T *x, fbn_index n, double *FBN_RESTRI
 
 /* sum (x - shift) and sum (x - shift)^2 into lanes and rests; x - shift is exact near the
  * mean (Sterbenz) */
-FBN_SEGMENT void FBN_FN(deviation_segment)(const T *x, fbn_index n, double shift,
-                                             double *FBN_RESTRICT s1, double *FBN_RESTRICT s2,
-                                             double *FBN_RESTRICT rest)
+FBN_SEGMENT void FBN_FN(deviation_segment)(const T *x, fbn_index n, fbn_index ahead,
+                                             double shift, double *FBN_RESTRICT s1,
+                                             double *FBN_RESTRICT s2, double *FBN_RESTRICT rest)
 {
     fbn_index i = 0;
     for (; i + FBN_LANES <= n; i += FBN_LANES) {
+        if (ahead != 0) FBN_FN(prefetch_lanes)(x + i + ahead);
 #pragma omp simd
         for (int j = 0; j < FBN_LANES; ++j) {
             const double d = (double)x[i + j] - shift;
@@ -85,14 +94,19 @@ FBN_SEGMENT void FBN_FN(normalize_segment)(const T *x, T *y, fbn_index n, T hi, 
 
 /* sum (dy - q), sum (dy - q)(x - m), sum (x - m) into lanes and rests (see fbn_grad_sums;
  * lanes as above) */
-FBN_SEGMENT void FBN_FN(grad_sums_segment)(const T *dy, const T *x, fbn_index n, double m,
-                                             double q, double *FBN_RESTRICT s_dy,
+FBN_SEGMENT void FBN_FN(grad_sums_segment)(const T *dy, const T *x, fbn_index n,
+                                             fbn_index ahead, double m, double q,
+                                             double *FBN_RESTRICT s_dy,
                                              double *FBN_RESTRICT s_dy_xc,
                                              double *FBN_RESTRICT s_xc,
                                              double *FBN_RESTRICT rest)
 {
     fbn_index i = 0;
     for (; i + FBN_LANES <= n; i += FBN_LANES) {
+        if (ahead != 0) {
+            FBN_FN(prefetch_lanes)(dy + i + ahead);
+            FBN_FN(prefetch_lanes)(x + i + ahead);
+        }
 #pragma omp simd
         for (int j = 0; j < FBN_LANES; ++j) {
             const double xc = (double)x[i + j] - m, g = (double)dy[i + j] - q;
@@ -302,25 +316,29 @@ FBN_SEGMENT void FBN_FN(normalize_fused_segment)(const T *x, const T *r, T *y, f
  * Channel walks (channels-first): positions [e0, e1) of one channel
  * ------------------------------------------------------------------------------------------ */
 
-/* sum x over positions [b, end) of a channel, one block: its lanes added up once */
+/* sum x over positions [b, end) of a channel, one block of a walk that reads up to position
+ * limit: its lanes added up once */
 FBN_SEGMENT double FBN_FN(sum_block)(const T *x, fbn_index stride, fbn_index len, fbn_index b,
-                                     fbn_index end)
+                                     fbn_index end, fbn_index limit)
 {
     double sum[FBN_LANES] = {0.0}, rest = 0.0;
-#define FBN_SUM(off, cnt) FBN_FN(sum_segment)(x + (off), (cnt), sum, &rest)
-    FBN_CHANNEL_WALK(b, end, stride, len, FBN_SUM);
+#define FBN_SUM(off, cnt, ahead) FBN_FN(sum_segment)(x + (off), (cnt), (ahead), sum, &rest)
+    FBN_PREFETCH_CASES(fbn_runs_ahead(len, stride, limit, sizeof(T)),
+                       FBN_CHANNEL_WALK(b, end, stride, len, limit, runs_ahead, FBN_SUM));
 #undef FBN_SUM
     return fbn_lane_total(sum) + rest;
 }
 
-/* sum (x - shift) and sum (x - shift)^2 over positions [b, end) of a channel, one block */
+/* sum (x - shift) and sum (x - shift)^2 over positions [b, end) of a channel, one block (of a
+ * walk that reads up to position limit) */
 FBN_SEGMENT void FBN_FN(deviation_block)(const T *x, fbn_index stride, fbn_index len,
-                                         fbn_index b, fbn_index end, double shift,
-                                         double *dev_sum, double *dev_sq)
+                                         fbn_index b, fbn_index end, fbn_index limit,
+                                         double shift, double *dev_sum, double *dev_sq)
 {
     double s1[FBN_LANES] = {0.0}, s2[FBN_LANES] = {0.0}, rest[2] = {0.0, 0.0};
-#define FBN_DEV(off, cnt) FBN_FN(deviation_segment)(x + (off), (cnt), shift, s1, s2, rest)
-    FBN_CHANNEL_WALK(b, end, stride, len, FBN_DEV);
+#define FBN_DEV(off, cnt, ahead) FBN_FN(deviation_segment)(x + (off), (cnt), (ahead), shift, s1, s2, rest)
+    FBN_PREFETCH_CASES(fbn_runs_ahead(len, stride, limit, sizeof(T)),
+                       FBN_CHANNEL_WALK(b, end, stride, len, limit, runs_ahead, FBN_DEV));
 #undef FBN_DEV
     *dev_sum = fbn_lane_total(s1) + rest[0];
     *dev_sq = fbn_lane_total(s2) + rest[1];
@@ -352,11 +370,11 @@ FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const T *x, fbn_index st
             const fbn_index o = b < len ? 0 : b / len;
             shift = (double)x[o * stride + (b - o * len)];
         }
-        FBN_FN(deviation_block)(x, stride, len, b, end, shift, &dev_sum, &dev_sq);
+        FBN_FN(deviation_block)(x, stride, len, b, end, e1, shift, &dev_sum, &dev_sq);
         double m2 = dev_sq - dev_sum * dev_sum / n;
         if (acc.count == 0.0 && !(dev_sq <= FBN_MAX_LOSS * m2) && dev_sq != 0.0) {
-            shift = FBN_FN(sum_block)(x, stride, len, b, end) / n;
-            FBN_FN(deviation_block)(x, stride, len, b, end, shift, &dev_sum, &dev_sq);
+            shift = FBN_FN(sum_block)(x, stride, len, b, end, e1) / n;
+            FBN_FN(deviation_block)(x, stride, len, b, end, e1, shift, &dev_sum, &dev_sq);
             m2 = dev_sq - dev_sum * dev_sum / n;
         }
         fbn_moments block = {n, shift, dev_sum, m2 < 0.0 ? 0.0 : m2};   /* NaN stays NaN */
@@ -374,42 +392,42 @@ FBN_DISPATCH static void FBN_FN(normalize_channel)(const T *x, const T *r, T *y,
                                                    T offset, int act, T slope, int stream)
 {
     if (r == NULL && act == FBN_ACT_NONE) {
-#define FBN_NORM(off, cnt) FBN_FN(normalize_store)(x + (off), y + (off), (cnt), hi, scale, offset, stream_on)
-        FBN_STREAM_CASES(stream, FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_NORM));
+#define FBN_NORM(off, cnt, ahead) FBN_FN(normalize_store)(x + (off), y + (off), (cnt), hi, scale, offset, stream_on)
+        FBN_STREAM_CASES(stream, FBN_CHANNEL_WALK(e0, e1, stride, len, e1, 0, FBN_NORM));
 #undef FBN_NORM
         return;
     }
-#define FBN_NORM_FUSED(off, cnt) \
+#define FBN_NORM_FUSED(off, cnt, ahead) \
     FBN_FN(normalize_fused_segment)(x + (off), r != NULL ? r + (off) : NULL, y + (off), (cnt), hi, scale, offset, act, slope)
-    FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_NORM_FUSED);
+    FBN_CHANNEL_WALK(e0, e1, stride, len, e1, 0, FBN_NORM_FUSED);
 #undef FBN_NORM_FUSED
 }
 
 /* Gradient sums of positions [e0, e1) of a channel, block sums added in order. With g (not
  * NULL) the sums are of g = dy * act'(y), which is written to g first (y may be NULL when act
  * is FBN_ACT_NONE: g is then a copy of dy). */
-FBN_DISPATCH static fbn_grad_sums FBN_FN(grad_sums_channel)(const T *dy, const T *x,
-                                                            fbn_index stride, fbn_index len,
-                                                            fbn_index e0, fbn_index e1, double m,
-                                                            double q, const T *y, T *g,
-                                                            int act, T slope)
+FBN_SEGMENT fbn_grad_sums FBN_FN(grad_sums_range)(const T *dy, const T *x, fbn_index stride,
+                                                 fbn_index len, fbn_index e0, fbn_index e1,
+                                                 double m, double q, const T *y, T *g, int act,
+                                                 T slope)
 {
+    const fbn_index runs = fbn_runs_ahead(len, stride, e1, sizeof(T));
     fbn_grad_sums acc = fbn_grad_sums_empty;
     for (fbn_index b = e0; b < e1; b += FBN_BLOCK) {
         const fbn_index end = (e1 - b < FBN_BLOCK) ? e1 : b + FBN_BLOCK;
         double s_dy[FBN_LANES] = {0.0}, s_dy_xc[FBN_LANES] = {0.0}, s_xc[FBN_LANES] = {0.0};
         double rest[3] = {0.0, 0.0, 0.0};
         if (g == NULL) {
-#define FBN_GSUM(off, cnt) FBN_FN(grad_sums_segment)(dy + (off), x + (off), (cnt), m, q, s_dy, s_dy_xc, s_xc, rest)
-            FBN_CHANNEL_WALK(b, end, stride, len, FBN_GSUM);
+#define FBN_GSUM(off, cnt, ahead) FBN_FN(grad_sums_segment)(dy + (off), x + (off), (cnt), (ahead), m, q, s_dy, s_dy_xc, s_xc, rest)
+            FBN_PREFETCH_CASES(runs, FBN_CHANNEL_WALK(b, end, stride, len, e1, runs_ahead, FBN_GSUM));
 #undef FBN_GSUM
         } else {
-#define FBN_GSUM_FUSED(off, cnt)                                                                \
+#define FBN_GSUM_FUSED(off, cnt, ahead)                                                         \
     do {                                                                                        \
         FBN_FN(act_grad_segment)(dy + (off), y != NULL ? y + (off) : NULL, g + (off), (cnt), act, slope); \
-        FBN_FN(grad_sums_segment)(g + (off), x + (off), (cnt), m, q, s_dy, s_dy_xc, s_xc, rest);     \
+        FBN_FN(grad_sums_segment)(g + (off), x + (off), (cnt), (ahead), m, q, s_dy, s_dy_xc, s_xc, rest); \
     } while (0)
-            FBN_CHANNEL_WALK(b, end, stride, len, FBN_GSUM_FUSED);
+            FBN_PREFETCH_CASES(runs, FBN_CHANNEL_WALK(b, end, stride, len, e1, runs_ahead, FBN_GSUM_FUSED));
 #undef FBN_GSUM_FUSED
         }
         const fbn_grad_sums block = {fbn_lane_total(s_dy) + rest[0],
@@ -420,13 +438,22 @@ FBN_DISPATCH static fbn_grad_sums FBN_FN(grad_sums_channel)(const T *dy, const T
     return acc;
 }
 
-FBN_DISPATCH static void FBN_FN(grad_input_channel)(const T *dy, const T *x, T *dx,
-                                                    fbn_index stride, fbn_index len,
-                                                    fbn_index e0, fbn_index e1, T h, T g,
-                                                    T k_dy, T k_xc, T k_0, int stream)
+FBN_DISPATCH static fbn_grad_sums FBN_FN(grad_sums_channel)(const T *dy, const T *x,
+                                                            fbn_index stride, fbn_index len,
+                                                            fbn_index e0, fbn_index e1, double m,
+                                                            double q, const T *y, T *g,
+                                                            int act, T slope)
 {
-#define FBN_GIN(off, cnt) FBN_FN(grad_input_store)(dy + (off), x + (off), dx + (off), (cnt), h, g, k_dy, k_xc, k_0, stream_on)
-    FBN_STREAM_CASES(stream, FBN_CHANNEL_WALK(e0, e1, stride, len, FBN_GIN));
+    return FBN_FN(grad_sums_range)(dy, x, stride, len, e0, e1, m, q, y, g, act, slope);
+}
+
+/* dx over positions [e0, e1) of a channel (see grad_input_value) */
+FBN_SEGMENT void FBN_FN(grad_input_range)(const T *dy, const T *x, T *dx, fbn_index stride,
+                                          fbn_index len, fbn_index e0, fbn_index e1, T h, T g,
+                                          T k_dy, T k_xc, T k_0, int stream)
+{
+#define FBN_GIN(off, cnt, ahead) FBN_FN(grad_input_store)(dy + (off), x + (off), dx + (off), (cnt), h, g, k_dy, k_xc, k_0, stream_on)
+    FBN_STREAM_CASES(stream, FBN_CHANNEL_WALK(e0, e1, stride, len, e1, 0, FBN_GIN));
 #undef FBN_GIN
 }
 
@@ -850,6 +877,53 @@ static inline void FBN_FN(grad_coefficients)(fbn_grad_sums s, double count, doub
     *k_0 = (T)(kd * (((double)g_t - q) - dy_rest) + kx * (((double)h_t - m) - lo));
     *dweight = invstd * dy_xmu;
     *dbias = s.dy + count * q;
+}
+
+/* Channel c's gradient coefficients into coef (h | g | k_dy | k_xc | k_0, C values each), its
+ * dweight and dbias, from its sums over count positions around its saved mean and shift */
+static inline void FBN_FN(grad_finish)(fbn_grad_sums s, double count, fbn_index C, fbn_index c,
+                                       const fbn_grad_args *a, T *coef)
+{
+    const double gamma = a->weight == NULL ? 1.0 : (double)((const T *)a->weight)[c];
+    double dweight, dbias;
+    FBN_FN(grad_coefficients)(s, count, ((const T *)a->mean)[c], ((const T *)a->shift)[c],
+                              ((const T *)a->invstd)[c], gamma, &coef[c], &coef[C + c],
+                              &coef[2 * C + c], &coef[3 * C + c], &coef[4 * C + c], &dweight,
+                              &dbias);
+    ((T *)a->dweight)[c] = (T)dweight;
+    ((T *)a->dbias)[c] = (T)dbias;
+}
+
+/* The channels-first backward of channels [c0, c1), each of them whole (count positions, runs
+ * of len values C*len apart), a group small enough to stay in cache: every channel's sums
+ * (into sums[c]), then every channel's coefficients, dweight and dbias (their latency chains
+ * overlap across the group), then every channel's dx. One call per group: per-channel calls
+ * through the dispatcher and the Cython around them took as long as the sums of a 49-value
+ * channel. */
+FBN_DISPATCH static void FBN_FN(backward_group)(const T *dy, const T *x, T *dx, fbn_index C,
+                                                fbn_index len, fbn_index count, fbn_index c0,
+                                                fbn_index c1, const fbn_grad_args *a,
+                                                fbn_grad_sums *FBN_RESTRICT sums,
+                                                T *FBN_RESTRICT coef, int stream)
+{
+    const T *mean = (const T *)a->mean, *shift = (const T *)a->shift, *y = (const T *)a->y;
+    T *grad = (T *)a->grad;
+    const T slope = (T)a->negative_slope;
+    const T *g = grad == NULL ? dy : grad;     /* the dx pass reads what the sums pass wrote */
+    for (fbn_index c = c0; c < c1; ++c) {
+        const fbn_index first = c * len;
+        sums[c] = FBN_FN(grad_sums_range)(dy + first, x + first, C * len, len, 0, count,
+                                          mean[c], shift[c], y == NULL ? NULL : y + first,
+                                          grad == NULL ? NULL : grad + first, a->activation,
+                                          slope);
+    }
+    for (fbn_index c = c0; c < c1; ++c) FBN_FN(grad_finish)(sums[c], (double)count, C, c, a, coef);
+    for (fbn_index c = c0; c < c1; ++c) {
+        const fbn_index first = c * len;
+        FBN_FN(grad_input_range)(g + first, x + first, dx + first, C * len, len, 0, count,
+                                 coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c],
+                                 coef[4 * C + c], stream);
+    }
 }
 
 #undef T
