@@ -770,19 +770,20 @@ FBN_DISPATCH static void FBN_FN(grad_sums_rows_chunk)(const T *dy, const T *x, f
                                                       double *FBN_RESTRICT scratch,
                                                       const T *y, T *g, int act, T slope)
 {
-    for (fbn_index c = 0; c < 3 * C; ++c) part[c] = 0.0;
     for (fbn_index r = 0; r < nrows; r += block_rows) {
         const fbn_index n = nrows - r < block_rows ? nrows - r : block_rows;
         const T *grad = dy + r * C;
+        double *sums = r == 0 ? part : scratch;     /* the first block's sums go to part */
         if (g != NULL) {
             FBN_FN(act_grad_segment)(grad, y != NULL ? y + r * C : NULL, g + r * C, n * C, act,
                                      slope);
             grad = g + r * C;
         }
-        FBN_FN(grad_sums_rows)(grad, x + r * C, n, C, step, m, q, scratch, scratch + C,
-                               scratch + 2 * C);
+        FBN_FN(grad_sums_rows)(grad, x + r * C, n, C, step, m, q, sums, sums + C, sums + 2 * C);
+        if (r > 0) {
 #pragma omp simd
-        for (fbn_index c = 0; c < 3 * C; ++c) part[c] += scratch[c];
+            for (fbn_index c = 0; c < 3 * C; ++c) part[c] += scratch[c];
+        }
     }
 }
 
