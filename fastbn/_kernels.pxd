@@ -31,6 +31,18 @@ cdef extern from "fastbn/platform.h" nogil:
     const fbn_grad_sums fbn_grad_sums_empty
     void fbn_grad_sums_add(fbn_grad_sums *a, fbn_grad_sums b)
 
+    ctypedef struct fbn_train_args:
+        const void *weight
+        const void *bias
+        double eps
+        void *running_mean
+        void *running_var
+        fbn_index running_mean_stride
+        fbn_index running_var_stride
+        double momentum
+        void *save_mean
+        void *save_invstd
+
     ctypedef struct fbn_grad_args:
         const void *mean
         const void *invstd
@@ -61,13 +73,6 @@ cdef extern from "fastbn/platform.h" nogil:
                                         fbn_index e0, fbn_index e1)
     fbn_moments fbn_moments_channel_f64(const double *x, fbn_index stride, fbn_index len,
                                         fbn_index e0, fbn_index e1)
-    void fbn_normalize_channel_f32(const float *x, const float *r, float *y, fbn_index stride,
-                                   fbn_index len, fbn_index e0, fbn_index e1, float hi,
-                                   float scale, float offset, int act, float slope, int stream)
-    void fbn_normalize_channel_f64(const double *x, const double *r, double *y,
-                                   fbn_index stride, fbn_index len, fbn_index e0, fbn_index e1,
-                                   double hi, double scale, double offset, int act,
-                                   double slope, int stream)
     fbn_grad_sums fbn_grad_sums_channel_f32(const float *dy, const float *x, fbn_index stride,
                                             fbn_index len, fbn_index e0, fbn_index e1,
                                             double m, double q, const float *y, float *g,
@@ -106,20 +111,12 @@ cdef extern from "fastbn/platform.h" nogil:
     void fbn_normalize_rows_f64(const double *x, const double *r, double *y, fbn_index nrows,
                                 fbn_index C, int step, const double *hi, const double *scale,
                                 const double *offset, int act, double slope, int stream)
-    double fbn_train_coefficients_f32(fbn_moments m, double eps, double gamma, double beta,
-                                      float *hi, float *scale, float *offset)
-    double fbn_train_coefficients_f64(fbn_moments m, double eps, double gamma, double beta,
-                                      double *hi, double *scale, double *offset)
     int fbn_infer_coefficients_f32(fbn_index C, const float *running_mean,
                                    const float *running_var, const float *weight,
                                    const float *bias, double eps, float *coef)
     int fbn_infer_coefficients_f64(fbn_index C, const double *running_mean,
                                    const double *running_var, const double *weight,
                                    const double *bias, double eps, double *coef)
-    void fbn_update_running_f32(float *running_mean, float *running_var, fbn_moments m,
-                                double momentum)
-    void fbn_update_running_f64(double *running_mean, double *running_var, fbn_moments m,
-                                double momentum)
     void fbn_grad_input_span_f32(const float *dy, const float *x, float *dx, fbn_index C,
                                  fbn_index len, fbn_index p0, fbn_index p1, const float *h,
                                  const float *g, const float *k_dy, const float *k_xc,
@@ -136,6 +133,18 @@ cdef extern from "fastbn/platform.h" nogil:
                                  fbn_index nrows, fbn_index C, int step, const double *h,
                                  const double *g, const double *k_dy, const double *k_xc,
                                  const double *k_0, int stream)
+    void fbn_train_finish_f32(fbn_moments m, fbn_index C, fbn_index c, const fbn_train_args *a,
+                              float *coef)
+    void fbn_train_finish_f64(fbn_moments m, fbn_index C, fbn_index c, const fbn_train_args *a,
+                              double *coef)
+    void fbn_train_group_f32(const float *x, const float *r, float *y, fbn_index C, fbn_index len,
+                             fbn_index count, fbn_index c0, fbn_index c1,
+                             const fbn_train_args *a, int act, float slope, fbn_moments *moments,
+                             float *coef, int stream)
+    void fbn_train_group_f64(const double *x, const double *r, double *y, fbn_index C,
+                             fbn_index len, fbn_index count, fbn_index c0, fbn_index c1,
+                             const fbn_train_args *a, int act, double slope,
+                             fbn_moments *moments, double *coef, int stream)
     void fbn_grad_finish_f32(fbn_grad_sums s, double count, fbn_index C, fbn_index c,
                              const fbn_grad_args *a, float *coef)
     void fbn_grad_finish_f64(fbn_grad_sums s, double count, fbn_index C, fbn_index c,
@@ -156,18 +165,6 @@ cdef inline fbn_moments moments_channel(const floating *x, fbn_index stride, fbn
         return fbn_moments_channel_f32(x, stride, len, e0, e1)
     else:
         return fbn_moments_channel_f64(x, stride, len, e0, e1)
-
-
-cdef inline void normalize_channel(const floating *x, const floating *r, floating *y,
-                                   fbn_index stride, fbn_index len, fbn_index e0, fbn_index e1,
-                                   floating hi, floating scale, floating offset, int act,
-                                   floating slope, int stream) noexcept nogil:
-    if floating is float:
-        fbn_normalize_channel_f32(x, r, y, stride, len, e0, e1, hi, scale, offset, act, slope,
-                                  stream)
-    else:
-        fbn_normalize_channel_f64(x, r, y, stride, len, e0, e1, hi, scale, offset, act, slope,
-                                  stream)
 
 
 cdef inline fbn_grad_sums grad_sums_channel(const floating *dy, const floating *x,
@@ -231,15 +228,6 @@ cdef inline void normalize_rows(const floating *x, const floating *r, floating *
 
 
 
-cdef inline double train_coefficients(fbn_moments m, double eps, double gamma, double beta,
-                                      floating *hi, floating *scale,
-                                      floating *offset) noexcept nogil:
-    if floating is float:
-        return fbn_train_coefficients_f32(m, eps, gamma, beta, hi, scale, offset)
-    else:
-        return fbn_train_coefficients_f64(m, eps, gamma, beta, hi, scale, offset)
-
-
 cdef inline bint infer_coefficients(fbn_index C, const floating *running_mean,
                                     const floating *running_var, const floating *weight,
                                     const floating *bias, double eps,
@@ -249,14 +237,6 @@ cdef inline bint infer_coefficients(fbn_index C, const floating *running_mean,
         return fbn_infer_coefficients_f32(C, running_mean, running_var, weight, bias, eps, coef)
     else:
         return fbn_infer_coefficients_f64(C, running_mean, running_var, weight, bias, eps, coef)
-
-cdef inline void update_running(floating *running_mean, floating *running_var, fbn_moments m,
-                                double momentum) noexcept nogil:
-    if floating is float:
-        fbn_update_running_f32(running_mean, running_var, m, momentum)
-    else:
-        fbn_update_running_f64(running_mean, running_var, m, momentum)
-
 
 cdef inline void grad_input_span(const floating *dy, const floating *x, floating *dx,
                                  fbn_index C, fbn_index len, fbn_index p0, fbn_index p1,
@@ -292,3 +272,19 @@ cdef inline void backward_group(const floating *dy, const floating *x, floating 
         fbn_backward_group_f32(dy, x, dx, C, len, count, c0, c1, a, sums, coef, stream)
     else:
         fbn_backward_group_f64(dy, x, dx, C, len, count, c0, c1, a, sums, coef, stream)
+
+cdef inline void train_finish(fbn_moments m, fbn_index C, fbn_index c, const fbn_train_args *a,
+                              floating *coef) noexcept nogil:
+    if floating is float:
+        fbn_train_finish_f32(m, C, c, a, coef)
+    else:
+        fbn_train_finish_f64(m, C, c, a, coef)
+
+cdef inline void train_group(const floating *x, const floating *r, floating *y, fbn_index C,
+                             fbn_index len, fbn_index count, fbn_index c0, fbn_index c1,
+                             const fbn_train_args *a, int act, floating slope,
+                             fbn_moments *moments, floating *coef, int stream) noexcept nogil:
+    if floating is float:
+        fbn_train_group_f32(x, r, y, C, len, count, c0, c1, a, act, slope, moments, coef, stream)
+    else:
+        fbn_train_group_f64(x, r, y, C, len, count, c0, c1, a, act, slope, moments, coef, stream)

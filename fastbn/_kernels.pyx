@@ -266,19 +266,7 @@ cdef inline void chunk_range(Py_ssize_t total, Py_ssize_t k, Py_ssize_t nchunks,
 
 # ------------------------------------------------------------------------------ forward pass
 
-cdef struct TrainArgs:
-    const void *weight       # C values, or NULL for gamma = 1
-    const void *bias         # C values, or NULL for beta = 0
-    double eps
-    void *running_mean       # C values at a stride, or NULL
-    void *running_var
-    Py_ssize_t running_mean_stride
-    Py_ssize_t running_var_stride
-    double momentum
-    void *save_mean          # C outputs
-    void *save_invstd
-
-
+# The training forward's arguments: fbn_train_args (include/fastbn/kernels.h).
 # Normalizing coefficients, NORM_COEFS*C values: hi | scale | offset, so that
 #     y = (x - hi[c]) * scale[c] + offset[c]          (see kernels_impl.h)
 cdef enum:
@@ -298,20 +286,6 @@ cdef inline const floating *residual_at(const Epilogue *ep, floating *like,
     if ep.residual == NULL:
         return NULL
     return <const floating *>ep.residual + offset
-
-cdef inline void finish_train_channel(floating *coef, Py_ssize_t C, Py_ssize_t c, fbn_moments m,
-                               const TrainArgs *a) noexcept nogil:
-    """Channel c's coefficients, saved mean and invstd, and running statistics."""
-    cdef double gamma = 1.0 if a.weight == NULL else (<const floating *>a.weight)[c]
-    cdef double beta = 0.0 if a.bias == NULL else (<const floating *>a.bias)[c]
-    cdef double invstd = train_coefficients(m, a.eps, gamma, beta, &coef[c], &coef[C + c],
-                                            &coef[2 * C + c])
-    (<floating *>a.save_mean)[c] = coef[c]
-    (<floating *>a.save_invstd)[c] = <floating>invstd
-    if a.running_mean != NULL:
-        update_running(&(<floating *>a.running_mean)[c * a.running_mean_stride],
-                       &(<floating *>a.running_var)[c * a.running_var_stride], m, a.momentum)
-
 
 cdef fbn_moments cf_chunk_moments(const floating *x, const Plan *p, Py_ssize_t c,
                                   Py_ssize_t k) noexcept nogil:
@@ -378,7 +352,7 @@ cdef enum:
 
 cdef void cl_merge_train(const double *parts, Py_ssize_t K, const Plan *p, Py_ssize_t c0,
                          Py_ssize_t c1, double *merged, floating *coef,
-                         const TrainArgs *a) noexcept nogil:
+                         const fbn_train_args *a) noexcept nogil:
     """Channels [c0, c1): chunk results merged in chunk order (into merged, 3*C doubles),
     then finished. Each channel's merge order is fixed, whoever does it."""
     cdef Py_ssize_t C = p.C, n = c1 - c0, k, c
@@ -397,17 +371,17 @@ cdef void cl_merge_train(const double *parts, Py_ssize_t K, const Plan *p, Py_ss
         m.shift = merged[c]
         m.dev_sum = merged[C + c]
         m.m2 = merged[2 * C + c]
-        finish_train_channel(coef, C, c, m, a)
+        train_finish(m, C, c, a, coef)
 
 
 cdef void cf_merge_train(const fbn_moments *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c,
-                         floating *coef, const TrainArgs *a) noexcept nogil:
+                         floating *coef, const fbn_train_args *a) noexcept nogil:
     """Channel c: its chunk results (parts[c*K + k]) merged in chunk order, then finished."""
     cdef fbn_moments m = parts[c * K]
     cdef Py_ssize_t k
     for k in range(1, K):
         fbn_moments_merge(&m, parts[c * K + k])
-    finish_train_channel(coef, C, c, m, a)
+    train_finish(m, C, c, a, coef)
 
 
 cdef struct Work:
@@ -448,7 +422,7 @@ cdef void free_work(Work *w) noexcept nogil:
     free(w.scratch_block)
 
 
-cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const TrainArgs *a,
+cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const fbn_train_args *a,
                             const Epilogue *ep, int nthreads) noexcept nogil:
     """Batch statistics, saved statistics, running statistics, then y. -1: out of memory.
 
@@ -457,9 +431,9 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
     cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, i, t
     cdef Py_ssize_t nmerge = ceil_div(C, MERGE_CHANNELS)
     cdef bint fused = p.inner > 1 and K == 1
-    cdef Py_ssize_t ngroups = ceil_div(C, p.group), c1
+    cdef Py_ssize_t ngroups = ceil_div(C, p.group)
     cdef Work w
-    cdef fbn_moments *parts           # channels-first: parts[c*K + k]
+    cdef fbn_moments *parts           # channels-first: parts[c*K + k] (parts[c] for groups)
     cdef double *cl_parts             # channels-last: chunk k at k * CL_PART(C)
     cdef floating *coef = <floating *>malloc(NORM_COEFS * C * sizeof(floating))
     if coef == NULL:
@@ -475,16 +449,9 @@ cdef int forward_train_impl(const floating *x, floating *y, const Plan *p, const
             # One group of channels per work item: their statistics, their coefficients,
             # then their y while the group is in cache.
             for i in prange(ngroups, schedule='static'):
-                c1 = min(C, (i + 1) * p.group)
-                for c in range(i * p.group, c1):
-                    parts[c] = cf_chunk_moments(x, p, c, 0)
-                for c in range(i * p.group, c1):
-                    finish_train_channel(coef, C, c, parts[c], a)
-                for c in range(i * p.group, c1):
-                    normalize_channel(x + c * p.inner, residual_at(ep, y, c * p.inner),
-                                      y + c * p.inner, C * p.inner, p.inner, 0, p.count, coef[c],
-                                      coef[C + c], coef[2 * C + c], ep.activation,
-                                      <floating>ep.negative_slope, p.stream)
+                train_group(x, residual_at(ep, y, 0), y, C, p.inner, p.count, i * p.group,
+                            min(C, (i + 1) * p.group), a, ep.activation,
+                            <floating>ep.negative_slope, parts, coef, p.stream)
         elif p.inner > 1:
             for i in prange(C * K, schedule='static'):
                 parts[i] = cf_chunk_moments(x, p, i // K, i % K)
@@ -723,7 +690,7 @@ cpdef forward_train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C
     act(bn(x) + residual)."""
     cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_TRAIN)
     cdef Epilogue ep = make_epilogue(residual, activation, negative_slope)
-    cdef TrainArgs a
+    cdef fbn_train_args a
     cdef int nthreads, status
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *yp = cnp.PyArray_DATA(y)

@@ -175,6 +175,21 @@ static inline fbn_index fbn_runs_ahead(fbn_index len, fbn_index stride, fbn_inde
 #  define fbn_stream_fence() ((void)0)
 #endif
 
+/* The training forward's per-channel vectors, C values each of the data's type (float or
+ * double, as the kernel's suffix says) */
+typedef struct {
+    const void *weight;      /* gamma, or NULL for gamma = 1 */
+    const void *bias;        /* beta, or NULL for beta = 0 */
+    double eps;
+    void *running_mean;      /* C values running_*_stride elements apart, or NULL */
+    void *running_var;
+    fbn_index running_mean_stride;
+    fbn_index running_var_stride;
+    double momentum;
+    void *save_mean;         /* outputs */
+    void *save_invstd;
+} fbn_train_args;
+
 /* The backward's per-channel vectors, C values each of the data's type (float or double, as
  * the kernel's suffix says), and its fusion: with grad set, dy is the gradient of the fused
  * output y = act(bn(x) + residual), and the sums pass writes g = dy * act'(y) (the residual's

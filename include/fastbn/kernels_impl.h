@@ -355,9 +355,8 @@ FBN_SEGMENT void FBN_FN(deviation_block)(const T *x, fbn_index stride, fbn_index
 #ifndef FBN_MAX_LOSS
 #define FBN_MAX_LOSS 8.0
 #endif
-FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const T *x, fbn_index stride,
-                                                        fbn_index len, fbn_index e0,
-                                                        fbn_index e1)
+FBN_SEGMENT fbn_moments FBN_FN(moments_range)(const T *x, fbn_index stride, fbn_index len,
+                                             fbn_index e0, fbn_index e1)
 {
     fbn_moments acc = fbn_moments_empty;
     for (fbn_index b = e0; b < e1; b += FBN_BLOCK) {
@@ -383,13 +382,19 @@ FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const T *x, fbn_index st
     return acc;
 }
 
+FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const T *x, fbn_index stride,
+                                                        fbn_index len, fbn_index e0,
+                                                        fbn_index e1)
+{
+    return FBN_FN(moments_range)(x, stride, len, e0, e1);
+}
+
 /* y = act(normalize(x) + r) over positions [e0, e1) of a channel; r (the residual, laid out
  * as x) may be NULL, and act FBN_ACT_NONE. stream: the plain op streams its stores (a fused
  * one reads its blocks back, see normalize_rows). */
-FBN_DISPATCH static void FBN_FN(normalize_channel)(const T *x, const T *r, T *y,
-                                                   fbn_index stride, fbn_index len,
-                                                   fbn_index e0, fbn_index e1, T hi, T scale,
-                                                   T offset, int act, T slope, int stream)
+FBN_SEGMENT void FBN_FN(normalize_range)(const T *x, const T *r, T *y, fbn_index stride,
+                                         fbn_index len, fbn_index e0, fbn_index e1, T hi,
+                                         T scale, T offset, int act, T slope, int stream)
 {
     if (r == NULL && act == FBN_ACT_NONE) {
 #define FBN_NORM(off, cnt, ahead) FBN_FN(normalize_store)(x + (off), y + (off), (cnt), hi, scale, offset, stream_on)
@@ -845,6 +850,44 @@ static inline void FBN_FN(update_running)(T *running_mean, T *running_var, fbn_m
     const double var_unbiased = m.m2 / (m.count - 1.0);
     *running_mean = (T)((1.0 - momentum) * (double)*running_mean + momentum * mean);
     *running_var = (T)((1.0 - momentum) * (double)*running_var + momentum * var_unbiased);
+}
+
+/* Channel c's coefficients into coef (hi | scale | offset, C values each), its saved mean and
+ * invstd, and its running statistics, from its moments */
+static inline void FBN_FN(train_finish)(fbn_moments m, fbn_index C, fbn_index c,
+                                        const fbn_train_args *a, T *coef)
+{
+    const double gamma = a->weight == NULL ? 1.0 : (double)((const T *)a->weight)[c];
+    const double beta = a->bias == NULL ? 0.0 : (double)((const T *)a->bias)[c];
+    const double invstd = FBN_FN(train_coefficients)(m, a->eps, gamma, beta, &coef[c],
+                                                     &coef[C + c], &coef[2 * C + c]);
+    ((T *)a->save_mean)[c] = coef[c];
+    ((T *)a->save_invstd)[c] = (T)invstd;
+    if (a->running_mean != NULL)
+        FBN_FN(update_running)(&((T *)a->running_mean)[c * a->running_mean_stride],
+                               &((T *)a->running_var)[c * a->running_var_stride], m,
+                               a->momentum);
+}
+
+/* The channels-first training forward of channels [c0, c1), each of them whole, a group small
+ * enough to stay in cache (as backward_group): every channel's moments (into moments[c]),
+ * then every channel's coefficients and statistics, then every channel's
+ * y = act(normalize(x) + r) (r, laid out as x, may be NULL; y may be x). */
+FBN_DISPATCH static void FBN_FN(train_group)(const T *x, const T *r, T *y, fbn_index C,
+                                             fbn_index len, fbn_index count, fbn_index c0,
+                                             fbn_index c1, const fbn_train_args *a, int act,
+                                             T slope, fbn_moments *FBN_RESTRICT moments,
+                                             T *FBN_RESTRICT coef, int stream)
+{
+    for (fbn_index c = c0; c < c1; ++c)
+        moments[c] = FBN_FN(moments_range)(x + c * len, C * len, len, 0, count);
+    for (fbn_index c = c0; c < c1; ++c) FBN_FN(train_finish)(moments[c], C, c, a, coef);
+    for (fbn_index c = c0; c < c1; ++c) {
+        const fbn_index first = c * len;
+        FBN_FN(normalize_range)(x + first, r == NULL ? NULL : r + first, y + first, C * len,
+                                len, 0, count, coef[c], coef[C + c], coef[2 * C + c], act,
+                                slope, stream);
+    }
 }
 
 /* Backward of y = (x - mu) * invstd * gamma + beta with batch statistics, per channel, from
