@@ -27,8 +27,8 @@ FBN_SEGMENT void FBN_FN(prefetch_lanes)(const T *p)
  * n % FBN_LANES values are summed apart (a dependency chain per segment, which the core
  * overlaps across segments) into a rest, added after the lanes. Adding the lanes up per segment
  * cost more than a short run's values, and GCC's own `omp simd reduction` ends with one
- * scalar add per vector lane in series. Fixed lanes make the sums the same bits under every
- * instruction set. Reading a channel from memory, a segment prefetches the lines `ahead`
+ * scalar add per vector lane in series. Fixed lanes make the order of the additions the same
+ * under every instruction set (products contract to FMA where it has one). Reading a channel from memory, a segment prefetches the lines `ahead`
  * elements on as it goes (see FBN_CHANNEL_WALK; 0: none). */
 FBN_SEGMENT void FBN_FN(sum_segment)(const T *x, fbn_index n, fbn_index ahead,
                                       double *FBN_RESTRICT sum, double *FBN_RESTRICT rest)
