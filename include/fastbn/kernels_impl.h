@@ -326,7 +326,7 @@ FBN_SEGMENT double FBN_FN(sum_block)(const T *x, fbn_index stride, fbn_index len
     FBN_PREFETCH_CASES(fbn_runs_ahead(len, stride, limit, sizeof(T)),
                        FBN_CHANNEL_WALK(b, end, stride, len, limit, runs_ahead, FBN_SUM));
 #undef FBN_SUM
-    return fbn_lane_total(sum) + rest;
+    return fbn_block_total(sum, rest, len >= FBN_LANES);
 }
 
 /* sum (x - shift) and sum (x - shift)^2 over positions [b, end) of a channel, one block (of a
@@ -340,8 +340,8 @@ FBN_SEGMENT void FBN_FN(deviation_block)(const T *x, fbn_index stride, fbn_index
     FBN_PREFETCH_CASES(fbn_runs_ahead(len, stride, limit, sizeof(T)),
                        FBN_CHANNEL_WALK(b, end, stride, len, limit, runs_ahead, FBN_DEV));
 #undef FBN_DEV
-    *dev_sum = fbn_lane_total(s1) + rest[0];
-    *dev_sq = fbn_lane_total(s2) + rest[1];
+    *dev_sum = fbn_block_total(s1, rest[0], len >= FBN_LANES);
+    *dev_sq = fbn_block_total(s2, rest[1], len >= FBN_LANES);
 }
 
 /* Moments of positions [e0, e1) of a channel, in blocks of FBN_BLOCK positions merged in
@@ -435,9 +435,10 @@ FBN_SEGMENT fbn_grad_sums FBN_FN(grad_sums_range)(const T *dy, const T *x, fbn_i
             FBN_PREFETCH_CASES(runs, FBN_CHANNEL_WALK(b, end, stride, len, e1, runs_ahead, FBN_GSUM_FUSED));
 #undef FBN_GSUM_FUSED
         }
-        const fbn_grad_sums block = {fbn_lane_total(s_dy) + rest[0],
-                                     fbn_lane_total(s_dy_xc) + rest[1],
-                                     fbn_lane_total(s_xc) + rest[2]};
+        const int lanes_used = len >= FBN_LANES;
+        const fbn_grad_sums block = {fbn_block_total(s_dy, rest[0], lanes_used),
+                                     fbn_block_total(s_dy_xc, rest[1], lanes_used),
+                                     fbn_block_total(s_xc, rest[2], lanes_used)};
         fbn_grad_sums_add(&acc, block);
     }
     return acc;
