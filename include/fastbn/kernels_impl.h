@@ -28,8 +28,9 @@ FBN_SEGMENT void FBN_FN(prefetch_lanes)(const T *p)
  * overlaps across segments) into a rest, added after the lanes. Adding the lanes up per segment
  * cost more than a short run's values, and GCC's own `omp simd reduction` ends with one
  * scalar add per vector lane in series. Fixed lanes make the order of the additions the same
- * under every instruction set (products contract to FMA where it has one). Reading a channel from memory, a segment prefetches the lines `ahead`
- * elements on as it goes (see FBN_CHANNEL_WALK; 0: none). */
+ * under every instruction set (products contract to FMA where it has one). Reading a channel
+ * from memory, a segment prefetches the lines `ahead` elements on as it goes (see
+ * FBN_CHANNEL_WALK; 0: none). */
 FBN_SEGMENT void FBN_FN(sum_segment)(const T *x, fbn_index n, fbn_index ahead,
                                       double *FBN_RESTRICT sum, double *FBN_RESTRICT rest)
 {
