@@ -318,31 +318,30 @@ FBN_SEGMENT void FBN_FN(normalize_fused_segment)(const T *x, const T *r, T *y, f
  * ------------------------------------------------------------------------------------------ */
 
 /* sum x over positions [b, end) of a channel, one block of a walk that reads up to position
- * limit: its lanes added up once */
+ * limit, prefetching runs ahead (fbn_runs_ahead): its lanes added up once */
 FBN_SEGMENT double FBN_FN(sum_block)(const T *x, fbn_index stride, fbn_index len, fbn_index b,
-                                     fbn_index end, fbn_index limit)
+                                     fbn_index end, fbn_index limit, fbn_index runs)
 {
     double sum[FBN_LANES] = {0.0}, rest = 0.0;
 #define FBN_SUM(off, cnt, ahead) FBN_FN(sum_segment)(x + (off), (cnt), (ahead), sum, &rest)
-    FBN_PREFETCH_CASES(fbn_runs_ahead(len, stride, limit, sizeof(T)),
-                       FBN_CHANNEL_WALK(b, end, stride, len, limit, runs_ahead, FBN_SUM));
+    FBN_PREFETCH_CASES(runs, FBN_CHANNEL_WALK(b, end, stride, len, limit, runs_ahead, FBN_SUM));
 #undef FBN_SUM
-    return fbn_block_total(sum, rest, len >= FBN_LANES);
+    return fbn_block_total(sum, rest, len);
 }
 
-/* sum (x - shift) and sum (x - shift)^2 over positions [b, end) of a channel, one block (of a
- * walk that reads up to position limit) */
+/* sum (x - shift) and sum (x - shift)^2 over positions [b, end) of a channel, one block (as
+ * sum_block) */
 FBN_SEGMENT void FBN_FN(deviation_block)(const T *x, fbn_index stride, fbn_index len,
                                          fbn_index b, fbn_index end, fbn_index limit,
-                                         double shift, double *dev_sum, double *dev_sq)
+                                         fbn_index runs, double shift, double *dev_sum,
+                                         double *dev_sq)
 {
     double s1[FBN_LANES] = {0.0}, s2[FBN_LANES] = {0.0}, rest[2] = {0.0, 0.0};
 #define FBN_DEV(off, cnt, ahead) FBN_FN(deviation_segment)(x + (off), (cnt), (ahead), shift, s1, s2, rest)
-    FBN_PREFETCH_CASES(fbn_runs_ahead(len, stride, limit, sizeof(T)),
-                       FBN_CHANNEL_WALK(b, end, stride, len, limit, runs_ahead, FBN_DEV));
+    FBN_PREFETCH_CASES(runs, FBN_CHANNEL_WALK(b, end, stride, len, limit, runs_ahead, FBN_DEV));
 #undef FBN_DEV
-    *dev_sum = fbn_block_total(s1, rest[0], len >= FBN_LANES);
-    *dev_sq = fbn_block_total(s2, rest[1], len >= FBN_LANES);
+    *dev_sum = fbn_block_total(s1, rest[0], len);
+    *dev_sq = fbn_block_total(s2, rest[1], len);
 }
 
 /* Moments of positions [e0, e1) of a channel, in blocks of FBN_BLOCK positions merged in
@@ -359,6 +358,7 @@ FBN_SEGMENT void FBN_FN(deviation_block)(const T *x, fbn_index stride, fbn_index
 FBN_SEGMENT fbn_moments FBN_FN(moments_range)(const T *x, fbn_index stride, fbn_index len,
                                              fbn_index e0, fbn_index e1)
 {
+    const fbn_index runs = fbn_runs_ahead(len, stride, e1, sizeof(T));
     fbn_moments acc = fbn_moments_empty;
     for (fbn_index b = e0; b < e1; b += FBN_BLOCK) {
         const fbn_index end = (e1 - b < FBN_BLOCK) ? e1 : b + FBN_BLOCK;
@@ -370,11 +370,11 @@ FBN_SEGMENT fbn_moments FBN_FN(moments_range)(const T *x, fbn_index stride, fbn_
             const fbn_index o = b < len ? 0 : b / len;
             shift = (double)x[o * stride + (b - o * len)];
         }
-        FBN_FN(deviation_block)(x, stride, len, b, end, e1, shift, &dev_sum, &dev_sq);
+        FBN_FN(deviation_block)(x, stride, len, b, end, e1, runs, shift, &dev_sum, &dev_sq);
         double m2 = dev_sq - dev_sum * dev_sum / n;
         if (acc.count == 0.0 && !(dev_sq <= FBN_MAX_LOSS * m2) && dev_sq != 0.0) {
-            shift = FBN_FN(sum_block)(x, stride, len, b, end, e1) / n;
-            FBN_FN(deviation_block)(x, stride, len, b, end, e1, shift, &dev_sum, &dev_sq);
+            shift = FBN_FN(sum_block)(x, stride, len, b, end, e1, runs) / n;
+            FBN_FN(deviation_block)(x, stride, len, b, end, e1, runs, shift, &dev_sum, &dev_sq);
             m2 = dev_sq - dev_sum * dev_sum / n;
         }
         fbn_moments block = {n, shift, dev_sum, m2 < 0.0 ? 0.0 : m2};   /* NaN stays NaN */
@@ -436,10 +436,9 @@ FBN_SEGMENT fbn_grad_sums FBN_FN(grad_sums_range)(const T *dy, const T *x, fbn_i
             FBN_PREFETCH_CASES(runs, FBN_CHANNEL_WALK(b, end, stride, len, e1, runs_ahead, FBN_GSUM_FUSED));
 #undef FBN_GSUM_FUSED
         }
-        const int lanes_used = len >= FBN_LANES;
-        const fbn_grad_sums block = {fbn_block_total(s_dy, rest[0], lanes_used),
-                                     fbn_block_total(s_dy_xc, rest[1], lanes_used),
-                                     fbn_block_total(s_xc, rest[2], lanes_used)};
+        const fbn_grad_sums block = {fbn_block_total(s_dy, rest[0], len),
+                                     fbn_block_total(s_dy_xc, rest[1], len),
+                                     fbn_block_total(s_xc, rest[2], len)};
         fbn_grad_sums_add(&acc, block);
     }
     return acc;

@@ -41,12 +41,12 @@ static inline double fbn_lane_total(const double *lane)
     return (u[0] + u[2]) + (u[1] + u[3]);
 }
 
-/* A block's sum: its lanes' tree, then its rest. Runs shorter than the lanes leave every lane
- * at zero (lanes_used false): their tree is skipped, a tenth of the gradient sums of a channel
- * of 9-value runs (C harness). */
-static inline double fbn_block_total(const double *lane, double rest, int lanes_used)
+/* A block's sum over runs of len values: its lanes' tree, then its rest. Runs shorter than
+ * the lanes leave every lane at zero: their tree is skipped, a tenth of the gradient sums of a
+ * channel of 9-value runs (C harness). */
+static inline double fbn_block_total(const double *lane, double rest, fbn_index len)
 {
-    return lanes_used ? fbn_lane_total(lane) + rest : rest;
+    return len >= FBN_LANES ? fbn_lane_total(lane) + rest : rest;
 }
 
 static const fbn_moments fbn_moments_empty = {0.0, 0.0, 0.0, 0.0};
