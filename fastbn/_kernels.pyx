@@ -507,7 +507,9 @@ cdef Py_ssize_t infer_impl(const floating *x, floating *y, const Plan *p,
 
 cdef inline const floating *y_at(const fbn_grad_args *a, const floating *like,
                                  Py_ssize_t offset) noexcept nogil:
-    return NULL if a.y == NULL else <const floating *>a.y + offset
+    if a.y == NULL:             # (a conditional expression made Cython drop the const)
+        return NULL
+    return <const floating *>a.y + offset
 
 
 cdef inline floating *grad_at(const fbn_grad_args *a, const floating *like,

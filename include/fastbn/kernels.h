@@ -75,6 +75,7 @@
             const fbn_index ahead_ =                                                     \
                 (o_ + (runs_ahead)) * (len) < (limit) ? (runs_ahead) * (stride) : 0;     \
             SEGMENT(o_ * (stride) + i_, n_, ahead_);                                     \
+            (void)ahead_;                       /* segments that don't prefetch */       \
             e_ += n_;                                                                    \
             i_ = 0;                                                                      \
             ++o_;                                                                        \
