@@ -13,6 +13,8 @@ from cython.parallel cimport parallel, prange, threadid
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from libc.math cimport sqrt, INFINITY
+import os
+
 import numpy as np
 cimport numpy as cnp
 
@@ -84,7 +86,30 @@ def set_num_threads(n):
     _requested_threads = min(n, 1 << 16)
 
 
+# After fork: GNU libgomp keeps no fork handlers, so a child whose parent had started an
+# OpenMP team inherits a pool of workers that do not exist, and its first parallel region
+# waits for them forever. Such a child runs every call on its own thread (no OpenMP region at
+# all); a child of a parent that never started a team has a fresh runtime and uses threads.
+cdef bint _team_started = False     # this process has run a region of 2 threads or more
+cdef bint _forked_serial = False    # this process is a child forked after that
+
+
+def _after_fork_in_child():
+    global _forked_serial, _busy_threads, _workers, _peak_workers
+    if _team_started:
+        _forked_serial = True
+    # calls that other threads of the parent were running do not exist here
+    _busy_threads = _workers = _peak_workers = 0
+
+
+def forked_serial():
+    """Whether this process is a forked child that runs every call on one thread."""
+    return bool(_forked_serial)
+
+
 cdef inline int pool_threads() noexcept:
+    if _forked_serial:
+        return 1
     return _requested_threads if _requested_threads > 0 else fbn_max_threads()
 
 
@@ -109,7 +134,10 @@ cdef int _peak_workers = 0
 
 cdef int reserve_threads(Py_ssize_t size, Py_ssize_t serial_below) noexcept:
     global _busy_threads, _workers, _peak_workers
+    global _team_started
     cdef int n = max(1, min(threads_for(size, serial_below), pool_threads() - _busy_threads))
+    if n > 1:
+        _team_started = True
     _busy_threads += n
     _workers += n - 1
     _peak_workers = max(_peak_workers, _workers)
@@ -120,6 +148,10 @@ cdef void release_threads(int n) noexcept:
     global _busy_threads, _workers
     _busy_threads -= n
     _workers -= n - 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def peak_workers(reset=False):
@@ -811,7 +843,10 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst):
     cdef char *s = <char *>cnp.PyArray_DATA(src)
     cdef char *d = <char *>cnp.PyArray_DATA(dst)
     cdef Py_ssize_t nbytes = src.nbytes, start, stop
+    global _team_started
     cdef int nthreads = pool_threads(), t
+    if nthreads > 1:
+        _team_started = True
     with nogil:
         for t in prange(nthreads, schedule='static', num_threads=nthreads):
             start = nbytes * t // nthreads

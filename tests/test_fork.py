@@ -1,0 +1,108 @@
+"""After fork: a child's fastbn calls finish with the parent's bits, whatever ran before.
+
+GNU libgomp is not fork-safe: a child whose parent had started an OpenMP team would wait
+forever for workers that do not exist. Each scenario runs in a fresh interpreter (so that no
+earlier test has started a team) with a time limit, so a hang fails instead of blocking."""
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import fastbn
+
+SERIAL_BUILD = not fastbn._kernels.build_info()["openmp"]
+pytestmark = pytest.mark.skipif("fork" not in mp.get_all_start_methods(),
+                                reason="no fork start method on this platform")
+
+SCENARIO = textwrap.dedent("""
+    import multiprocessing as mp, sys
+    import numpy as np
+    import fastbn
+
+    def run_all():
+        rng = np.random.default_rng(0)
+        out = []
+        for shape, axis in (((32, 64, 28, 28), 1), ((4096, 256), 1), ((8, 28, 28, 64), -1)):
+            x = (rng.standard_normal(shape) + 3.0).astype(np.float32)
+            dy = rng.standard_normal(shape).astype(np.float32)
+            C = shape[axis]
+            rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+            y, mean, invstd = fastbn.batch_norm_train(x, axis=axis, running_mean=rm,
+                                                      running_var=rv)
+            out += [y, mean, invstd, rm, rv, fastbn.batch_norm_infer(x, rm, rv, axis=axis)]
+            out += list(fastbn.batch_norm_backward(dy, x, mean, invstd, axis=axis))
+        return b"".join(a.tobytes() for a in out)
+
+    def child(conn, depth, child_threads):
+        if child_threads:
+            fastbn.set_num_threads(child_threads)
+        result = run_all()
+        report = [result == expected, fastbn.get_num_threads(),
+                  fastbn._kernels.forked_serial(), fastbn._kernels.peak_workers()]
+        if depth > 1:                                   # a child of the child
+            inner, outer = mp.get_context("fork").Pipe()
+            p = mp.get_context("fork").Process(target=child, args=(outer, depth - 1, 0))
+            p.start()
+            report.append(inner.recv())
+            p.join()
+        conn.send(report)
+
+    parent_threads, child_threads, depth = map(int, sys.argv[1:4])
+    fastbn.set_num_threads(parent_threads)
+    expected = run_all()
+    fastbn._kernels.peak_workers(reset=True)
+    inner, outer = mp.get_context("fork").Pipe()
+    p = mp.get_context("fork").Process(target=child, args=(outer, depth, child_threads))
+    p.start()
+    print(inner.recv())
+    p.join()
+""")
+
+
+def scenario(parent_threads, child_threads=0, depth=1):
+    """The child's report: [same bits, its threads, forked_serial, its peak workers, (the
+    grandchild's report)]."""
+    try:
+        out = subprocess.run([sys.executable, "-c", SCENARIO, str(parent_threads),
+                              str(child_threads), str(depth)],
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "OMP_NUM_THREADS": "2"})
+    except subprocess.TimeoutExpired:
+        pytest.fail("a forked child's fastbn call hung")
+    assert out.returncode == 0, out.stderr
+    return eval(out.stdout.strip())
+
+
+@pytest.mark.skipif(SERIAL_BUILD, reason="serial build: no OpenMP team to inherit")
+def test_child_after_a_parallel_parent_runs_serial_with_the_same_bits():
+    same, threads, serial, _ = scenario(parent_threads=2)
+    assert same
+    assert serial and threads == 1
+
+
+def test_child_of_a_child_after_a_parallel_parent():
+    report = scenario(parent_threads=2, depth=2)
+    assert report[0]
+    grandchild = report[4]
+    assert grandchild[0]
+    if not SERIAL_BUILD:
+        assert grandchild[2] and grandchild[1] == 1
+
+
+def test_child_asking_for_threads_after_a_parallel_parent_still_finishes():
+    same, threads, serial, peak = scenario(parent_threads=2, child_threads=2)
+    assert same
+    if not SERIAL_BUILD:
+        assert threads == 1 and peak == 0
+
+
+def test_child_after_a_serial_parent_uses_threads():
+    """A parent that never started a team leaves the child a fresh OpenMP runtime."""
+    same, threads, serial, peak = scenario(parent_threads=1, child_threads=2, depth=2)[:4]
+    assert same
+    assert not serial
+    if not SERIAL_BUILD:
+        assert threads == 2 and peak >= 1
