@@ -5,6 +5,7 @@ Environment variables:
   FASTBN_NATIVE=1      compile for this machine's CPU (-march=native) instead of a portable
                        build with runtime dispatch to AVX2 / AVX-512 kernels
 """
+import importlib.util
 import os
 import shlex
 import sys
@@ -115,14 +116,42 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+def _load(path):
+    """A module of fastbn's by its file, without importing the package (not built yet)."""
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def render_templates():
+    """fastbn/*.tp -> the file without .tp (Tempita), from the lists the templates read: the
+    storage types (fastbn/_dtypes.py) and the activations (fastbn/activations.py)."""
+    from Cython import Tempita
+    names = {"storage_types": _load("fastbn/_dtypes.py").STORAGE_TYPES,
+             "activations": list(_load("fastbn/activations.py").ACTIVATIONS.values())}
+    for template in glob("fastbn/*.tp"):
+        with open(template) as f:
+            text = Tempita.Template(f.read(), name=template).substitute(names)
+        target = template[:-3]
+        if not os.path.exists(target) or open(target).read() != text:
+            with open(target, "w") as f:
+                f.write(text)
+
+
+render_templates()
+
+# One extension module per concern (docs/architecture.md); only _kernels compiles the kernels
+MODULES = ["_threads", "_plan", "_outputs", "_kernels", "_fastpath"]
 extensions = [
     Extension(
-        "fastbn._kernels",
-        ["fastbn/_kernels.pyx"],
+        f"fastbn.{name}",
+        [f"fastbn/{name}.pyx"],
         include_dirs=["include", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],
-        depends=glob("include/fastbn/*.h") + ["fastbn/_kernels.pxd"],
+        depends=glob("include/fastbn/*.h") + glob("fastbn/*.pxd") + glob("fastbn/*.tp"),
     )
+    for name in MODULES
 ]
 
 setup(

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from . import __version__, _kernels, get_num_threads
+from . import __version__, _kernels, _plan, get_num_threads
 
 
 def info():
@@ -21,7 +21,7 @@ def info():
         ("numpy", np.__version__),
         ("openmp", openmp),
         ("threads", str(get_num_threads())),
-        ("serial below", ", ".join(f"{op} {n}" for op, n in _kernels.SERIAL_THRESHOLDS.items())
+        ("serial below", ", ".join(f"{op} {n}" for op, n in _plan.SERIAL_THRESHOLDS.items())
          + " values per call"),
         ("compiler", build["compiler"]),
         ("build flags", build["build_flags"] or "(none recorded)"),

@@ -13,118 +13,21 @@ NHWC, a transposed or reversed view of either) is used where it lies, by permuti
 its axes; anything else is copied once. Outputs take the input's memory layout.
 """
 import math
-import numbers
 
 import numpy as np
 
-from . import _kernels
+from . import _fastpath, _kernels, _outputs, _rules, _threads
+from ._rules import (EPS, MOMENTUM, NEGATIVE_SLOPE_BACKWARD, channel_vector, companion,
+                     compute_dtype, data, like_x, out_array, real, running_stat, train_count,
+                     x_and_axis)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "batch_norm",
            "set_num_threads", "get_num_threads", "set_output_cache", "get_output_cache"]
 
-set_num_threads = _kernels.set_num_threads
-get_num_threads = _kernels.get_num_threads
-set_output_cache = _kernels.set_output_cache
-get_output_cache = _kernels.get_output_cache
-
-_FLOAT32 = np.dtype(np.float32)
-_FLOAT64 = np.dtype(np.float64)
-_AxisError = np.exceptions.AxisError
-
-
-# ------------------------------------------------------------------------------- validation
-
-def _as_data(x, name):
-    """x as a float32 or float64 ndarray in native byte order (a copy only for byte order)."""
-    if type(x) is not np.ndarray:
-        if isinstance(x, (np.ndarray, list, tuple)):
-            x = np.asarray(x)
-        else:
-            raise TypeError(f"{name} must be a numpy.ndarray of float32 or float64, "
-                            f"got {type(x).__name__}")
-    dtype = x.dtype
-    if dtype is _FLOAT32 or dtype is _FLOAT64:
-        return x
-    if dtype.kind == "f" and dtype.itemsize in (4, 8):
-        return x if dtype.isnative else x.astype(dtype.newbyteorder("="))
-    hint = " (convert with .astype(np.float32))" if dtype.kind in "biuf" else ""
-    raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}{hint}")
-
-
-def _same_dtype(a, name, x):
-    if a.shape != x.shape:
-        raise ValueError(f"{name} must have the shape of x {x.shape}, got {a.shape}")
-    if a.dtype != x.dtype:
-        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {a.dtype}")
-
-
-def _axis(axis, ndim):
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
-    if not -ndim <= axis < ndim:
-        raise _AxisError(int(axis), ndim, "axis")
-    return int(axis) % ndim
-
-
-def _real(value, name, low, high):
-    """A float in [low, high]; NaN fails."""
-    if type(value) is not float:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        value = float(value)
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
-
-
-def _channel_vector(v, name, C, dtype):
-    """A read-only (C,) parameter as a contiguous array of x's dtype (converted if needed)."""
-    if v is None:
-        return None
-    if type(v) is not np.ndarray:
-        v = np.asarray(v)
-    if v.dtype.kind != "f" or v.dtype.itemsize > 8:
-        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {v.dtype}")
-    if v.shape != (C,):
-        raise ValueError(f"{name} must have shape ({C},), one value per channel, got {v.shape}")
-    if v.dtype == dtype and v.flags.c_contiguous:
-        return v
-    return np.ascontiguousarray(v, dtype=dtype)
-
-
-def _running_stat(v, name, C, dtype):
-    """A running statistic that training updates in place: a writeable (C,) array of x's dtype."""
-    if not isinstance(v, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
-                        f"got {type(v).__name__}")
-    if v.dtype != dtype:
-        raise TypeError(f"{name} must have the dtype of x ({dtype}), got {v.dtype}")
-    if v.shape != (C,):
-        raise ValueError(f"{name} must have shape ({C},), one value per channel, got {v.shape}")
-    if not v.flags.writeable:
-        raise ValueError(f"{name} is read-only, but training updates it in place")
-    if v.strides[0] % v.itemsize:
-        raise ValueError(f"{name} must have a stride that is a multiple of its item size")
-    return v
-
-
-def _out(out, x, name="out"):
-    if out is None:
-        return None
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
-    _same_dtype(out, name, x)
-    if not out.flags.writeable:
-        raise ValueError(f"{name} is read-only")
-    return out
-
-
-def _check_x(x, axis):
-    x = _as_data(x, "x")
-    if x.ndim < 2:
-        raise ValueError(f"x must have at least 2 dimensions (batch and channels), "
-                         f"got shape {x.shape}")
-    return x, _axis(axis, x.ndim)
+set_num_threads = _threads.set_num_threads
+get_num_threads = _threads.get_num_threads
+set_output_cache = _outputs.set_output_cache
+get_output_cache = _outputs.get_output_cache
 
 
 # --------------------------------------------------------------------------- canonical view
@@ -191,7 +94,7 @@ class _Views:
         where to copy the first into when out can't be written directly."""
         copy_back = None
         if out is None:
-            y = _kernels.empty(x.shape, x.dtype)
+            y = _outputs.empty(x.shape, x.dtype)
             result = y if order is None else _from_order(y, order)
         else:
             target = out if order is None else _to_order(out, order)
@@ -199,7 +102,7 @@ class _Views:
             if target.flags.c_contiguous and target.shape == x.shape:
                 y = target
             else:
-                y = _kernels.empty(x.shape, x.dtype)
+                y = _outputs.empty(x.shape, x.dtype)
                 copy_back = target
         self.outputs.append(y)
         self._results.append(result)
@@ -239,29 +142,6 @@ def _run(kernel, arrays, axis, outs, in_place):
     return results
 
 
-def _activation(activation, negative_slope):
-    """(kernel code, slope) of an activation name."""
-    if activation is None:
-        code = _kernels.ACTIVATIONS[None]
-    elif not isinstance(activation, str):
-        raise TypeError(f"activation must be None or a str, got {type(activation).__name__}")
-    elif activation not in _kernels.ACTIVATIONS:
-        names = ", ".join(repr(a) for a in _kernels.ACTIVATIONS if a)
-        raise ValueError(f"activation must be None or one of {names}, got {activation!r}")
-    else:
-        code = _kernels.ACTIVATIONS[activation]
-    return code, _real(negative_slope, "negative_slope", -math.inf, math.inf)
-
-
-def _companion(a, name, x):
-    """An array read alongside x (residual, y): x's shape and dtype."""
-    if a is None:
-        return None
-    a = _as_data(a, name)
-    _same_dtype(a, name, x)
-    return a
-
-
 # ------------------------------------------------------------------------------- functions
 
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
@@ -281,31 +161,29 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
     updated in place: r = (1 - momentum) * r + momentum * batch, with the unbiased variance
     n / (n - 1) for running_var (PyTorch's convention).
     """
-    result = _kernels.train_common(x, weight, bias, eps, axis, running_mean, running_var,
+    result = _fastpath.train_common(x, weight, bias, eps, axis, running_mean, running_var,
                                    momentum, out, residual, activation, negative_slope)
     if result is not None:
         return result
-    x, axis = _check_x(x, axis)
+    x, axis = x_and_axis(x, axis)
     C = x.shape[axis]
-    weight = _channel_vector(weight, "weight", C, x.dtype)
-    bias = _channel_vector(bias, "bias", C, x.dtype)
-    eps = _real(eps, "eps", 0.0, math.inf)
-    momentum = _real(momentum, "momentum", 0.0, 1.0)
-    residual = _companion(residual, "residual", x)
-    act, slope = _activation(activation, negative_slope)
+    stat_dtype = compute_dtype(x.dtype)
+    weight = channel_vector(weight, "weight", C, stat_dtype)
+    bias = channel_vector(bias, "bias", C, stat_dtype)
+    eps = real(eps, EPS)
+    momentum = real(momentum, MOMENTUM)
+    residual = companion(residual, "residual", x)
+    act, slope = _rules.activation(activation, negative_slope)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
     if running_mean is not None:
-        running_mean = _running_stat(running_mean, "running_mean", C, x.dtype)
-        running_var = _running_stat(running_var, "running_var", C, x.dtype)
-    out = _out(out, x)
-    count = x.size // C if C else 0
-    if count == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, "
-                         f"got x of shape {x.shape} with channels on axis {axis}")
+        running_mean = running_stat(running_mean, "running_mean", C, stat_dtype)
+        running_var = running_stat(running_var, "running_var", C, stat_dtype)
+    out = out_array(out, x)
+    train_count(x, axis, C)
 
-    mean = np.empty(C, x.dtype)
-    invstd = np.empty(C, x.dtype)
+    mean = np.empty(C, stat_dtype)
+    invstd = np.empty(C, stat_dtype)
     if x.size == 0:     # nothing to take statistics of: running statistics stay as they are
         mean.fill(np.nan)
         invstd.fill(np.nan)
@@ -325,22 +203,23 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, per channel; fused,
     y = act(that + residual) in the same pass (as in batch_norm_train).
     """
-    y = _kernels.infer_common(x, running_mean, running_var, weight, bias, eps, axis, out,
+    y = _fastpath.infer_common(x, running_mean, running_var, weight, bias, eps, axis, out,
                               residual, activation, negative_slope)
     if y is not None:
         return y
-    x, axis = _check_x(x, axis)
+    x, axis = x_and_axis(x, axis)
     C = x.shape[axis]
+    stat_dtype = compute_dtype(x.dtype)
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required for inference")
-    running_mean = _channel_vector(running_mean, "running_mean", C, x.dtype)
-    running_var = _channel_vector(running_var, "running_var", C, x.dtype)
-    weight = _channel_vector(weight, "weight", C, x.dtype)
-    bias = _channel_vector(bias, "bias", C, x.dtype)
-    eps = _real(eps, "eps", 0.0, math.inf)
-    residual = _companion(residual, "residual", x)
-    act, slope = _activation(activation, negative_slope)
-    out = _out(out, x)
+    running_mean = channel_vector(running_mean, "running_mean", C, stat_dtype)
+    running_var = channel_vector(running_var, "running_var", C, stat_dtype)
+    weight = channel_vector(weight, "weight", C, stat_dtype)
+    bias = channel_vector(bias, "bias", C, stat_dtype)
+    eps = real(eps, EPS)
+    residual = companion(residual, "residual", x)
+    act, slope = _rules.activation(activation, negative_slope)
+    out = out_array(out, x)
     if x.size == 0:
         return np.empty_like(x) if out is None else out
     arrays = [x] if residual is None else [x, residual]
@@ -366,36 +245,37 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, y=None, act
     """
     fused = activation is not None or out_residual is not None
     if not fused and y is None:
-        result = _kernels.backward_common(dy, x, mean, invstd, weight, axis, out)
+        result = _fastpath.backward_common(dy, x, mean, invstd, weight, axis, out)
         if result is not None:
             return result
-    x, axis = _check_x(x, axis)
-    dy = _as_data(dy, "dy")
-    _same_dtype(dy, "dy", x)
+    x, axis = x_and_axis(x, axis)
+    dy = data(dy, "dy")
+    like_x(dy, "dy", x)
     C = x.shape[axis]
+    stat_dtype = compute_dtype(x.dtype)
     if mean is None or invstd is None:
         raise TypeError("mean and invstd are required: pass what batch_norm_train returned")
-    mean = _channel_vector(mean, "mean", C, x.dtype)
-    invstd = _channel_vector(invstd, "invstd", C, x.dtype)
-    weight = _channel_vector(weight, "weight", C, x.dtype)
-    act, slope = _activation(activation, negative_slope)
-    y = _companion(y, "y", x)
+    mean = channel_vector(mean, "mean", C, stat_dtype)
+    invstd = channel_vector(invstd, "invstd", C, stat_dtype)
+    weight = channel_vector(weight, "weight", C, stat_dtype)
+    act, slope = _rules.activation(activation, negative_slope)
+    y = companion(y, "y", x)
     if activation is not None and y is None:
         raise ValueError(f"y, the fused forward's output, is required with "
                          f"activation={activation!r}")
     if activation is None and y is not None:
         raise ValueError("y is used only with an activation: pass activation= as in the forward")
-    if activation == "leaky_relu" and slope < 0:
+    if activation == "leaky_relu" and not slope >= NEGATIVE_SLOPE_BACKWARD.low:
         raise ValueError(f"negative_slope must be >= 0 for the backward (the derivative is "
                          f"recovered from the sign of y), got {slope}")
-    out = _out(out, x)
+    out = out_array(out, x)
     if out_residual is not None:
-        out_residual = _out(out_residual, x, "out_residual")
+        out_residual = out_array(out_residual, x, "out_residual")
         if out is not None and np.may_share_memory(out, out_residual):
             raise ValueError("out and out_residual must not overlap")
 
-    dweight = np.zeros(C, x.dtype)
-    dbias = np.zeros(C, x.dtype)
+    dweight = np.zeros(C, stat_dtype)
+    dbias = np.zeros(C, stat_dtype)
     if x.size == 0:
         return (np.empty_like(x) if out is None else out), dweight, dbias
     arrays = [x, dy] if y is None else [x, dy, y]
@@ -409,7 +289,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, y=None, act
             # unless that is x's, which the sums still read
             grad = v.outputs[1] if len(v.outputs) > 1 else dx
             if _kernels.address(grad) == _kernels.address(v.x):
-                grad = _kernels.empty(v.x.shape, v.x.dtype)
+                grad = _outputs.empty(v.x.shape, v.x.dtype)
         _kernels.backward(v.inputs[0], v.x, dx, v.outer, C, v.inner, mean, invstd, weight,
                           dweight, dbias, v.inputs[1] if y is not None else None, grad, act,
                           slope)

@@ -41,7 +41,7 @@ SCENARIO = textwrap.dedent("""
             fastbn.set_num_threads(child_threads)
         result = run_all()
         report = [result == expected, fastbn.get_num_threads(),
-                  fastbn._kernels.forked_serial(), fastbn._kernels.peak_workers()]
+                  fastbn._threads.forked_serial(), fastbn._threads.peak_workers()]
         if depth > 1:                                   # a child of the child
             inner, outer = mp.get_context("fork").Pipe()
             p = mp.get_context("fork").Process(target=child, args=(outer, depth - 1, 0))
@@ -53,7 +53,7 @@ SCENARIO = textwrap.dedent("""
     parent_threads, child_threads, depth = map(int, sys.argv[1:4])
     fastbn.set_num_threads(parent_threads)
     expected = run_all()
-    fastbn._kernels.peak_workers(reset=True)
+    fastbn._threads.peak_workers(reset=True)
     inner, outer = mp.get_context("fork").Pipe()
     p = mp.get_context("fork").Process(target=child, args=(outer, depth, child_threads))
     p.start()

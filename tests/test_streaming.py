@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _kernels, reference
+from fastbn import _plan, reference
 from conftest import (DTYPES, PARALLEL_CASES, SMALL_CASES, TOL_GRAD, TOL_Y, assert_close,
                       make_input, make_params, plan)
 
@@ -17,9 +17,9 @@ CASES = SMALL_CASES + PARALLEL_CASES[:-1] + [((2, 4, 3, 67), -1), ((3, 9, 2, 37)
 def streaming():
     """Call with True to stream every output, False for none; restores the default."""
     def force(on):
-        _kernels._set_stream_traffic_bytes(0 if on else 1 << 62)
+        _plan._set_stream_traffic_bytes(0 if on else 1 << 62)
     yield force
-    _kernels._set_stream_traffic_bytes(-1)
+    _plan._set_stream_traffic_bytes(-1)
 
 
 def misaligned_like(x):

@@ -86,11 +86,11 @@ def test_concurrent_python_threads_share_the_pool(rng):
         weight, bias = make_params(shape[axis], x.dtype, rng)
         cases.append((x, axis, weight, bias, rng.standard_normal(shape).astype(x.dtype)))
     expected = [run_all(*c) for c in cases]
-    fastbn._kernels.peak_workers(reset=True)
+    fastbn._threads.peak_workers(reset=True)
     with ThreadPoolExecutor(max_workers=8) as pool:
         for _ in range(3):
             results = list(pool.map(lambda c: run_all(*c), cases))
             for got, want in zip(results, expected):
                 for a, b in zip(got, want):
                     assert a.tobytes() == b.tobytes()
-    assert fastbn._kernels.peak_workers() <= fastbn.get_num_threads() - 1
+    assert fastbn._threads.peak_workers() <= fastbn.get_num_threads() - 1

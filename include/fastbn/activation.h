@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The codes of fastbn/activations.py, the registry (the build checks that they agree) */
 typedef enum {
     FBN_ACT_NONE = 0,
     FBN_ACT_RELU = 1,
@@ -25,7 +26,7 @@ typedef enum {
  *     z = k ln2 + r, |r| <= ln2 / 2      k by the round-to-nearest of the 1.5 * 2^52 trick
  *     exp(z) = 2^k exp(r)               exp(r) by its Taylor series to r^13 (|error| < 4e-18)
  * 2^k is built from its bits (k >= -1022 in that range, a normal number). */
-static inline double fbn_exp_nonpositive(double z)
+static inline double fbn_exp_nonpositive_f64(double z)
 {
     const double round_shift = 0x1.8p52;
     const double k = (z * 0x1.71547652b82fep0 + round_shift) - round_shift;    /* z / ln2 */
@@ -55,7 +56,7 @@ static inline double fbn_exp_nonpositive(double z)
  *   otherwise:  tanh |z| = (1 - e) / (1 + e), e = exp(-2|z|) <= 0.61, so 1 - e loses at most
  *               a factor 1.6 of e's accuracy; |z| is capped at 20, where tanh is 1 in double.
  * Both branches are computed and one is selected, so the loop vectorizes. */
-static inline double fbn_tanh(double z)
+static inline double fbn_tanh_f64(double z)
 {
     const double a = fabs(z) < 20.0 ? fabs(z) : 20.0;       /* NaN -> 20, fixed below */
     const double s = a * a;
@@ -70,15 +71,15 @@ static inline double fbn_tanh(double z)
     p = p * s + 2.0 / 15.0;
     p = p * s - 1.0 / 3.0;
     const double series = a + a * (s * p);
-    const double e = fbn_exp_nonpositive(-2.0 * a);
+    const double e = fbn_exp_nonpositive_f64(-2.0 * a);
     const double t = a < 0.25 ? series : (1.0 - e) / (1.0 + e);
     return z != z ? z : copysign(t, z);
 }
 
 /* The float32 versions, in float arithmetic (twice the SIMD lanes of double, and shorter
- * polynomials), within 1.5 ulp of float. exp(z) for z in [-87, 0]: as fbn_exp_nonpositive,
+ * polynomials), within 1.5 ulp of float. exp(z) for z in [-87, 0]: as fbn_exp_nonpositive_f64,
  * with exp(r) by its Taylor series to r^7 (|error| < 6e-9 relative). */
-static inline float fbn_expf_nonpositive(float z)
+static inline float fbn_exp_nonpositive_f32(float z)
 {
     const float round_shift = 0x1.8p23f;
     const float k = (z * 0x1.715476p0f + round_shift) - round_shift;            /* z / ln2 */
@@ -102,7 +103,7 @@ static inline float fbn_expf_nonpositive(float z)
  *                 (relative error of the fit < 5e-9)
  *   otherwise:    (1 - e) / (1 + e), e = exp(-2|z|) <= 0.29; |z| capped at 9.5, where tanh
  *                 rounds to 1 in float. */
-static inline float fbn_tanhf(float z)
+static inline float fbn_tanh_f32(float z)
 {
     const float a = fabsf(z) < 9.5f ? fabsf(z) : 9.5f;       /* NaN -> 9.5, fixed below */
     const float s = a * a;
@@ -112,7 +113,7 @@ static inline float fbn_tanhf(float z)
     p = p * s + 0x1.110728p-3f;
     p = p * s - 0x1.555532p-2f;
     const float series = a + a * (s * p);
-    const float e = fbn_expf_nonpositive(-2.0f * a);
+    const float e = fbn_exp_nonpositive_f32(-2.0f * a);
     const float t = a < 0.625f ? series : (1.0f - e) / (1.0f + e);
     return z != z ? z : copysignf(t, z);
 }

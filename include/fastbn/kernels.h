@@ -1,50 +1,39 @@
-/* fastbn — the inner loops, for float32 (suffix _f32) and float64 (suffix _f64).
+/* fastbn — the kernels' interface: one table of kernels per storage type.
  *
  * Every kernel works on the canonical view (outer, C, inner) of an array:
  *   channels-first family (inner > 1): channel c is `outer` runs of `inner` contiguous values,
- *       run o starting at x + (o*C + c)*inner. Kernels named *_runs take a block of runs.
+ *       run o starting at x + (o*C + c)*inner. Channel walks (walks.h) cover them.
  *   channels-last family (inner == 1): each row holds C contiguous channels.
  *       Kernels named *_rows take a block of rows and work on all channels at once.
  * No Python, no threads here: callers (fastbn/_kernels.pyx) split the work and own the order
- * in which partial results are combined. Statistics accumulate in double for both types.
- */
+ * in which partial results (moments.h) are merged.
+ *
+ * The stages, and the kernels of each (a table's entries):
+ *   statistics  moments_channel, moments_rows     -> moments partials (moments.h)
+ *               grad_shifts, grad_sums_channel, grad_sums_rows -> gradient partials
+ *   finish      train_finish, infer_coefficients, grad_finish -> coefficients, saved and
+ *               running statistics, dweight and dbias
+ *   apply       normalize_span, normalize_rows, grad_input_span, grad_input_rows
+ *   fused       train_group, backward_group: the three stages over a group of whole
+ *               channels-first channels while they are in cache (the fast path)
+ *
+ * Data arrays (x, y, dy, dx, the residual, g) are of the storage type; per-channel arrays
+ * (weight, bias, running and saved statistics, coefficients) of the compute type; statistics
+ * accumulate in double. A table is made by including kernels_impl.h with FBN_STORAGE (the
+ * storage C type), FBN_SUFFIX (its suffix, e.g. f32) and FBN_COMPUTE_SUFFIX (f32 or f64)
+ * defined: the build does this once per row of fastbn/_dtypes.py (see _tables.pxd.tp);
+ * benchmarks/harness shows it done by hand. */
 #ifndef FASTBN_KERNELS_H
 #define FASTBN_KERNELS_H
 
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include "fastbn/platform.h"
+#include "fastbn/dtypes.h"
 #include "fastbn/moments.h"
+#include "fastbn/walks.h"
 #include "fastbn/activation.h"
-
-/* Runtime dispatch: GCC compiles each kernel for AVX-512, AVX2+FMA and the portable baseline
- * and picks one when the module loads. Off for native builds (-march=native does better) and
- * where the compiler can't. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FBN_NO_DISPATCH) \
-    && !defined(__AVX2__) && defined(__has_attribute)
-#  if __has_attribute(target_clones)
-#    define FBN_DISPATCH __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#    define FBN_DISPATCH_TARGETS "x86-64-v4,x86-64-v3,x86-64"
-#  endif
-#endif
-#ifndef FBN_DISPATCH
-#  define FBN_DISPATCH
-#  define FBN_DISPATCH_TARGETS ""
-#endif
-
-/* Segment functions must be inlined into each dispatched kernel so that they are compiled
- * for that kernel's instruction set (left alone, GCC may keep one baseline copy). */
-#if defined(__GNUC__)
-#  define FBN_SEGMENT static inline __attribute__((always_inline))
-#elif defined(_MSC_VER)
-#  define FBN_SEGMENT static __forceinline
-#else
-#  define FBN_SEGMENT static inline
-#endif
-
-#if defined(_MSC_VER)
-#  define FBN_RESTRICT __restrict
-#else
-#  define FBN_RESTRICT restrict
-#endif
 
 /* Values per statistics block: the unit of float64 partial sums, merged in order. A block
  * that must find its own shift is read twice, the second time from L1. Block boundaries
@@ -56,128 +45,17 @@
  * the block is in L1 */
 #define FBN_FUSED_BLOCK 2048
 
-/* Runs of at most this many values are normalized four at a time (normalize_span): that
- * pays the loop set-up and tail once per four runs, which wins up to ~44 values (C harness,
- * float32: one run at a time took 1.1-1.7x as long at 4-36 values) and loses beyond (1.2x
- * the one-at-a-time walk's time at 49 values, 1.5x at 196 and 256) */
+/* Runs of at most this many values are normalized four at a time (normalize_span): that pays
+ * the loop set-up and tail once per four runs, which wins for short runs and loses for longer
+ * ones (docs/tuning.md) */
 #define FBN_SHORT_RUN 44
 
-/* Calls SEGMENT(offset, n, ahead) for each segment of positions [e0, e1): offset is the
- * segment's first element relative to the channel's first element, and ahead the distance (in
- * elements) to the same place runs_ahead runs later, or 0 when that run begins at or after
- * position limit (a pass that reads from memory prefetches there, see FBN_PREFETCH_BYTES;
- * other passes give runs_ahead 0). */
-#define FBN_CHANNEL_WALK(e0, e1, stride, len, limit, runs_ahead, SEGMENT)                \
-    do {                                                                                 \
-        fbn_index o_ = (e0) < (len) ? 0 : (e0) / (len), i_ = (e0) - o_ * (len);        \
-        for (fbn_index e_ = (e0); e_ < (e1);) {                                          \
-            const fbn_index n_ = ((len) - i_ < (e1) - e_) ? (len) - i_ : (e1) - e_;      \
-            const fbn_index ahead_ =                                                     \
-                (o_ + (runs_ahead)) * (len) < (limit) ? (runs_ahead) * (stride) : 0;     \
-            SEGMENT(o_ * (stride) + i_, n_, ahead_);                                     \
-            (void)ahead_;                       /* segments that don't prefetch */       \
-            e_ += n_;                                                                    \
-            i_ = 0;                                                                      \
-            ++o_;                                                                        \
-        }                                                                                \
-    } while (0)
+/* Coefficients, C values each, laid out one after another in one array of the compute type:
+ *   normalizing  hi | scale | offset          y = (x - hi) * scale + offset
+ *   gradient     h | g | k_dy | k_xc | k_0     dx = k_dy (dy - g) + k_xc (x - h) + k_0 */
+enum { FBN_NORM_COEFS = 3, FBN_GRAD_COEFS = 5 };
 
-/* Prefetching in the passes that read a channel from memory. A channels-first channel is
- * `outer` runs of len values, C*len apart: the hardware prefetchers follow a run but start
- * over at every jump, and at runs of 3-13 KB the sums read at half the speed of one stream
- * (C harness, serial gradient sums over 51 MB: 3.1 ms as (32, 64, 3136) float32 runs, 1.5 ms
- * contiguous). Prefetching each line the same offset some runs ahead, at least
- * FBN_PREFETCH_BYTES of the channel ahead, took the runs to the contiguous speed. Walks over
- * less than FBN_PREFETCH_SPAN of memory don't prefetch: their arrays stay in L3 from one call
- * to the next, and the prefetches cost 3-10% (whole ops, 3-6 MB arrays); from 8 MB arrays on,
- * prefetching won 5-30%. */
-#define FBN_PREFETCH_BYTES 8192
-#define FBN_PREFETCH_SPAN (8 << 20)
-
-/* FBN_PREFETCH_SPAN, a variable so that the tests can force either path */
-static double fbn_prefetch_span = FBN_PREFETCH_SPAN;
-
-/* How many runs ahead a read walk over positions below limit of a channel (runs of len values
- * stride apart) prefetches: 0 when no run lies that far ahead, or the walk spans too little
- * memory to come from it */
-static inline fbn_index fbn_runs_ahead(fbn_index len, fbn_index stride, fbn_index limit,
-                                       fbn_index itemsize)
-{
-    const fbn_index run_bytes = len * itemsize;
-    if ((limit - len) * itemsize < FBN_PREFETCH_BYTES)
-        return 0;                     /* without a division: once per channel of a group */
-    if ((double)limit / (double)len * (double)stride * (double)itemsize < fbn_prefetch_span)
-        return 0;
-    const fbn_index runs = (FBN_PREFETCH_BYTES + run_bytes - 1) / run_bytes;
-    return runs * len < limit ? runs : 0;
-}
-
-/* Runs the walk given twice over, as runs says: with runs_ahead = runs, or with the constant 0,
- * which compiles the prefetches out (a test of a variable distance in the segments' loops
- * made the sums 1.1-1.2x slower on channels read from cache, C harness) */
-#define FBN_PREFETCH_CASES(runs, ...)                                                    \
-    do {                                                                                 \
-        if ((runs) > 0) {                                                                \
-            const fbn_index runs_ahead = (runs);                                         \
-            __VA_ARGS__;                                                                 \
-        } else {                                                                         \
-            const fbn_index runs_ahead = 0;                                              \
-            __VA_ARGS__;                                                                 \
-        }                                                                                \
-    } while (0)
-
-#if defined(__GNUC__) || defined(__clang__)
-#  define fbn_prefetch(p) __builtin_prefetch(p)
-#else
-#  define fbn_prefetch(p) ((void)0)
-#endif
-
-/* Calls SEGMENT(p, n, c) for each segment of memory [p0, p1), c being its channel */
-#define FBN_SPAN_WALK(p0, p1, C, len, SEGMENT)                                           \
-    do {                                                                                 \
-        const fbn_index run_ = (p0) < (len) ? 0 : (p0) / (len);                          \
-        fbn_index i_ = (p0) - run_ * (len), c_ = run_ < (C) ? run_ : run_ % (C);         \
-        for (fbn_index p_ = (p0); p_ < (p1);) {                                          \
-            const fbn_index n_ = ((len) - i_ < (p1) - p_) ? (len) - i_ : (p1) - p_;      \
-            SEGMENT(p_, n_, c_);                                                         \
-            p_ += n_;                                                                    \
-            i_ = 0;                                                                      \
-            if (++c_ == (C)) c_ = 0;                                                     \
-        }                                                                                \
-    } while (0)
-
-/* Runs the walk given twice over, as the stream flag says: with stream_on the constant 1,
- * then the streaming fence, or with stream_on the constant 0. A walk whose segments test a
- * variable flag kept the test in its per-run loop, and GCC compiled the cached walk 1.2-1.5x
- * slower (C harness, float32 runs of 49-256 values); with a constant each copy is the plain
- * loop. */
-#define FBN_STREAM_CASES(stream, ...)                                                   \
-    do {                                                                                 \
-        if (stream) {                                                                    \
-            const int stream_on = 1;                                                     \
-            __VA_ARGS__;                                                                 \
-            fbn_stream_fence();                                                          \
-        } else {                                                                         \
-            const int stream_on = 0;                                                     \
-            __VA_ARGS__;                                                                 \
-        }                                                                                \
-    } while (0)
-
-/* Streaming stores (stream_head and the segments that use it in kernels_impl.h): GCC's and
- * clang's vector extensions with SSE2's non-temporal store, which every x86-64 clone has.
- * Elsewhere the streaming segments are the plain ones. */
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__SSE2__) && !defined(FBN_NO_STREAM)
-#  include <emmintrin.h>
-#  include <stdint.h>
-#  include <string.h>
-#  define FBN_STREAM 1
-#  define fbn_stream_fence() _mm_sfence()   /* streaming stores are weakly ordered */
-#else
-#  define fbn_stream_fence() ((void)0)
-#endif
-
-/* The training forward's per-channel vectors, C values each of the data's type (float or
- * double, as the kernel's suffix says) */
+/* The training forward's per-channel vectors, C values each of the compute type */
 typedef struct {
     const void *weight;      /* gamma, or NULL for gamma = 1 */
     const void *bias;        /* beta, or NULL for beta = 0 */
@@ -191,15 +69,15 @@ typedef struct {
     void *save_invstd;
 } fbn_train_args;
 
-/* The backward's per-channel vectors, C values each of the data's type (float or double, as
- * the kernel's suffix says), and its fusion: with grad set, dy is the gradient of the fused
- * output y = act(bn(x) + residual), and the sums pass writes g = dy * act'(y) (the residual's
- * gradient) to grad, laid out as x, for the dx pass to read. */
+/* The backward's per-channel vectors, C values each of the compute type, and its fusion:
+ * with grad set, dy is the gradient of the fused output y = act(bn(x) + residual), and the
+ * sums pass writes g = dy * act'(y) (the residual's gradient) to grad, laid out as x (storage
+ * type), for the dx pass to read. */
 typedef struct {
     const void *mean;        /* the saved means (a shift: the exact mean is recovered from x) */
     const void *invstd;      /* the saved 1/sqrt(var + eps) */
     const void *weight;      /* gamma, or NULL for gamma = 1 */
-    const void *shift;       /* each channel's dy shift q, its first g (see grad_sums_segment) */
+    const void *shift;       /* each channel's dy shift q (grad_shifts) */
     void *dweight;           /* outputs */
     void *dbias;
     const void *y;           /* the fused forward's output (NULL without an activation) */
@@ -208,20 +86,62 @@ typedef struct {
     double negative_slope;
 } fbn_grad_args;
 
-#define FBN_T float
-#define FBN_FN(name) fbn_##name##_f32
-#define FBN_TANH fbn_tanhf
-#include "fastbn/kernels_impl.h"
-#undef FBN_T
-#undef FBN_FN
-#undef FBN_TANH
+/* The kernels of one storage type. Data pointers (whole arrays: the kernels find a channel
+ * or a row range themselves) are of the storage type, `coef` and `q` of the compute type;
+ * slopes are converted to the compute type inside. */
+typedef struct {
+    const char *suffix;
+    size_t storage_size;     /* bytes of a stored value */
+    size_t compute_size;     /* bytes of a per-channel value */
 
-#define FBN_T double
-#define FBN_FN(name) fbn_##name##_f64
-#define FBN_TANH fbn_tanh
-#include "fastbn/kernels_impl.h"
-#undef FBN_T
-#undef FBN_FN
-#undef FBN_TANH
+    /* statistics: moments of positions [e0, e1) of channel c; of channels-last rows
+     * [r0, r1) into part (4*C doubles, the partial format; scratch 3*C) */
+    fbn_moments (*moments_channel)(const void *x, fbn_index C, fbn_index len, fbn_index c,
+                                   fbn_index e0, fbn_index e1);
+    void (*moments_rows)(const void *x, fbn_index C, fbn_index r0, fbn_index r1,
+                         fbn_index block_rows, int step, double *part, double *scratch);
+    /* each channel's dy shift q[c] (C values of the compute type) */
+    void (*grad_shifts)(const void *dy, fbn_index C, fbn_index len, const fbn_grad_args *a,
+                        void *q);
+    /* gradient sums around a->mean[c] and a->shift[c], of positions [e0, e1) of channel c;
+     * of rows [r0, r1) into part (6*C doubles; scratch 3*C) */
+    fbn_grad_sums (*grad_sums_channel)(const void *dy, const void *x, fbn_index C,
+                                       fbn_index len, fbn_index c, fbn_index e0, fbn_index e1,
+                                       const fbn_grad_args *a);
+    void (*grad_sums_rows)(const void *dy, const void *x, fbn_index C, fbn_index r0,
+                           fbn_index r1, fbn_index block_rows, int step,
+                           const fbn_grad_args *a, double *part, double *scratch);
+
+    /* finish: channel c's coefficients (and the outputs in a) from its partial */
+    void (*train_finish)(fbn_moments m, fbn_index C, fbn_index c, const fbn_train_args *a,
+                         void *coef);
+    int (*infer_coefficients)(fbn_index C, const void *running_mean, const void *running_var,
+                              const void *weight, const void *bias, double eps, void *coef);
+    void (*grad_finish)(fbn_grad_sums s, fbn_index C, fbn_index c, const fbn_grad_args *a,
+                        void *coef);
+
+    /* apply: y = act(normalize(x) + r) over memory [p0, p1) or rows [r0, r1) (r may be
+     * NULL); dx from g (dy, or the fused sums' g) and x */
+    void (*normalize_span)(const void *x, const void *r, void *y, fbn_index C, fbn_index len,
+                           fbn_index p0, fbn_index p1, const void *coef, int act,
+                           double slope, int stream);
+    void (*normalize_rows)(const void *x, const void *r, void *y, fbn_index C, fbn_index r0,
+                           fbn_index r1, int step, const void *coef, int act, double slope,
+                           int stream);
+    void (*grad_input_span)(const void *g, const void *x, void *dx, fbn_index C,
+                            fbn_index len, fbn_index p0, fbn_index p1, const void *coef,
+                            int stream);
+    void (*grad_input_rows)(const void *g, const void *x, void *dx, fbn_index C, fbn_index r0,
+                            fbn_index r1, int step, const void *coef, int stream);
+
+    /* fused stages over channels [c0, c1) of a channels-first problem, each whole */
+    void (*train_group)(const void *x, const void *r, void *y, fbn_index C, fbn_index len,
+                        fbn_index count, fbn_index c0, fbn_index c1, const fbn_train_args *a,
+                        int act, double slope, fbn_moments *moments, void *coef, int stream);
+    void (*backward_group)(const void *dy, const void *x, void *dx, fbn_index C,
+                           fbn_index len, fbn_index count, fbn_index c0, fbn_index c1,
+                           const fbn_grad_args *a, fbn_grad_sums *sums, void *coef,
+                           int stream);
+} fbn_kernel_table;
 
 #endif /* FASTBN_KERNELS_H */

@@ -1,69 +1,79 @@
-/* fastbn — kernel bodies, included by kernels.h once per data type T = FBN_T.
- * No include guard on purpose.
+/* fastbn — kernel bodies, included once per storage type (see kernels.h) with
+ *   FBN_STORAGE         the storage C type S (float, double, ...)
+ *   FBN_SUFFIX          its suffix: the kernels are fbn_<name>_<suffix>, the table
+ *                       fbn_kernels_<suffix>, its load and store fbn_load_/fbn_store_<suffix>
+ *   FBN_COMPUTE_SUFFIX  the compute type T: f32 (float) or f64 (double)
+ * defined. No include guard on purpose.
  *
- * Two ways to walk the channels-first view (outer, C, inner), len = inner:
- *   a channel walk  covers positions [e0, e1) of one channel; position e = o*len + i is at
- *                   x[o*stride + i], stride = C*len (the channel's runs, one after another);
- *   a span walk     covers memory [p0, p1) of the whole array; element p is in run p / len,
- *                   of channel (p / len) % C.
- * Both cut their range into segments that lie inside one run, and the math lives in the
- * segment functions, once. The channels-last family (len == 1) has its own *_rows kernels,
- * vectorized across channels. */
-#define T FBN_T
+ * Values are loaded from the storage type into the compute type (LOAD) and stored back
+ * (STORE) in the segments, nowhere else. The math lives in the segment functions, over n
+ * contiguous values of one channel; walks (walks.h) and row loops call them. The
+ * channels-last family (len == 1) has its own *_rows kernels, vectorized across channels. */
+#include "fastbn/kernels.h"
+
+#define FBN_PASTE2(a, b) a##b
+#define FBN_PASTE(a, b) FBN_PASTE2(a, b)
+#define FBN_FN(name) FBN_PASTE(FBN_PASTE(fbn_##name, _), FBN_SUFFIX)
+
+#define S FBN_STORAGE
+#define LOAD(v) FBN_PASTE(fbn_load_, FBN_SUFFIX)(v)
+#define STORE(v) FBN_PASTE(fbn_store_, FBN_SUFFIX)(v)
+#define TANH FBN_PASTE(fbn_tanh_, FBN_COMPUTE_SUFFIX)
+#define FBN_COMPUTE_IS_f32 float
+#define FBN_COMPUTE_IS_f64 double
+#define T FBN_PASTE(FBN_COMPUTE_IS_, FBN_COMPUTE_SUFFIX)
 
 /* ------------------------------------------------------------------------------------------
  * Segments: the math, over n contiguous values of one channel
  * ------------------------------------------------------------------------------------------ */
 
 /* the lines of FBN_LANES values at p (a sum's prefetch, ahead of the values it adds now) */
-FBN_SEGMENT void FBN_FN(prefetch_lanes)(const T *p)
+FBN_SEGMENT void FBN_FN(prefetch_lanes)(const S *p)
 {
-    for (size_t k = 0; k < FBN_LANES * sizeof(T); k += 64) fbn_prefetch((const char *)p + k);
+    for (size_t k = 0; k < FBN_LANES * sizeof(S); k += 64) fbn_prefetch((const char *)p + k);
 }
 
 /* The segment sums add into FBN_LANES partial sums that their caller keeps over a whole
  * block, every segment of it, and adds as a tree once, at the block's end (fbn_lane_total):
  * lane j takes values j, j + FBN_LANES, ... of each segment; each segment's last
  * n % FBN_LANES values are summed apart (a dependency chain per segment, which the core
- * overlaps across segments) into a rest, added after the lanes. Adding the lanes up per segment
- * cost more than a short run's values, and GCC's own `omp simd reduction` ends with one
- * scalar add per vector lane in series. Fixed lanes make the order of the additions the same
- * under every instruction set (products contract to FMA where it has one). Reading a channel
- * from memory, a segment prefetches the lines `ahead` elements on as it goes (see
- * FBN_CHANNEL_WALK; 0: none). */
-FBN_SEGMENT void FBN_FN(sum_segment)(const T *x, fbn_index n, fbn_index ahead,
-                                      double *FBN_RESTRICT sum, double *FBN_RESTRICT rest)
+ * overlaps across segments) into a rest, added after the lanes. Fixed lanes make the order of
+ * the additions the same under every instruction set (products contract to FMA where it has
+ * one). Reading a channel from memory, a segment prefetches the lines `ahead` elements on as
+ * it goes (0: none). */
+FBN_SEGMENT void FBN_FN(sum_segment)(const S *x, fbn_index n, fbn_index ahead,
+                                     double *FBN_RESTRICT sum, double *FBN_RESTRICT rest)
 {
     fbn_index i = 0;
     for (; i + FBN_LANES <= n; i += FBN_LANES) {
         if (ahead != 0) FBN_FN(prefetch_lanes)(x + i + ahead);
 #pragma omp simd
-        for (int j = 0; j < FBN_LANES; ++j) sum[j] += (double)x[i + j];
+        for (int j = 0; j < FBN_LANES; ++j) sum[j] += (double)LOAD(x[i + j]);
     }
     double r = 0.0;
-    for (; i < n; ++i) r += (double)x[i];
+    for (; i < n; ++i) r += (double)LOAD(x[i]);
     *rest += r;
 }
 
 /* sum (x - shift) and sum (x - shift)^2 into lanes and rests; x - shift is exact near the
  * mean (Sterbenz) */
-FBN_SEGMENT void FBN_FN(deviation_segment)(const T *x, fbn_index n, fbn_index ahead,
-                                             double shift, double *FBN_RESTRICT s1,
-                                             double *FBN_RESTRICT s2, double *FBN_RESTRICT rest)
+FBN_SEGMENT void FBN_FN(deviation_segment)(const S *x, fbn_index n, fbn_index ahead,
+                                           double shift, double *FBN_RESTRICT s1,
+                                           double *FBN_RESTRICT s2, double *FBN_RESTRICT rest)
 {
     fbn_index i = 0;
     for (; i + FBN_LANES <= n; i += FBN_LANES) {
         if (ahead != 0) FBN_FN(prefetch_lanes)(x + i + ahead);
 #pragma omp simd
         for (int j = 0; j < FBN_LANES; ++j) {
-            const double d = (double)x[i + j] - shift;
+            const double d = (double)LOAD(x[i + j]) - shift;
             s1[j] += d;
             s2[j] += d * d;
         }
     }
     double r1 = 0.0, r2 = 0.0;
     for (; i < n; ++i) {
-        const double d = (double)x[i] - shift;
+        const double d = (double)LOAD(x[i]) - shift;
         r1 += d;
         r2 += d * d;
     }
@@ -86,21 +96,22 @@ FBN_SEGMENT T FBN_FN(grad_input_value)(T dy, T x, T h, T g, T k_dy, T k_xc, T k_
 }
 
 /* x and y may be the same array: each value is read before it is written, so no restrict */
-FBN_SEGMENT void FBN_FN(normalize_segment)(const T *x, T *y, fbn_index n, T hi, T scale,
-                                             T offset)
+FBN_SEGMENT void FBN_FN(normalize_segment)(const S *x, S *y, fbn_index n, T hi, T scale,
+                                           T offset)
 {
 #pragma omp simd
-    for (fbn_index i = 0; i < n; ++i) y[i] = FBN_FN(normalize_value)(x[i], hi, scale, offset);
+    for (fbn_index i = 0; i < n; ++i)
+        y[i] = STORE(FBN_FN(normalize_value)(LOAD(x[i]), hi, scale, offset));
 }
 
 /* sum (dy - q), sum (dy - q)(x - m), sum (x - m) into lanes and rests (see fbn_grad_sums;
  * lanes as above) */
-FBN_SEGMENT void FBN_FN(grad_sums_segment)(const T *dy, const T *x, fbn_index n,
-                                             fbn_index ahead, double m, double q,
-                                             double *FBN_RESTRICT s_dy,
-                                             double *FBN_RESTRICT s_dy_xc,
-                                             double *FBN_RESTRICT s_xc,
-                                             double *FBN_RESTRICT rest)
+FBN_SEGMENT void FBN_FN(grad_sums_segment)(const S *dy, const S *x, fbn_index n,
+                                           fbn_index ahead, double m, double q,
+                                           double *FBN_RESTRICT s_dy,
+                                           double *FBN_RESTRICT s_dy_xc,
+                                           double *FBN_RESTRICT s_xc,
+                                           double *FBN_RESTRICT rest)
 {
     fbn_index i = 0;
     for (; i + FBN_LANES <= n; i += FBN_LANES) {
@@ -110,7 +121,7 @@ FBN_SEGMENT void FBN_FN(grad_sums_segment)(const T *dy, const T *x, fbn_index n,
         }
 #pragma omp simd
         for (int j = 0; j < FBN_LANES; ++j) {
-            const double xc = (double)x[i + j] - m, g = (double)dy[i + j] - q;
+            const double xc = (double)LOAD(x[i + j]) - m, g = (double)LOAD(dy[i + j]) - q;
             s_dy[j] += g;
             s_dy_xc[j] += g * xc;
             s_xc[j] += xc;
@@ -118,7 +129,7 @@ FBN_SEGMENT void FBN_FN(grad_sums_segment)(const T *dy, const T *x, fbn_index n,
     }
     double r_dy = 0.0, r_dy_xc = 0.0, r_xc = 0.0;
     for (; i < n; ++i) {
-        const double xc = (double)x[i] - m, g = (double)dy[i] - q;
+        const double xc = (double)LOAD(x[i]) - m, g = (double)LOAD(dy[i]) - q;
         r_dy += g;
         r_dy_xc += g * xc;
         r_xc += xc;
@@ -129,20 +140,22 @@ FBN_SEGMENT void FBN_FN(grad_sums_segment)(const T *dy, const T *x, fbn_index n,
 }
 
 /* dx may be dy or x (in place) */
-FBN_SEGMENT void FBN_FN(grad_input_segment)(const T *dy, const T *x, T *dx, fbn_index n, T h,
-                                              T g, T k_dy, T k_xc, T k_0)
+FBN_SEGMENT void FBN_FN(grad_input_segment)(const S *dy, const S *x, S *dx, fbn_index n, T h,
+                                            T g, T k_dy, T k_xc, T k_0)
 {
 #pragma omp simd
     for (fbn_index i = 0; i < n; ++i)
-        dx[i] = FBN_FN(grad_input_value)(dy[i], x[i], h, g, k_dy, k_xc, k_0);
+        dx[i] = STORE(FBN_FN(grad_input_value)(LOAD(dy[i]), LOAD(x[i]), h, g, k_dy, k_xc, k_0));
 }
 
 /* Streaming segments, for outputs too large to stay in cache (the plan's streaming arrays):
  * non-temporal stores skip the read of each output line that a normal store makes first
  * (write-allocate), one memory transfer per line instead of two. Values before y's first
  * 16-byte boundary, and the last few, take the plain segment; the math is the same
- * expression, so the bits are the same. */
-#ifdef FBN_STREAM
+ * expression, so the bits are the same. Storage types stored as they are computed only (a
+ * converting store has no such vector form here): elsewhere `stream` is ignored. */
+#if defined(FBN_STREAM) && FBN_PASTE(FBN_STORAGE_IS_COMPUTE_, FBN_SUFFIX)
+#define FBN_STREAMS_HERE 1
 typedef T FBN_FN(vec) __attribute__((vector_size(16)));
 #define FBN_VEC ((fbn_index)(16 / sizeof(T)))
 
@@ -169,42 +182,46 @@ FBN_SEGMENT fbn_index FBN_FN(stream_head)(const T *y, fbn_index n)
 #endif
 
 /* normalize_segment, with streaming stores when stream is set */
-FBN_SEGMENT void FBN_FN(normalize_store)(const T *x, T *y, fbn_index n, T hi, T scale,
+FBN_SEGMENT void FBN_FN(normalize_store)(const S *x, S *y, fbn_index n, T hi, T scale,
                                          T offset, int stream)
 {
     fbn_index i = 0;
-#ifdef FBN_STREAM
+#ifdef FBN_STREAMS_HERE
     i = stream ? FBN_FN(stream_head)(y, n) : n;
     FBN_FN(normalize_segment)(x, y, i, hi, scale, offset);
     for (; i + FBN_VEC <= n; i += FBN_VEC)
         FBN_FN(vec_stream)(y + i, (FBN_FN(vec_load)(x + i) - hi) * scale + offset);
+#else
+    (void)stream;
 #endif
     FBN_FN(normalize_segment)(x + i, y + i, n - i, hi, scale, offset);
 }
 
 /* grad_input_segment, with streaming stores when stream is set */
-FBN_SEGMENT void FBN_FN(grad_input_store)(const T *dy, const T *x, T *dx, fbn_index n, T h,
+FBN_SEGMENT void FBN_FN(grad_input_store)(const S *dy, const S *x, S *dx, fbn_index n, T h,
                                           T g, T k_dy, T k_xc, T k_0, int stream)
 {
     fbn_index i = 0;
-#ifdef FBN_STREAM
+#ifdef FBN_STREAMS_HERE
     i = stream ? FBN_FN(stream_head)(dx, n) : n;
     FBN_FN(grad_input_segment)(dy, x, dx, i, h, g, k_dy, k_xc, k_0);
     for (; i + FBN_VEC <= n; i += FBN_VEC)
         FBN_FN(vec_stream)(dx + i, k_dy * (FBN_FN(vec_load)(dy + i) - g)
                                    + k_xc * (FBN_FN(vec_load)(x + i) - h) + k_0);
+#else
+    (void)stream;
 #endif
     FBN_FN(grad_input_segment)(dy + i, x + i, dx + i, n - i, h, g, k_dy, k_xc, k_0);
 }
 
-/* One channels-last row of C values, coefficients per channel */
-FBN_SEGMENT void FBN_FN(normalize_row_stream)(const T *x, T *y, fbn_index C,
+/* One channels-last row of C values, coefficients per channel, streaming stores */
+FBN_SEGMENT void FBN_FN(normalize_row_stream)(const S *x, S *y, fbn_index C,
                                               const T *FBN_RESTRICT hi,
                                               const T *FBN_RESTRICT scale,
                                               const T *FBN_RESTRICT offset)
 {
     fbn_index c = 0;
-#ifdef FBN_STREAM
+#ifdef FBN_STREAMS_HERE
     for (const fbn_index head = FBN_FN(stream_head)(y, C); c < head; ++c)
         y[c] = FBN_FN(normalize_value)(x[c], hi[c], scale[c], offset[c]);
     for (; c + FBN_VEC <= C; c += FBN_VEC)
@@ -212,10 +229,10 @@ FBN_SEGMENT void FBN_FN(normalize_row_stream)(const T *x, T *y, fbn_index C,
                                   * FBN_FN(vec_load)(scale + c) + FBN_FN(vec_load)(offset + c));
 #endif
     for (; c < C; ++c)
-        y[c] = FBN_FN(normalize_value)(x[c], hi[c], scale[c], offset[c]);
+        y[c] = STORE(FBN_FN(normalize_value)(LOAD(x[c]), hi[c], scale[c], offset[c]));
 }
 
-FBN_SEGMENT void FBN_FN(grad_input_row_stream)(const T *dy, const T *x, T *dx, fbn_index C,
+FBN_SEGMENT void FBN_FN(grad_input_row_stream)(const S *dy, const S *x, S *dx, fbn_index C,
                                                const T *FBN_RESTRICT h,
                                                const T *FBN_RESTRICT g,
                                                const T *FBN_RESTRICT k_dy,
@@ -223,7 +240,7 @@ FBN_SEGMENT void FBN_FN(grad_input_row_stream)(const T *dy, const T *x, T *dx, f
                                                const T *FBN_RESTRICT k_0)
 {
     fbn_index c = 0;
-#ifdef FBN_STREAM
+#ifdef FBN_STREAMS_HERE
     for (const fbn_index head = FBN_FN(stream_head)(dx, C); c < head; ++c)
         dx[c] = FBN_FN(grad_input_value)(dy[c], x[c], h[c], g[c], k_dy[c], k_xc[c], k_0[c]);
     for (; c + FBN_VEC <= C; c += FBN_VEC)
@@ -233,7 +250,8 @@ FBN_SEGMENT void FBN_FN(grad_input_row_stream)(const T *dy, const T *x, T *dx, f
                            + FBN_FN(vec_load)(k_0 + c));
 #endif
     for (; c < C; ++c)
-        dx[c] = FBN_FN(grad_input_value)(dy[c], x[c], h[c], g[c], k_dy[c], k_xc[c], k_0[c]);
+        dx[c] = STORE(FBN_FN(grad_input_value)(LOAD(dy[c]), LOAD(x[c]), h[c], g[c], k_dy[c],
+                                               k_xc[c], k_0[c]));
 }
 #undef FBN_VEC
 
@@ -244,32 +262,41 @@ FBN_SEGMENT void FBN_FN(grad_input_row_stream)(const T *dy, const T *x, T *dx, f
  * Each is a pass over a block that was just written or is about to be read, so the block is
  * in L1: a fused op costs no pass over memory that the unfused op does not make. */
 
-#define FBN_EPILOGUE_LOOP(EXPR)                                                          \
-    do {                                                                                 \
-        if (r != NULL) {                                                                 \
-            _Pragma("omp simd") for (fbn_index i = 0; i < n; ++i) {                     \
-                const T v = y[i] + r[i];                                                 \
-                y[i] = (EXPR);                                                           \
-            }                                                                            \
-        } else {                                                                         \
-            _Pragma("omp simd") for (fbn_index i = 0; i < n; ++i) {                     \
-                const T v = y[i];                                                        \
-                y[i] = (EXPR);                                                           \
-            }                                                                            \
-        }                                                                                \
-    } while (0)
-
-/* y = act(y + r) in place over n values (r may be NULL: no residual) */
-FBN_SEGMENT void FBN_FN(epilogue_segment)(T *y, const T *r, fbn_index n, int act, T slope)
+/* act(v) for one of the activations (the switch is on a literal in each loop below) */
+FBN_SEGMENT T FBN_FN(act_value)(T v, int act, T slope)
 {
     switch (act) {
-    case FBN_ACT_RELU:       FBN_EPILOGUE_LOOP(v < 0 ? (T)0 : v); break;
-    case FBN_ACT_LEAKY_RELU: FBN_EPILOGUE_LOOP(v < 0 ? v * slope : v); break;
-    case FBN_ACT_TANH:       FBN_EPILOGUE_LOOP(FBN_TANH(v)); break;
-    default:                 if (r != NULL) FBN_EPILOGUE_LOOP(v); break;
+    case FBN_ACT_RELU:       return v < 0 ? (T)0 : v;
+    case FBN_ACT_LEAKY_RELU: return v < 0 ? v * slope : v;
+    case FBN_ACT_TANH:       return TANH(v);
+    default:                 return v;
     }
 }
-#undef FBN_EPILOGUE_LOOP
+
+/* y = act(y + r) in place over n values (r may be NULL: no residual), act a literal */
+FBN_SEGMENT void FBN_FN(epilogue_loop)(S *y, const S *r, fbn_index n, int act, T slope)
+{
+    if (r != NULL) {
+#pragma omp simd
+        for (fbn_index i = 0; i < n; ++i)
+            y[i] = STORE(FBN_FN(act_value)(LOAD(y[i]) + LOAD(r[i]), act, slope));
+    } else {
+#pragma omp simd
+        for (fbn_index i = 0; i < n; ++i)
+            y[i] = STORE(FBN_FN(act_value)(LOAD(y[i]), act, slope));
+    }
+}
+
+/* y = act(y + r) in place over n values (r may be NULL: no residual) */
+FBN_SEGMENT void FBN_FN(epilogue_segment)(S *y, const S *r, fbn_index n, int act, T slope)
+{
+    switch (act) {
+    case FBN_ACT_RELU:       FBN_FN(epilogue_loop)(y, r, n, FBN_ACT_RELU, slope); break;
+    case FBN_ACT_LEAKY_RELU: FBN_FN(epilogue_loop)(y, r, n, FBN_ACT_LEAKY_RELU, slope); break;
+    case FBN_ACT_TANH:       FBN_FN(epilogue_loop)(y, r, n, FBN_ACT_TANH, slope); break;
+    default:                 if (r != NULL) FBN_FN(epilogue_loop)(y, r, n, FBN_ACT_NONE, slope); break;
+    }
+}
 
 /* dy * act'(z) from y = act(z): as PyTorch's threshold_backward, leaky_relu_backward and
  * tanh_backward, with 1 - y^2 formed as (1 - y)(1 + y) in double (exact near |y| = 1) */
@@ -283,27 +310,31 @@ FBN_SEGMENT T FBN_FN(act_grad_value)(T dy, T y, int act, T slope)
     }
 }
 
+/* g = dy * act'(z) over n values, act a literal; g may be dy or y (in place) */
+FBN_SEGMENT void FBN_FN(act_grad_loop)(const S *dy, const S *y, S *g, fbn_index n, int act,
+                                       T slope)
+{
+#pragma omp simd
+    for (fbn_index i = 0; i < n; ++i)
+        g[i] = STORE(FBN_FN(act_grad_value)(LOAD(dy[i]), LOAD(y[i]), act, slope));
+}
+
 /* g = dy * act'(z) over n values; g may be dy or y (in place) */
-FBN_SEGMENT void FBN_FN(act_grad_segment)(const T *dy, const T *y, T *g, fbn_index n, int act,
+FBN_SEGMENT void FBN_FN(act_grad_segment)(const S *dy, const S *y, S *g, fbn_index n, int act,
                                           T slope)
 {
     switch (act) {
-#define FBN_ACT_GRAD_LOOP(A)                                                             \
-    _Pragma("omp simd") for (fbn_index i = 0; i < n; ++i)                                \
-        g[i] = FBN_FN(act_grad_value)(dy[i], y[i], (A), slope);                          \
-    break;
-    case FBN_ACT_RELU:       FBN_ACT_GRAD_LOOP(FBN_ACT_RELU)
-    case FBN_ACT_LEAKY_RELU: FBN_ACT_GRAD_LOOP(FBN_ACT_LEAKY_RELU)
-    case FBN_ACT_TANH:       FBN_ACT_GRAD_LOOP(FBN_ACT_TANH)
-#undef FBN_ACT_GRAD_LOOP
+    case FBN_ACT_RELU:       FBN_FN(act_grad_loop)(dy, y, g, n, FBN_ACT_RELU, slope); break;
+    case FBN_ACT_LEAKY_RELU: FBN_FN(act_grad_loop)(dy, y, g, n, FBN_ACT_LEAKY_RELU, slope); break;
+    case FBN_ACT_TANH:       FBN_FN(act_grad_loop)(dy, y, g, n, FBN_ACT_TANH, slope); break;
     default:
-        if (g != dy) memcpy(g, dy, (size_t)n * sizeof(T));
+        if (g != dy) memcpy(g, dy, (size_t)n * sizeof(S));
         break;
     }
 }
 
 /* normalize_segment, then the epilogue, a block at a time while the block is in L1 */
-FBN_SEGMENT void FBN_FN(normalize_fused_segment)(const T *x, const T *r, T *y, fbn_index n,
+FBN_SEGMENT void FBN_FN(normalize_fused_segment)(const S *x, const S *r, S *y, fbn_index n,
                                                  T hi, T scale, T offset, int act, T slope)
 {
     for (fbn_index b = 0; b < n; b += FBN_FUSED_BLOCK) {
@@ -318,34 +349,36 @@ FBN_SEGMENT void FBN_FN(normalize_fused_segment)(const T *x, const T *r, T *y, f
  * ------------------------------------------------------------------------------------------ */
 
 /* sum x over positions [b, end) of a channel, one block of a walk that reads up to position
- * limit, prefetching runs ahead (fbn_runs_ahead): its lanes added up once */
-FBN_SEGMENT double FBN_FN(sum_block)(const T *x, fbn_index stride, fbn_index len, fbn_index b,
-                                     fbn_index end, fbn_index limit, fbn_index runs)
+ * limit, prefetching runs_ahead runs on: its lanes added up once */
+FBN_SEGMENT double FBN_FN(sum_block_walk)(const S *x, fbn_index stride, fbn_index len,
+                                          fbn_index b, fbn_index end, fbn_index limit,
+                                          fbn_index runs_ahead)
 {
     double sum[FBN_LANES] = {0.0}, rest = 0.0;
-#define FBN_SUM(off, cnt, ahead) FBN_FN(sum_segment)(x + (off), (cnt), (ahead), sum, &rest)
-    FBN_PREFETCH_CASES(runs, FBN_CHANNEL_WALK(b, end, stride, len, limit, runs_ahead, FBN_SUM));
-#undef FBN_SUM
+    for (fbn_channel_walk w = fbn_channel_walk_begin(b, end, stride, len, limit, runs_ahead);
+         fbn_channel_walk_next(&w);)
+        FBN_FN(sum_segment)(x + w.offset, w.n, w.ahead, sum, &rest);
     return fbn_block_total(sum, rest, len);
 }
 
 /* sum (x - shift) and sum (x - shift)^2 over positions [b, end) of a channel, one block (as
- * sum_block) */
-FBN_SEGMENT void FBN_FN(deviation_block)(const T *x, fbn_index stride, fbn_index len,
-                                         fbn_index b, fbn_index end, fbn_index limit,
-                                         fbn_index runs, double shift, double *dev_sum,
-                                         double *dev_sq)
+ * sum_block_walk) */
+FBN_SEGMENT void FBN_FN(deviation_block_walk)(const S *x, fbn_index stride, fbn_index len,
+                                              fbn_index b, fbn_index end, fbn_index limit,
+                                              fbn_index runs_ahead, double shift,
+                                              double *dev_sum, double *dev_sq)
 {
     double s1[FBN_LANES] = {0.0}, s2[FBN_LANES] = {0.0}, rest[2] = {0.0, 0.0};
-#define FBN_DEV(off, cnt, ahead) FBN_FN(deviation_segment)(x + (off), (cnt), (ahead), shift, s1, s2, rest)
-    FBN_PREFETCH_CASES(runs, FBN_CHANNEL_WALK(b, end, stride, len, limit, runs_ahead, FBN_DEV));
-#undef FBN_DEV
+    for (fbn_channel_walk w = fbn_channel_walk_begin(b, end, stride, len, limit, runs_ahead);
+         fbn_channel_walk_next(&w);)
+        FBN_FN(deviation_segment)(x + w.offset, w.n, w.ahead, shift, s1, s2, rest);
     *dev_sum = fbn_block_total(s1, rest[0], len);
     *dev_sq = fbn_block_total(s2, rest[1], len);
 }
 
-/* Moments of positions [e0, e1) of a channel, in blocks of FBN_BLOCK positions merged in
- * order (fbn_moments_merge). Each block is summed in one pass around a shift near its mean,
+/* Moments of positions [e0, e1) of a channel, prefetching runs_ahead runs on, in blocks of
+ * FBN_BLOCK positions merged in order (fbn_moments_merge). Each block is summed in one pass
+ * around a shift near its mean,
  *     d = x - shift,   m2 = sum d^2 - (sum d)^2 / n       (d exact near the mean: Sterbenz)
  * and sum d^2 / m2 = 1 + (mean - shift)^2 / var is how many digits the subtraction loses:
  *   later blocks shift by the mean of the blocks before them (within a fraction of a
@@ -355,10 +388,9 @@ FBN_SEGMENT void FBN_FN(deviation_block)(const T *x, fbn_index stride, fbn_index
 #ifndef FBN_MAX_LOSS
 #define FBN_MAX_LOSS 8.0
 #endif
-FBN_SEGMENT fbn_moments FBN_FN(moments_range)(const T *x, fbn_index stride, fbn_index len,
-                                             fbn_index e0, fbn_index e1)
+FBN_SEGMENT fbn_moments FBN_FN(moments_walk)(const S *x, fbn_index stride, fbn_index len,
+                                             fbn_index e0, fbn_index e1, fbn_index runs_ahead)
 {
-    const fbn_index runs = fbn_runs_ahead(len, stride, e1, sizeof(T));
     fbn_moments acc = fbn_moments_empty;
     for (fbn_index b = e0; b < e1; b += FBN_BLOCK) {
         const fbn_index end = (e1 - b < FBN_BLOCK) ? e1 : b + FBN_BLOCK;
@@ -368,13 +400,15 @@ FBN_SEGMENT fbn_moments FBN_FN(moments_range)(const T *x, fbn_index stride, fbn_
             shift = acc.shift + acc.dev_sum / acc.count;
         } else {
             const fbn_index o = b < len ? 0 : b / len;
-            shift = (double)x[o * stride + (b - o * len)];
+            shift = (double)LOAD(x[o * stride + (b - o * len)]);
         }
-        FBN_FN(deviation_block)(x, stride, len, b, end, e1, runs, shift, &dev_sum, &dev_sq);
+        FBN_FN(deviation_block_walk)(x, stride, len, b, end, e1, runs_ahead, shift, &dev_sum,
+                                     &dev_sq);
         double m2 = dev_sq - dev_sum * dev_sum / n;
         if (acc.count == 0.0 && !(dev_sq <= FBN_MAX_LOSS * m2) && dev_sq != 0.0) {
-            shift = FBN_FN(sum_block)(x, stride, len, b, end, e1, runs) / n;
-            FBN_FN(deviation_block)(x, stride, len, b, end, e1, runs, shift, &dev_sum, &dev_sq);
+            shift = FBN_FN(sum_block_walk)(x, stride, len, b, end, e1, runs_ahead) / n;
+            FBN_FN(deviation_block_walk)(x, stride, len, b, end, e1, runs_ahead, shift,
+                                         &dev_sum, &dev_sq);
             m2 = dev_sq - dev_sum * dev_sum / n;
         }
         fbn_moments block = {n, shift, dev_sum, m2 < 0.0 ? 0.0 : m2};   /* NaN stays NaN */
@@ -383,84 +417,149 @@ FBN_SEGMENT fbn_moments FBN_FN(moments_range)(const T *x, fbn_index stride, fbn_
     return acc;
 }
 
-FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const T *x, fbn_index stride,
-                                                        fbn_index len, fbn_index e0,
-                                                        fbn_index e1)
+/* moments_walk with a literal prefetch distance: 0 compiles the prefetches out (a variable
+ * distance in the segments' loops slowed the walks over cached channels, docs/tuning.md) */
+FBN_SEGMENT fbn_moments FBN_FN(moments_range)(const S *x, fbn_index stride, fbn_index len,
+                                              fbn_index e0, fbn_index e1)
 {
-    return FBN_FN(moments_range)(x, stride, len, e0, e1);
+    const fbn_index runs = fbn_runs_ahead(len, stride, e1, sizeof(S));
+    return runs > 0 ? FBN_FN(moments_walk)(x, stride, len, e0, e1, runs)
+                    : FBN_FN(moments_walk)(x, stride, len, e0, e1, 0);
+}
+
+FBN_DISPATCH static fbn_moments FBN_FN(moments_channel)(const void *x, fbn_index C,
+                                                        fbn_index len, fbn_index c,
+                                                        fbn_index e0, fbn_index e1)
+{
+    return FBN_FN(moments_range)((const S *)x + c * len, C * len, len, e0, e1);
+}
+
+/* y = normalize(x) over positions [e0, e1) of a channel, streaming stores if stream (a
+ * literal), then the fence they need */
+FBN_SEGMENT void FBN_FN(normalize_walk)(const S *x, S *y, fbn_index stride, fbn_index len,
+                                        fbn_index e0, fbn_index e1, T hi, T scale, T offset,
+                                        int stream)
+{
+    for (fbn_channel_walk w = fbn_channel_walk_begin(e0, e1, stride, len, e1, 0);
+         fbn_channel_walk_next(&w);)
+        FBN_FN(normalize_store)(x + w.offset, y + w.offset, w.n, hi, scale, offset, stream);
+    if (stream) fbn_stream_fence();
 }
 
 /* y = act(normalize(x) + r) over positions [e0, e1) of a channel; r (the residual, laid out
  * as x) may be NULL, and act FBN_ACT_NONE. stream: the plain op streams its stores (a fused
  * one reads its blocks back, see normalize_rows). */
-FBN_SEGMENT void FBN_FN(normalize_range)(const T *x, const T *r, T *y, fbn_index stride,
+FBN_SEGMENT void FBN_FN(normalize_range)(const S *x, const S *r, S *y, fbn_index stride,
                                          fbn_index len, fbn_index e0, fbn_index e1, T hi,
                                          T scale, T offset, int act, T slope, int stream)
 {
     if (r == NULL && act == FBN_ACT_NONE) {
-#define FBN_NORM(off, cnt, ahead) FBN_FN(normalize_store)(x + (off), y + (off), (cnt), hi, scale, offset, stream_on)
-        FBN_STREAM_CASES(stream, FBN_CHANNEL_WALK(e0, e1, stride, len, e1, 0, FBN_NORM));
-#undef FBN_NORM
+        /* a literal flag each: a variable one stayed in the per-run loop (docs/tuning.md) */
+        if (stream)
+            FBN_FN(normalize_walk)(x, y, stride, len, e0, e1, hi, scale, offset, 1);
+        else
+            FBN_FN(normalize_walk)(x, y, stride, len, e0, e1, hi, scale, offset, 0);
         return;
     }
-#define FBN_NORM_FUSED(off, cnt, ahead) \
-    FBN_FN(normalize_fused_segment)(x + (off), r != NULL ? r + (off) : NULL, y + (off), (cnt), hi, scale, offset, act, slope)
-    FBN_CHANNEL_WALK(e0, e1, stride, len, e1, 0, FBN_NORM_FUSED);
-#undef FBN_NORM_FUSED
+    for (fbn_channel_walk w = fbn_channel_walk_begin(e0, e1, stride, len, e1, 0);
+         fbn_channel_walk_next(&w);)
+        FBN_FN(normalize_fused_segment)(x + w.offset, r != NULL ? r + w.offset : NULL,
+                                        y + w.offset, w.n, hi, scale, offset, act, slope);
 }
 
-/* Gradient sums of positions [e0, e1) of a channel, block sums added in order. With g (not
- * NULL) the sums are of g = dy * act'(y), which is written to g first (y may be NULL when act
- * is FBN_ACT_NONE: g is then a copy of dy). */
-FBN_SEGMENT fbn_grad_sums FBN_FN(grad_sums_range)(const T *dy, const T *x, fbn_index stride,
-                                                 fbn_index len, fbn_index e0, fbn_index e1,
-                                                 double m, double q, const T *y, T *g, int act,
-                                                 T slope)
+/* Gradient sums of positions [b, end) of a channel around m and q, one block of a walk up
+ * to position limit, prefetching runs_ahead runs on. With g (not NULL) the sums are of
+ * g = dy * act'(y), which is written to g first (y may be NULL when act is FBN_ACT_NONE: g is
+ * then a copy of dy). Adds the block's totals into acc. */
+FBN_SEGMENT void FBN_FN(grad_sums_block_walk)(const S *dy, const S *x, fbn_index stride,
+                                              fbn_index len, fbn_index b, fbn_index end,
+                                              fbn_index limit, fbn_index runs_ahead,
+                                              const S *y, S *g, int act, T slope,
+                                              fbn_grad_sums *acc)
 {
-    const fbn_index runs = fbn_runs_ahead(len, stride, e1, sizeof(T));
-    fbn_grad_sums acc = fbn_grad_sums_empty;
+    double s_dy[FBN_LANES] = {0.0}, s_dy_xc[FBN_LANES] = {0.0}, s_xc[FBN_LANES] = {0.0};
+    double rest[3] = {0.0, 0.0, 0.0};
+    const double m = acc->x_shift, q = acc->dy_shift;
+    for (fbn_channel_walk w = fbn_channel_walk_begin(b, end, stride, len, limit, runs_ahead);
+         fbn_channel_walk_next(&w);) {
+        const S *grad = dy + w.offset;
+        if (g != NULL) {
+            FBN_FN(act_grad_segment)(grad, y != NULL ? y + w.offset : NULL, g + w.offset, w.n,
+                                     act, slope);
+            grad = g + w.offset;
+        }
+        FBN_FN(grad_sums_segment)(grad, x + w.offset, w.n, w.ahead, m, q, s_dy, s_dy_xc, s_xc,
+                                  rest);
+    }
+    const fbn_grad_sums block = {(double)(end - b), m, q, fbn_block_total(s_dy, rest[0], len),
+                                 fbn_block_total(s_dy_xc, rest[1], len),
+                                 fbn_block_total(s_xc, rest[2], len)};
+    fbn_grad_merge(acc, block);
+}
+
+FBN_SEGMENT fbn_grad_sums FBN_FN(grad_sums_walk)(const S *dy, const S *x, fbn_index stride,
+                                                 fbn_index len, fbn_index e0, fbn_index e1,
+                                                 fbn_index runs_ahead, double m, double q,
+                                                 const S *y, S *g, int act, T slope)
+{
+    fbn_grad_sums acc = fbn_grad_sums_empty(m, q);
     for (fbn_index b = e0; b < e1; b += FBN_BLOCK) {
         const fbn_index end = (e1 - b < FBN_BLOCK) ? e1 : b + FBN_BLOCK;
-        double s_dy[FBN_LANES] = {0.0}, s_dy_xc[FBN_LANES] = {0.0}, s_xc[FBN_LANES] = {0.0};
-        double rest[3] = {0.0, 0.0, 0.0};
-        if (g == NULL) {
-#define FBN_GSUM(off, cnt, ahead) FBN_FN(grad_sums_segment)(dy + (off), x + (off), (cnt), (ahead), m, q, s_dy, s_dy_xc, s_xc, rest)
-            FBN_PREFETCH_CASES(runs, FBN_CHANNEL_WALK(b, end, stride, len, e1, runs_ahead, FBN_GSUM));
-#undef FBN_GSUM
-        } else {
-#define FBN_GSUM_FUSED(off, cnt, ahead)                                                         \
-    do {                                                                                        \
-        FBN_FN(act_grad_segment)(dy + (off), y != NULL ? y + (off) : NULL, g + (off), (cnt), act, slope); \
-        FBN_FN(grad_sums_segment)(g + (off), x + (off), (cnt), (ahead), m, q, s_dy, s_dy_xc, s_xc, rest); \
-    } while (0)
-            FBN_PREFETCH_CASES(runs, FBN_CHANNEL_WALK(b, end, stride, len, e1, runs_ahead, FBN_GSUM_FUSED));
-#undef FBN_GSUM_FUSED
-        }
-        const fbn_grad_sums block = {fbn_block_total(s_dy, rest[0], len),
-                                     fbn_block_total(s_dy_xc, rest[1], len),
-                                     fbn_block_total(s_xc, rest[2], len)};
-        fbn_grad_sums_add(&acc, block);
+        FBN_FN(grad_sums_block_walk)(dy, x, stride, len, b, end, e1, runs_ahead, y, g, act,
+                                     slope, &acc);
     }
     return acc;
 }
 
-FBN_DISPATCH static fbn_grad_sums FBN_FN(grad_sums_channel)(const T *dy, const T *x,
-                                                            fbn_index stride, fbn_index len,
-                                                            fbn_index e0, fbn_index e1, double m,
-                                                            double q, const T *y, T *g,
-                                                            int act, T slope)
+/* Gradient sums of positions [e0, e1) of a channel around m and q, blocks merged in order
+ * (a literal prefetch distance, as moments_range) */
+FBN_SEGMENT fbn_grad_sums FBN_FN(grad_sums_range)(const S *dy, const S *x, fbn_index stride,
+                                                  fbn_index len, fbn_index e0, fbn_index e1,
+                                                  double m, double q, const S *y, S *g,
+                                                  int act, T slope)
 {
-    return FBN_FN(grad_sums_range)(dy, x, stride, len, e0, e1, m, q, y, g, act, slope);
+    const fbn_index runs = fbn_runs_ahead(len, stride, e1, sizeof(S));
+    return runs > 0
+        ? FBN_FN(grad_sums_walk)(dy, x, stride, len, e0, e1, runs, m, q, y, g, act, slope)
+        : FBN_FN(grad_sums_walk)(dy, x, stride, len, e0, e1, 0, m, q, y, g, act, slope);
 }
 
-/* dx over positions [e0, e1) of a channel (see grad_input_value) */
-FBN_SEGMENT void FBN_FN(grad_input_range)(const T *dy, const T *x, T *dx, fbn_index stride,
+FBN_DISPATCH static fbn_grad_sums FBN_FN(grad_sums_channel)(const void *dy, const void *x,
+                                                            fbn_index C, fbn_index len,
+                                                            fbn_index c, fbn_index e0,
+                                                            fbn_index e1,
+                                                            const fbn_grad_args *a)
+{
+    const fbn_index first = c * len;
+    const S *y = (const S *)a->y;
+    S *g = (S *)a->grad;
+    return FBN_FN(grad_sums_range)((const S *)dy + first, (const S *)x + first, C * len, len,
+                                   e0, e1, ((const T *)a->mean)[c], ((const T *)a->shift)[c],
+                                   y == NULL ? NULL : y + first, g == NULL ? NULL : g + first,
+                                   a->activation, (T)a->negative_slope);
+}
+
+/* dx over positions [e0, e1) of a channel (see grad_input_value), streaming stores if stream
+ * (a literal) */
+FBN_SEGMENT void FBN_FN(grad_input_walk)(const S *dy, const S *x, S *dx, fbn_index stride,
+                                         fbn_index len, fbn_index e0, fbn_index e1, T h, T g,
+                                         T k_dy, T k_xc, T k_0, int stream)
+{
+    for (fbn_channel_walk w = fbn_channel_walk_begin(e0, e1, stride, len, e1, 0);
+         fbn_channel_walk_next(&w);)
+        FBN_FN(grad_input_store)(dy + w.offset, x + w.offset, dx + w.offset, w.n, h, g, k_dy,
+                                 k_xc, k_0, stream);
+    if (stream) fbn_stream_fence();
+}
+
+FBN_SEGMENT void FBN_FN(grad_input_range)(const S *dy, const S *x, S *dx, fbn_index stride,
                                           fbn_index len, fbn_index e0, fbn_index e1, T h, T g,
                                           T k_dy, T k_xc, T k_0, int stream)
 {
-#define FBN_GIN(off, cnt, ahead) FBN_FN(grad_input_store)(dy + (off), x + (off), dx + (off), (cnt), h, g, k_dy, k_xc, k_0, stream_on)
-    FBN_STREAM_CASES(stream, FBN_CHANNEL_WALK(e0, e1, stride, len, e1, 0, FBN_GIN));
-#undef FBN_GIN
+    if (stream)
+        FBN_FN(grad_input_walk)(dy, x, dx, stride, len, e0, e1, h, g, k_dy, k_xc, k_0, 1);
+    else
+        FBN_FN(grad_input_walk)(dy, x, dx, stride, len, e0, e1, h, g, k_dy, k_xc, k_0, 0);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -469,7 +568,7 @@ FBN_SEGMENT void FBN_FN(grad_input_range)(const T *dy, const T *x, T *dx, fbn_in
 
 /* Four consecutive whole runs of len values, channels c0..c3 (runs this short pay their loop
  * set-up and tail once per four runs instead of once per run) */
-FBN_SEGMENT void FBN_FN(normalize_runs4)(const T *x, T *y, fbn_index len, const T *hi,
+FBN_SEGMENT void FBN_FN(normalize_runs4)(const S *x, S *y, fbn_index len, const T *hi,
                                          const T *scale, const T *offset, fbn_index c0,
                                          fbn_index c1, fbn_index c2, fbn_index c3)
 {
@@ -477,14 +576,28 @@ FBN_SEGMENT void FBN_FN(normalize_runs4)(const T *x, T *y, fbn_index len, const 
     const T h2 = hi[c2], s2 = scale[c2], o2 = offset[c2], h3 = hi[c3], s3 = scale[c3], o3 = offset[c3];
 #pragma omp simd
     for (fbn_index i = 0; i < len; ++i) {
-        y[i] = FBN_FN(normalize_value)(x[i], h0, s0, o0);
-        y[len + i] = FBN_FN(normalize_value)(x[len + i], h1, s1, o1);
-        y[2 * len + i] = FBN_FN(normalize_value)(x[2 * len + i], h2, s2, o2);
-        y[3 * len + i] = FBN_FN(normalize_value)(x[3 * len + i], h3, s3, o3);
+        y[i] = STORE(FBN_FN(normalize_value)(LOAD(x[i]), h0, s0, o0));
+        y[len + i] = STORE(FBN_FN(normalize_value)(LOAD(x[len + i]), h1, s1, o1));
+        y[2 * len + i] = STORE(FBN_FN(normalize_value)(LOAD(x[2 * len + i]), h2, s2, o2));
+        y[3 * len + i] = STORE(FBN_FN(normalize_value)(LOAD(x[3 * len + i]), h3, s3, o3));
     }
 }
 
-FBN_SEGMENT void FBN_FN(normalize_span_plain)(const T *x, T *y, fbn_index C, fbn_index len,
+/* normalize over memory [p0, p1), one segment at a time, streaming stores if stream (a
+ * literal) */
+FBN_SEGMENT void FBN_FN(normalize_span_walk)(const S *x, S *y, fbn_index C, fbn_index len,
+                                             fbn_index p0, fbn_index p1,
+                                             const T *FBN_RESTRICT hi,
+                                             const T *FBN_RESTRICT scale,
+                                             const T *FBN_RESTRICT offset, int stream)
+{
+    for (fbn_span_walk w = fbn_span_walk_begin(p0, p1, C, len); fbn_span_walk_next(&w);)
+        FBN_FN(normalize_store)(x + w.first, y + w.first, w.n, hi[w.channel], scale[w.channel],
+                                offset[w.channel], stream);
+    if (stream) fbn_stream_fence();
+}
+
+FBN_SEGMENT void FBN_FN(normalize_span_plain)(const S *x, S *y, fbn_index C, fbn_index len,
                                               fbn_index p0, fbn_index p1, int stream,
                                               const T *FBN_RESTRICT hi,
                                               const T *FBN_RESTRICT scale,
@@ -509,19 +622,21 @@ FBN_SEGMENT void FBN_FN(normalize_span_plain)(const T *x, T *y, fbn_index C, fbn
         }
         p0 = p;                                    /* the last runs, one at a time */
     }
-#define FBN_NORM(q, cnt, ch) FBN_FN(normalize_store)(x + (q), y + (q), (cnt), hi[ch], scale[ch], offset[ch], stream_on)
-    FBN_STREAM_CASES(stream, FBN_SPAN_WALK(p0, p1, C, len, FBN_NORM));
-#undef FBN_NORM
+    if (stream)
+        FBN_FN(normalize_span_walk)(x, y, C, len, p0, p1, hi, scale, offset, 1);
+    else
+        FBN_FN(normalize_span_walk)(x, y, C, len, p0, p1, hi, scale, offset, 0);
 }
 
 /* y = act(normalize(x) + r) over memory [p0, p1); r may be NULL, act FBN_ACT_NONE */
-FBN_DISPATCH static void FBN_FN(normalize_span)(const T *x, const T *r, T *y, fbn_index C,
-                                                fbn_index len, fbn_index p0, fbn_index p1,
-                                                const T *FBN_RESTRICT hi,
-                                                const T *FBN_RESTRICT scale,
-                                                const T *FBN_RESTRICT offset, int act, T slope,
-                                                int stream)
+FBN_DISPATCH static void FBN_FN(normalize_span)(const void *xv, const void *rv, void *yv,
+                                                fbn_index C, fbn_index len, fbn_index p0,
+                                                fbn_index p1, const void *coef, int act,
+                                                double slope, int stream)
 {
+    const S *x = (const S *)xv, *r = (const S *)rv;
+    S *y = (S *)yv;
+    const T *hi = (const T *)coef, *scale = hi + C, *offset = hi + 2 * C;
     if (r == NULL && act == FBN_ACT_NONE) {
         FBN_FN(normalize_span_plain)(x, y, C, len, p0, p1, stream, hi, scale, offset);
         return;
@@ -529,21 +644,35 @@ FBN_DISPATCH static void FBN_FN(normalize_span)(const T *x, const T *r, T *y, fb
     for (fbn_index b = p0; b < p1; b += FBN_FUSED_BLOCK) {
         const fbn_index end = p1 - b < FBN_FUSED_BLOCK ? p1 : b + FBN_FUSED_BLOCK;
         FBN_FN(normalize_span_plain)(x, y, C, len, b, end, 0, hi, scale, offset);
-        FBN_FN(epilogue_segment)(y + b, r != NULL ? r + b : NULL, end - b, act, slope);
+        FBN_FN(epilogue_segment)(y + b, r != NULL ? r + b : NULL, end - b, act, (T)slope);
     }
 }
 
-FBN_DISPATCH static void FBN_FN(grad_input_span)(const T *dy, const T *x, T *dx, fbn_index C,
-                                                 fbn_index len, fbn_index p0, fbn_index p1,
-                                                 const T *FBN_RESTRICT h,
-                                                 const T *FBN_RESTRICT g,
-                                                 const T *FBN_RESTRICT k_dy,
-                                                 const T *FBN_RESTRICT k_xc,
-                                                 const T *FBN_RESTRICT k_0, int stream)
+/* dx over memory [p0, p1), streaming stores if stream (a literal) */
+FBN_SEGMENT void FBN_FN(grad_input_span_walk)(const S *dy, const S *x, S *dx, fbn_index C,
+                                              fbn_index len, fbn_index p0, fbn_index p1,
+                                              const T *FBN_RESTRICT coef, int stream)
 {
-#define FBN_GIN(p, cnt, c) FBN_FN(grad_input_store)(dy + (p), x + (p), dx + (p), (cnt), h[c], g[c], k_dy[c], k_xc[c], k_0[c], stream_on)
-    FBN_STREAM_CASES(stream, FBN_SPAN_WALK(p0, p1, C, len, FBN_GIN));
-#undef FBN_GIN
+    const T *h = coef, *g = coef + C, *k_dy = coef + 2 * C, *k_xc = coef + 3 * C;
+    const T *k_0 = coef + 4 * C;
+    for (fbn_span_walk w = fbn_span_walk_begin(p0, p1, C, len); fbn_span_walk_next(&w);) {
+        const fbn_index c = w.channel;
+        FBN_FN(grad_input_store)(dy + w.first, x + w.first, dx + w.first, w.n, h[c], g[c],
+                                 k_dy[c], k_xc[c], k_0[c], stream);
+    }
+    if (stream) fbn_stream_fence();
+}
+
+FBN_DISPATCH static void FBN_FN(grad_input_span)(const void *dy, const void *x, void *dx,
+                                                 fbn_index C, fbn_index len, fbn_index p0,
+                                                 fbn_index p1, const void *coef, int stream)
+{
+    if (stream)
+        FBN_FN(grad_input_span_walk)((const S *)dy, (const S *)x, (S *)dx, C, len, p0, p1,
+                                     (const T *)coef, 1);
+    else
+        FBN_FN(grad_input_span_walk)((const S *)dy, (const S *)x, (S *)dx, C, len, p0, p1,
+                                     (const T *)coef, 0);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -553,16 +682,17 @@ FBN_DISPATCH static void FBN_FN(grad_input_span)(const T *dy, const T *x, T *dx,
 /* Channels-last rows are taken `step` at a time: with step 4, every C-length accumulator or
  * coefficient vector is loaded and stored once per four rows instead of once per row, which
  * pays while the data sit in cache; data streaming from memory go faster one row at a time
- * (step 1: one stream per array for the prefetchers, measured). */
+ * (step 1: one stream per array for the prefetchers). */
 
 /* Moments of an nrows x C block, every channel at once (vectorized across channels), as in
- * moments_channel: with have_shift == 0 the block finds its shift (two passes), otherwise
+ * moments_walk: with have_shift == 0 the block finds its shift (two passes), otherwise
  * shift already holds the mean of the blocks before it (one pass). The count is nrows for
  * each channel. Writes C values into each of shift, dev_sum, m2. */
-FBN_SEGMENT void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C, int step,
-                                      int have_shift,
-                                      double *FBN_RESTRICT shift, double *FBN_RESTRICT dev_sum,
-                                      double *FBN_RESTRICT m2)
+FBN_SEGMENT void FBN_FN(moments_rows_block)(const S *x, fbn_index nrows, fbn_index C, int step,
+                                            int have_shift,
+                                            double *FBN_RESTRICT shift,
+                                            double *FBN_RESTRICT dev_sum,
+                                            double *FBN_RESTRICT m2)
 {
     const double inv_n = 1.0 / (double)nrows;
     fbn_index r;
@@ -570,15 +700,16 @@ FBN_SEGMENT void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C, 
     if (!have_shift) {
         for (fbn_index c = 0; c < C; ++c) shift[c] = 0.0;
         for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
-            const T *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+            const S *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
 #pragma omp simd
             for (fbn_index c = 0; c < C; ++c)
-                shift[c] += ((double)x0[c] + (double)x1[c]) + ((double)x2[c] + (double)x3[c]);
+                shift[c] += ((double)LOAD(x0[c]) + (double)LOAD(x1[c]))
+                            + ((double)LOAD(x2[c]) + (double)LOAD(x3[c]));
         }
         for (; r < nrows; ++r) {
-            const T *x0 = x + r * C;
+            const S *x0 = x + r * C;
 #pragma omp simd
-            for (fbn_index c = 0; c < C; ++c) shift[c] += (double)x0[c];
+            for (fbn_index c = 0; c < C; ++c) shift[c] += (double)LOAD(x0[c]);
         }
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) shift[c] *= inv_n;
@@ -586,20 +717,20 @@ FBN_SEGMENT void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C, 
 
     /* m2 holds sum d^2 until the correction */
     for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
-        const T *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+        const S *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
-            const double d0 = (double)x0[c] - shift[c], d1 = (double)x1[c] - shift[c];
-            const double d2 = (double)x2[c] - shift[c], d3 = (double)x3[c] - shift[c];
+            const double d0 = (double)LOAD(x0[c]) - shift[c], d1 = (double)LOAD(x1[c]) - shift[c];
+            const double d2 = (double)LOAD(x2[c]) - shift[c], d3 = (double)LOAD(x3[c]) - shift[c];
             dev_sum[c] += (d0 + d1) + (d2 + d3);
             m2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
         }
     }
     for (; r < nrows; ++r) {
-        const T *x0 = x + r * C;
+        const S *x0 = x + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
-            const double d = (double)x0[c] - shift[c];
+            const double d = (double)LOAD(x0[c]) - shift[c];
             dev_sum[c] += d;
             m2[c] += d * d;
         }
@@ -612,7 +743,7 @@ FBN_SEGMENT void FBN_FN(moments_rows)(const T *x, fbn_index nrows, fbn_index C, 
 }
 
 /* normalize_segment over nrows x C channels-last rows, with C-length coefficient vectors */
-FBN_SEGMENT void FBN_FN(normalize_rows_plain)(const T *x, T *y, fbn_index nrows, fbn_index C,
+FBN_SEGMENT void FBN_FN(normalize_rows_plain)(const S *x, S *y, fbn_index nrows, fbn_index C,
                                               int step, int stream,
                                               const T *FBN_RESTRICT hi,
                                               const T *FBN_RESTRICT scale,
@@ -620,15 +751,15 @@ FBN_SEGMENT void FBN_FN(normalize_rows_plain)(const T *x, T *y, fbn_index nrows,
 {
     fbn_index r;
     for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
-        const T *x0 = x + r * C;
-        T *y0 = y + r * C;
+        const S *x0 = x + r * C;
+        S *y0 = y + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
             const T h = hi[c], s = scale[c], o = offset[c];
-            y0[c] = FBN_FN(normalize_value)(x0[c], h, s, o);
-            y0[C + c] = FBN_FN(normalize_value)(x0[C + c], h, s, o);
-            y0[2 * C + c] = FBN_FN(normalize_value)(x0[2 * C + c], h, s, o);
-            y0[3 * C + c] = FBN_FN(normalize_value)(x0[3 * C + c], h, s, o);
+            y0[c] = STORE(FBN_FN(normalize_value)(LOAD(x0[c]), h, s, o));
+            y0[C + c] = STORE(FBN_FN(normalize_value)(LOAD(x0[C + c]), h, s, o));
+            y0[2 * C + c] = STORE(FBN_FN(normalize_value)(LOAD(x0[2 * C + c]), h, s, o));
+            y0[3 * C + c] = STORE(FBN_FN(normalize_value)(LOAD(x0[3 * C + c]), h, s, o));
         }
     }
     if (stream) {
@@ -638,24 +769,26 @@ FBN_SEGMENT void FBN_FN(normalize_rows_plain)(const T *x, T *y, fbn_index nrows,
         return;
     }
     for (; r < nrows; ++r) {
-        const T *x0 = x + r * C;
-        T *y0 = y + r * C;
+        const S *x0 = x + r * C;
+        S *y0 = y + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c)
-            y0[c] = FBN_FN(normalize_value)(x0[c], hi[c], scale[c], offset[c]);
+            y0[c] = STORE(FBN_FN(normalize_value)(LOAD(x0[c]), hi[c], scale[c], offset[c]));
     }
 }
 
 /* y = act(normalize(x) + r) over nrows x C rows; r may be NULL, act FBN_ACT_NONE. stream:
  * the plain op streams its stores; a fused one does not, as its epilogue reads each block
  * back from L1. */
-FBN_DISPATCH static void FBN_FN(normalize_rows)(const T *x, const T *r, T *y, fbn_index nrows,
-                                                fbn_index C, int step,
-                                                const T *FBN_RESTRICT hi,
-                                                const T *FBN_RESTRICT scale,
-                                                const T *FBN_RESTRICT offset, int act, T slope,
-                                                int stream)
+FBN_DISPATCH static void FBN_FN(normalize_rows)(const void *xv, const void *rv, void *yv,
+                                                fbn_index C, fbn_index r0, fbn_index r1,
+                                                int step, const void *coef, int act,
+                                                double slope, int stream)
 {
+    const fbn_index nrows = r1 - r0;
+    const S *x = (const S *)xv + r0 * C, *r = rv == NULL ? NULL : (const S *)rv + r0 * C;
+    S *y = (S *)yv + r0 * C;
+    const T *hi = (const T *)coef, *scale = hi + C, *offset = hi + 2 * C;
     if (r == NULL && act == FBN_ACT_NONE) {
         FBN_FN(normalize_rows_plain)(x, y, nrows, C, step, stream, hi, scale, offset);
         return;
@@ -664,40 +797,43 @@ FBN_DISPATCH static void FBN_FN(normalize_rows)(const T *x, const T *r, T *y, fb
     for (fbn_index b = 0; b < nrows; b += block) {
         const fbn_index n = nrows - b < block ? nrows - b : block;
         FBN_FN(normalize_rows_plain)(x + b * C, y + b * C, n, C, step, 0, hi, scale, offset);
-        FBN_FN(epilogue_segment)(y + b * C, r != NULL ? r + b * C : NULL, n * C, act, slope);
+        FBN_FN(epilogue_segment)(y + b * C, r != NULL ? r + b * C : NULL, n * C, act, (T)slope);
     }
 }
 
 /* Gradient sums of an nrows x C block around the shifts m and q (C each); writes C-length
  * s_dy, s_dy_xc, s_xc */
-FBN_SEGMENT void FBN_FN(grad_sums_rows)(const T *dy, const T *x, fbn_index nrows,
-                                                fbn_index C, int step, const T *FBN_RESTRICT m,
-                                                const T *FBN_RESTRICT q,
-                                                double *FBN_RESTRICT s_dy,
-                                                double *FBN_RESTRICT s_dy_xc,
-                                                double *FBN_RESTRICT s_xc)
+FBN_SEGMENT void FBN_FN(grad_sums_rows_block)(const S *dy, const S *x, fbn_index nrows,
+                                              fbn_index C, int step, const T *FBN_RESTRICT m,
+                                              const T *FBN_RESTRICT q,
+                                              double *FBN_RESTRICT s_dy,
+                                              double *FBN_RESTRICT s_dy_xc,
+                                              double *FBN_RESTRICT s_xc)
 {
     fbn_index r;
     for (fbn_index c = 0; c < C; ++c) s_dy[c] = s_dy_xc[c] = s_xc[c] = 0.0;
     for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
-        const T *x0 = x + r * C, *g0 = dy + r * C;
+        const S *x0 = x + r * C, *g0 = dy + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
             const double mc = (double)m[c], qc = (double)q[c];
-            const double a0 = (double)x0[c] - mc, a1 = (double)x0[C + c] - mc;
-            const double a2 = (double)x0[2 * C + c] - mc, a3 = (double)x0[3 * C + c] - mc;
-            const double b0 = (double)g0[c] - qc, b1 = (double)g0[C + c] - qc;
-            const double b2 = (double)g0[2 * C + c] - qc, b3 = (double)g0[3 * C + c] - qc;
+            const double a0 = (double)LOAD(x0[c]) - mc, a1 = (double)LOAD(x0[C + c]) - mc;
+            const double a2 = (double)LOAD(x0[2 * C + c]) - mc;
+            const double a3 = (double)LOAD(x0[3 * C + c]) - mc;
+            const double b0 = (double)LOAD(g0[c]) - qc, b1 = (double)LOAD(g0[C + c]) - qc;
+            const double b2 = (double)LOAD(g0[2 * C + c]) - qc;
+            const double b3 = (double)LOAD(g0[3 * C + c]) - qc;
             s_dy[c] += (b0 + b1) + (b2 + b3);
             s_dy_xc[c] += (b0 * a0 + b1 * a1) + (b2 * a2 + b3 * a3);
             s_xc[c] += (a0 + a1) + (a2 + a3);
         }
     }
     for (; r < nrows; ++r) {
-        const T *x0 = x + r * C, *g0 = dy + r * C;
+        const S *x0 = x + r * C, *g0 = dy + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
-            const double a = (double)x0[c] - (double)m[c], b = (double)g0[c] - (double)q[c];
+            const double a = (double)LOAD(x0[c]) - (double)m[c];
+            const double b = (double)LOAD(g0[c]) - (double)q[c];
             s_dy[c] += b;
             s_dy_xc[c] += b * a;
             s_xc[c] += a;
@@ -706,24 +842,32 @@ FBN_SEGMENT void FBN_FN(grad_sums_rows)(const T *dy, const T *x, fbn_index nrows
 }
 
 /* grad_input_segment over nrows x C channels-last rows, with C-length coefficient vectors */
-FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx, fbn_index nrows,
-                                                 fbn_index C, int step, const T *FBN_RESTRICT h,
-                                                 const T *FBN_RESTRICT g,
-                                                 const T *FBN_RESTRICT k_dy,
-                                                 const T *FBN_RESTRICT k_xc,
-                                                 const T *FBN_RESTRICT k_0, int stream)
+FBN_DISPATCH static void FBN_FN(grad_input_rows)(const void *dyv, const void *xv, void *dxv,
+                                                 fbn_index C, fbn_index r0, fbn_index r1,
+                                                 int step, const void *coef, int stream)
 {
+    const fbn_index nrows = r1 - r0;
+    const S *dy = (const S *)dyv + r0 * C, *x = (const S *)xv + r0 * C;
+    S *dx = (S *)dxv + r0 * C;
+    const T *FBN_RESTRICT h = (const T *)coef;
+    const T *FBN_RESTRICT g = h + C;
+    const T *FBN_RESTRICT k_dy = h + 2 * C;
+    const T *FBN_RESTRICT k_xc = h + 3 * C;
+    const T *FBN_RESTRICT k_0 = h + 4 * C;
     fbn_index r;
     for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
-        const T *x0 = x + r * C, *g0 = dy + r * C;
-        T *d0 = dx + r * C;
+        const S *x0 = x + r * C, *g0 = dy + r * C;
+        S *d0 = dx + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c) {
             const T hc = h[c], gc = g[c], a = k_dy[c], b = k_xc[c], z = k_0[c];
-            d0[c] = FBN_FN(grad_input_value)(g0[c], x0[c], hc, gc, a, b, z);
-            d0[C + c] = FBN_FN(grad_input_value)(g0[C + c], x0[C + c], hc, gc, a, b, z);
-            d0[2 * C + c] = FBN_FN(grad_input_value)(g0[2 * C + c], x0[2 * C + c], hc, gc, a, b, z);
-            d0[3 * C + c] = FBN_FN(grad_input_value)(g0[3 * C + c], x0[3 * C + c], hc, gc, a, b, z);
+            d0[c] = STORE(FBN_FN(grad_input_value)(LOAD(g0[c]), LOAD(x0[c]), hc, gc, a, b, z));
+            d0[C + c] = STORE(FBN_FN(grad_input_value)(LOAD(g0[C + c]), LOAD(x0[C + c]), hc, gc,
+                                                       a, b, z));
+            d0[2 * C + c] = STORE(FBN_FN(grad_input_value)(LOAD(g0[2 * C + c]),
+                                                           LOAD(x0[2 * C + c]), hc, gc, a, b, z));
+            d0[3 * C + c] = STORE(FBN_FN(grad_input_value)(LOAD(g0[3 * C + c]),
+                                                           LOAD(x0[3 * C + c]), hc, gc, a, b, z));
         }
     }
     if (stream) {
@@ -734,62 +878,80 @@ FBN_DISPATCH static void FBN_FN(grad_input_rows)(const T *dy, const T *x, T *dx,
         return;
     }
     for (; r < nrows; ++r) {
-        const T *x0 = x + r * C, *g0 = dy + r * C;
-        T *d0 = dx + r * C;
+        const S *x0 = x + r * C, *g0 = dy + r * C;
+        S *d0 = dx + r * C;
 #pragma omp simd
         for (fbn_index c = 0; c < C; ++c)
-            d0[c] = FBN_FN(grad_input_value)(g0[c], x0[c], h[c], g[c], k_dy[c], k_xc[c], k_0[c]);
+            d0[c] = STORE(FBN_FN(grad_input_value)(LOAD(g0[c]), LOAD(x0[c]), h[c], g[c], k_dy[c],
+                                                   k_xc[c], k_0[c]));
     }
 }
 
-/* A chunk of channels-last rows: nrows rows in blocks of block_rows, each block's moments
- * merged in order into part = [count | shift (C) | dev_sum (C) | m2 (C)]. scratch: 3*C. */
-FBN_DISPATCH static void FBN_FN(moments_rows_chunk)(const T *x, fbn_index nrows, fbn_index C,
-                                                    fbn_index block_rows, int step,
-                                                    double *FBN_RESTRICT part,
-                                                    double *FBN_RESTRICT scratch)
+/* A chunk of channels-last rows, [r0, r1), in blocks of block_rows, each block's moments
+ * merged in order, into part (4*C doubles, the partial format). scratch: 3*C. */
+FBN_DISPATCH static void FBN_FN(moments_rows)(const void *xv, fbn_index C, fbn_index r0,
+                                              fbn_index r1, fbn_index block_rows, int step,
+                                              double *FBN_RESTRICT part,
+                                              double *FBN_RESTRICT scratch)
 {
-    double *count = part, *shift = part + 1, *dev_sum = part + 1 + C, *m2 = part + 1 + 2 * C;
-    *count = 0.0;
+    const fbn_index nrows = r1 - r0;
+    const S *x = (const S *)xv + r0 * C;
+    double *shift = part + C, *dev_sum = part + 2 * C, *m2 = part + 3 * C;
+    double count = 0.0;
     for (fbn_index r = 0; r < nrows; r += block_rows) {
         const fbn_index n = nrows - r < block_rows ? nrows - r : block_rows;
-        if (*count > 0.0) {        /* later blocks: shift = the mean so far */
-            const double inv_count = 1.0 / *count;
+        if (count > 0.0) {         /* later blocks: shift = the mean so far */
+            const double inv_count = 1.0 / count;
 #pragma omp simd
             for (fbn_index c = 0; c < C; ++c) scratch[c] = shift[c] + dev_sum[c] * inv_count;
         }
-        FBN_FN(moments_rows)(x + r * C, n, C, step, *count > 0.0, scratch, scratch + C,
-                             scratch + 2 * C);
-        fbn_moments_merge_rows(C, count, shift, dev_sum, m2, (double)n, scratch, scratch + C,
-                               scratch + 2 * C);
+        FBN_FN(moments_rows_block)(x + r * C, n, C, step, count > 0.0, scratch, scratch + C,
+                                   scratch + 2 * C);
+        fbn_moments_merge_shared(C, &count, shift, dev_sum, m2, (double)n, scratch,
+                                 scratch + C, scratch + 2 * C);
     }
+    for (fbn_index c = 0; c < C; ++c) part[c] = count;
 }
 
-/* A chunk of channels-last rows: block sums of the gradient, added in order into
- * part = [dy (C) | dy_xc (C) | xc (C)]. scratch: 3*C. With g (not NULL), each block's
- * g = dy * act'(y) is written to g first and summed instead of dy (see grad_sums_channel). */
-FBN_DISPATCH static void FBN_FN(grad_sums_rows_chunk)(const T *dy, const T *x, fbn_index nrows,
-                                                      fbn_index C, fbn_index block_rows, int step,
-                                                      const T *FBN_RESTRICT m,
-                                                      const T *FBN_RESTRICT q,
-                                                      double *FBN_RESTRICT part,
-                                                      double *FBN_RESTRICT scratch,
-                                                      const T *y, T *g, int act, T slope)
+/* A chunk of channels-last rows, [r0, r1): block sums of the gradient around the saved
+ * means and the shifts q (a->mean, a->shift), added in order into part (6*C doubles, the
+ * partial format). scratch: 3*C. Fused (a->grad set), each block's g = dy * act'(y) is
+ * written to a->grad first and summed instead of dy (see grad_sums_block_walk). */
+FBN_DISPATCH static void FBN_FN(grad_sums_rows)(const void *dyv, const void *xv, fbn_index C,
+                                                fbn_index r0, fbn_index r1,
+                                                fbn_index block_rows, int step,
+                                                const fbn_grad_args *a,
+                                                double *FBN_RESTRICT part,
+                                                double *FBN_RESTRICT scratch)
 {
+    const fbn_index nrows = r1 - r0, first = r0 * C;
+    const S *dy = (const S *)dyv + first, *x = (const S *)xv + first;
+    const S *y = a->y == NULL ? NULL : (const S *)a->y + first;
+    S *g = a->grad == NULL ? NULL : (S *)a->grad + first;
+    const T *m = (const T *)a->mean, *q = (const T *)a->shift;
+    const int act = a->activation;
+    const T slope = (T)a->negative_slope;
+    double *sums = part + 3 * C;     /* dy | dy_xc | xc: the fields that add */
     for (fbn_index r = 0; r < nrows; r += block_rows) {
         const fbn_index n = nrows - r < block_rows ? nrows - r : block_rows;
-        const T *grad = dy + r * C;
-        double *sums = r == 0 ? part : scratch;     /* the first block's sums go to part */
+        const S *grad = dy + r * C;
+        double *block = r == 0 ? sums : scratch;     /* the first block's sums go to part */
         if (g != NULL) {
             FBN_FN(act_grad_segment)(grad, y != NULL ? y + r * C : NULL, g + r * C, n * C, act,
                                      slope);
             grad = g + r * C;
         }
-        FBN_FN(grad_sums_rows)(grad, x + r * C, n, C, step, m, q, sums, sums + C, sums + 2 * C);
+        FBN_FN(grad_sums_rows_block)(grad, x + r * C, n, C, step, m, q, block, block + C,
+                                     block + 2 * C);
         if (r > 0) {
 #pragma omp simd
-            for (fbn_index c = 0; c < 3 * C; ++c) part[c] += scratch[c];
+            for (fbn_index c = 0; c < 3 * C; ++c) sums[c] += scratch[c];
         }
+    }
+    for (fbn_index c = 0; c < C; ++c) {
+        part[c] = (double)nrows;
+        part[C + c] = (double)m[c];
+        part[2 * C + c] = (double)q[c];
     }
 }
 
@@ -822,14 +984,18 @@ static inline double FBN_FN(train_coefficients)(fbn_moments m, double eps, doubl
 /* Inference coefficients (running statistics), C channels at once, vectorized:
  *     hi = running_mean, scale = gamma / sqrt(running_var + eps), offset = beta
  * weight or bias may be NULL (gamma = 1, beta = 0). Returns whether some running_var is
- * negative (the check rides along: a loop of its own, scalar for its early exit, took as
- * long as the coefficients); the caller then raises before it writes anything. */
-FBN_DISPATCH static int FBN_FN(infer_coefficients)(fbn_index C, const T *running_mean,
-                                                   const T *running_var, const T *weight,
-                                                   const T *bias, double eps,
-                                                   T *FBN_RESTRICT coef)
+ * negative (the check rides along in the vectorized loop); the caller then raises before it
+ * writes anything. */
+FBN_DISPATCH static int FBN_FN(infer_coefficients)(fbn_index C, const void *running_mean_v,
+                                                   const void *running_var_v,
+                                                   const void *weight_v, const void *bias_v,
+                                                   double eps, void *coef_v)
 {
-    T *hi = coef, *scale = coef + C, *offset = coef + 2 * C;
+    const T *running_mean = (const T *)running_mean_v, *running_var = (const T *)running_var_v;
+    const T *weight = (const T *)weight_v, *bias = (const T *)bias_v;
+    T *FBN_RESTRICT hi = (T *)coef_v;
+    T *FBN_RESTRICT scale = hi + C;
+    T *FBN_RESTRICT offset = hi + 2 * C;
     int negative = 0;
 #pragma omp simd reduction(|:negative)
     for (fbn_index c = 0; c < C; ++c) {
@@ -855,8 +1021,8 @@ static inline void FBN_FN(update_running)(T *running_mean, T *running_var, fbn_m
 
 /* Channel c's coefficients into coef (hi | scale | offset, C values each), its saved mean and
  * invstd, and its running statistics, from its moments */
-static inline void FBN_FN(train_finish)(fbn_moments m, fbn_index C, fbn_index c,
-                                        const fbn_train_args *a, T *coef)
+static inline void FBN_FN(train_finish_channel)(fbn_moments m, fbn_index C, fbn_index c,
+                                                const fbn_train_args *a, T *coef)
 {
     const double gamma = a->weight == NULL ? 1.0 : (double)((const T *)a->weight)[c];
     const double beta = a->bias == NULL ? 0.0 : (double)((const T *)a->bias)[c];
@@ -870,24 +1036,34 @@ static inline void FBN_FN(train_finish)(fbn_moments m, fbn_index C, fbn_index c,
                                a->momentum);
 }
 
+static void FBN_FN(train_finish)(fbn_moments m, fbn_index C, fbn_index c,
+                                 const fbn_train_args *a, void *coef)
+{
+    FBN_FN(train_finish_channel)(m, C, c, a, (T *)coef);
+}
+
 /* The channels-first training forward of channels [c0, c1), each of them whole, a group small
  * enough to stay in cache (as backward_group): every channel's moments (into moments[c]),
  * then every channel's coefficients and statistics, then every channel's
  * y = act(normalize(x) + r) (r, laid out as x, may be NULL; y may be x). */
-FBN_DISPATCH static void FBN_FN(train_group)(const T *x, const T *r, T *y, fbn_index C,
-                                             fbn_index len, fbn_index count, fbn_index c0,
-                                             fbn_index c1, const fbn_train_args *a, int act,
-                                             T slope, fbn_moments *FBN_RESTRICT moments,
-                                             T *FBN_RESTRICT coef, int stream)
+FBN_DISPATCH static void FBN_FN(train_group)(const void *xv, const void *rv, void *yv,
+                                             fbn_index C, fbn_index len, fbn_index count,
+                                             fbn_index c0, fbn_index c1,
+                                             const fbn_train_args *a, int act, double slope,
+                                             fbn_moments *FBN_RESTRICT moments, void *coef_v,
+                                             int stream)
 {
+    const S *x = (const S *)xv, *r = (const S *)rv;
+    S *y = (S *)yv;
+    T *FBN_RESTRICT coef = (T *)coef_v;
     for (fbn_index c = c0; c < c1; ++c)
         moments[c] = FBN_FN(moments_range)(x + c * len, C * len, len, 0, count);
-    for (fbn_index c = c0; c < c1; ++c) FBN_FN(train_finish)(moments[c], C, c, a, coef);
+    for (fbn_index c = c0; c < c1; ++c) FBN_FN(train_finish_channel)(moments[c], C, c, a, coef);
     for (fbn_index c = c0; c < c1; ++c) {
         const fbn_index first = c * len;
         FBN_FN(normalize_range)(x + first, r == NULL ? NULL : r + first, y + first, C * len,
                                 len, 0, count, coef[c], coef[C + c], coef[2 * C + c], act,
-                                slope, stream);
+                                (T)slope, stream);
     }
 }
 
@@ -903,12 +1079,12 @@ FBN_DISPATCH static void FBN_FN(train_group)(const T *x, const T *r, T *y, fbn_i
  * neither an offset in dy nor a saved mean far from the data costs digits),
  * k_dy = gamma invstd, k_xc = -gamma invstd^3 S / n, and what the roundings left out,
  * k_0 = k_dy (g - sum dy / n) + k_xc (h - mu), formed in double. */
-static inline void FBN_FN(grad_coefficients)(fbn_grad_sums s, double count, double m, double q,
-                                             double invstd, double gamma, T *h, T *g,
-                                             T *k_dy, T *k_xc, T *k_0, double *dweight,
-                                             double *dbias)
+static inline void FBN_FN(grad_coefficients)(fbn_grad_sums s, double invstd, double gamma,
+                                             T *h, T *g, T *k_dy, T *k_xc, T *k_0,
+                                             double *dweight, double *dbias)
 {
-    const double inv_count = 1.0 / count;
+    const double m = s.x_shift, q = s.dy_shift;
+    const double inv_count = 1.0 / s.count;
     const double lo = s.xc * inv_count;
     const double dy_rest = s.dy * inv_count;              /* mean of dy - q */
     const double dy_xmu = s.dy_xc - lo * s.dy;
@@ -921,40 +1097,68 @@ static inline void FBN_FN(grad_coefficients)(fbn_grad_sums s, double count, doub
     *k_xc = (T)kx;
     *k_0 = (T)(kd * (((double)g_t - q) - dy_rest) + kx * (((double)h_t - m) - lo));
     *dweight = invstd * dy_xmu;
-    *dbias = s.dy + count * q;
+    *dbias = s.dy + s.count * q;
 }
 
 /* Channel c's gradient coefficients into coef (h | g | k_dy | k_xc | k_0, C values each), its
- * dweight and dbias, from its sums over count positions around its saved mean and shift */
-static inline void FBN_FN(grad_finish)(fbn_grad_sums s, double count, fbn_index C, fbn_index c,
-                                       const fbn_grad_args *a, T *coef)
+ * dweight and dbias, from its sums */
+static inline void FBN_FN(grad_finish_channel)(fbn_grad_sums s, fbn_index C, fbn_index c,
+                                               const fbn_grad_args *a, T *coef)
 {
     const double gamma = a->weight == NULL ? 1.0 : (double)((const T *)a->weight)[c];
     double dweight, dbias;
-    FBN_FN(grad_coefficients)(s, count, ((const T *)a->mean)[c], ((const T *)a->shift)[c],
-                              ((const T *)a->invstd)[c], gamma, &coef[c], &coef[C + c],
+    FBN_FN(grad_coefficients)(s, ((const T *)a->invstd)[c], gamma, &coef[c], &coef[C + c],
                               &coef[2 * C + c], &coef[3 * C + c], &coef[4 * C + c], &dweight,
                               &dbias);
     ((T *)a->dweight)[c] = (T)dweight;
     ((T *)a->dbias)[c] = (T)dbias;
 }
 
+static void FBN_FN(grad_finish)(fbn_grad_sums s, fbn_index C, fbn_index c,
+                                const fbn_grad_args *a, void *coef)
+{
+    FBN_FN(grad_finish_channel)(s, C, c, a, (T *)coef);
+}
+
+/* Each channel's dy shift q[c]: its first value of g = dy * act'(y) (g = dy without fusion),
+ * so that an offset in dy costs no digits; every chunk sums g - q around it. After relu or
+ * leaky_relu, g is (near) zero wherever y <= 0, and a shift away from zero would add
+ * count * |q| to the sums' rounding: q = 0 there. */
+static void FBN_FN(grad_shifts)(const void *dyv, fbn_index C, fbn_index len,
+                                const fbn_grad_args *a, void *qv)
+{
+    const S *dy = (const S *)dyv, *y = (const S *)a->y;
+    T *q = (T *)qv;
+    for (fbn_index c = 0; c < C; ++c) {
+        const fbn_index first = c * len;        /* position 0 of channel c, in either family */
+        if (a->activation == FBN_ACT_RELU || a->activation == FBN_ACT_LEAKY_RELU)
+            q[c] = 0;
+        else if (a->grad == NULL)
+            q[c] = LOAD(dy[first]);
+        else
+            q[c] = FBN_FN(act_grad_value)(LOAD(dy[first]), y == NULL ? (T)0 : LOAD(y[first]),
+                                          a->activation, (T)a->negative_slope);
+    }
+}
+
 /* The channels-first backward of channels [c0, c1), each of them whole (count positions, runs
  * of len values C*len apart), a group small enough to stay in cache: every channel's sums
  * (into sums[c]), then every channel's coefficients, dweight and dbias (their latency chains
  * overlap across the group), then every channel's dx. One call per group: per-channel calls
- * through the dispatcher and the Cython around them took as long as the sums of a 49-value
- * channel. */
-FBN_DISPATCH static void FBN_FN(backward_group)(const T *dy, const T *x, T *dx, fbn_index C,
-                                                fbn_index len, fbn_index count, fbn_index c0,
-                                                fbn_index c1, const fbn_grad_args *a,
-                                                fbn_grad_sums *FBN_RESTRICT sums,
-                                                T *FBN_RESTRICT coef, int stream)
+ * through the dispatcher cost as much as a short channel's sums. */
+FBN_DISPATCH static void FBN_FN(backward_group)(const void *dyv, const void *xv, void *dxv,
+                                                fbn_index C, fbn_index len, fbn_index count,
+                                                fbn_index c0, fbn_index c1,
+                                                const fbn_grad_args *a,
+                                                fbn_grad_sums *FBN_RESTRICT sums, void *coef_v,
+                                                int stream)
 {
-    const T *mean = (const T *)a->mean, *shift = (const T *)a->shift, *y = (const T *)a->y;
-    T *grad = (T *)a->grad;
+    const S *dy = (const S *)dyv, *x = (const S *)xv, *y = (const S *)a->y;
+    S *dx = (S *)dxv, *grad = (S *)a->grad;
+    T *FBN_RESTRICT coef = (T *)coef_v;
+    const T *mean = (const T *)a->mean, *shift = (const T *)a->shift;
     const T slope = (T)a->negative_slope;
-    const T *g = grad == NULL ? dy : grad;     /* the dx pass reads what the sums pass wrote */
+    const S *g = grad == NULL ? dy : grad;     /* the dx pass reads what the sums pass wrote */
     for (fbn_index c = c0; c < c1; ++c) {
         const fbn_index first = c * len;
         sums[c] = FBN_FN(grad_sums_range)(dy + first, x + first, C * len, len, 0, count,
@@ -962,7 +1166,7 @@ FBN_DISPATCH static void FBN_FN(backward_group)(const T *dy, const T *x, T *dx, 
                                           grad == NULL ? NULL : grad + first, a->activation,
                                           slope);
     }
-    for (fbn_index c = c0; c < c1; ++c) FBN_FN(grad_finish)(sums[c], (double)count, C, c, a, coef);
+    for (fbn_index c = c0; c < c1; ++c) FBN_FN(grad_finish_channel)(sums[c], C, c, a, coef);
     for (fbn_index c = c0; c < c1; ++c) {
         const fbn_index first = c * len;
         FBN_FN(grad_input_range)(g + first, x + first, dx + first, C * len, len, 0, count,
@@ -971,4 +1175,37 @@ FBN_DISPATCH static void FBN_FN(backward_group)(const T *dy, const T *x, T *dx, 
     }
 }
 
+/* The table of this storage type's kernels */
+#define FBN_STRING2(x) #x
+#define FBN_STRING(x) FBN_STRING2(x)
+static const fbn_kernel_table FBN_FN(kernels) = {
+    FBN_STRING(FBN_SUFFIX),
+    sizeof(S),
+    sizeof(T),
+    FBN_FN(moments_channel),
+    FBN_FN(moments_rows),
+    FBN_FN(grad_shifts),
+    FBN_FN(grad_sums_channel),
+    FBN_FN(grad_sums_rows),
+    FBN_FN(train_finish),
+    FBN_FN(infer_coefficients),
+    FBN_FN(grad_finish),
+    FBN_FN(normalize_span),
+    FBN_FN(normalize_rows),
+    FBN_FN(grad_input_span),
+    FBN_FN(grad_input_rows),
+    FBN_FN(train_group),
+    FBN_FN(backward_group),
+};
+
+#undef S
 #undef T
+#undef LOAD
+#undef STORE
+#undef TANH
+#undef FBN_FN
+#undef FBN_STREAMS_HERE
+#undef FBN_COMPUTE_IS_f32
+#undef FBN_COMPUTE_IS_f64
+#undef FBN_STRING
+#undef FBN_STRING2

@@ -1,0 +1,237 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The fast path: the common call, checked cheaply in C.
+
+Per-call cost matters for small tensors (edge inference is often batch 1). These functions
+take the common call -- C-contiguous ndarrays of a storage dtype, per-channel arrays of its
+compute dtype, a plain float eps/momentum, out= absent, the input itself, or a C-contiguous
+array that does not overlap the inputs; in the forward, a residual of the same kind that out
+does not overlap and a known activation -- with cheap C-level checks, and return None for
+anything else. The checks read the rule definitions of fastbn._rules (ranges, dtypes,
+activation names, the least count for training), so they accept only calls that
+fastbn._api's full checks would pass unchanged; _api owns the error messages and the
+conversions.
+"""
+cimport numpy as cnp
+
+from fastbn._kernels cimport forward_train, forward_infer, backward
+from fastbn._outputs cimport new_array
+from fastbn import _rules
+from fastbn.activations import ACTIVATIONS
+
+cnp.import_array()
+
+# The rules, as C values
+cdef double EPS_LOW = _rules.EPS.low, EPS_HIGH = _rules.EPS.high
+cdef double MOMENTUM_LOW = _rules.MOMENTUM.low, MOMENTUM_HIGH = _rules.MOMENTUM.high
+cdef double SLOPE_LOW = _rules.NEGATIVE_SLOPE.low, SLOPE_HIGH = _rules.NEGATIVE_SLOPE.high
+cdef Py_ssize_t MIN_TRAIN_COUNT = _rules.MIN_TRAIN_COUNT
+cdef dict ACTIVATION_CODES = {name: a.code for name, a in ACTIVATIONS.items()}
+
+cdef enum:
+    MAX_STORAGE_TYPES = 16
+cdef int _ndtypes = 0
+cdef int _storage_typenums[MAX_STORAGE_TYPES]
+cdef int _compute_typenums[MAX_STORAGE_TYPES]
+for _dtype in _rules.DATA_DTYPES:
+    _storage_typenums[_ndtypes] = _dtype.num
+    _compute_typenums[_ndtypes] = _rules.compute_dtype(_dtype).num
+    _ndtypes += 1
+
+
+cdef inline int compute_typenum(int typenum) noexcept:
+    """The compute dtype's number for a storage dtype's, -1 if it is none of them."""
+    cdef int k
+    for k in range(_ndtypes):
+        if _storage_typenums[k] == typenum:
+            return _compute_typenums[k]
+    return -1
+
+
+cdef inline bint plain_array(object a, int typenum):
+    """a is an exact ndarray of typenum, native byte order, C-contiguous."""
+    return (cnp.PyArray_CheckExact(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a)
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a))
+
+
+cdef inline bint channel_vector(object v, int typenum, Py_ssize_t C, bint optional):
+    if v is None:
+        return optional
+    return (plain_array(v, typenum) and cnp.PyArray_NDIM(<cnp.ndarray>v) == 1
+            and cnp.PyArray_DIM(<cnp.ndarray>v, 0) == C)
+
+
+cdef inline int typenum_of(object x):
+    """x's type number if x is a plain array of a storage dtype, ndim >= 2, else -1."""
+    if not cnp.PyArray_CheckExact(x):
+        return -1
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    cdef int t = cnp.PyArray_TYPE(a)
+    if (compute_typenum(t) < 0 or cnp.PyArray_NDIM(a) < 2
+            or not cnp.PyArray_ISNOTSWAPPED(a) or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+            or cnp.PyArray_SIZE(a) == 0):
+        return -1
+    return t
+
+
+cdef inline int plain_axis(object axis, int ndim):
+    """axis as 0..ndim-1 if it is a plain int in range, else -1."""
+    if type(axis) is not int:
+        return -1
+    cdef long a = axis
+    if a < -ndim or a >= ndim:
+        return -1
+    return a + ndim if a < 0 else a
+
+
+cdef inline bint plain_float(object v, double low, double high):
+    return type(v) is float and low <= <double>v <= high
+
+
+cdef inline void outer_inner(cnp.ndarray x, int axis, Py_ssize_t *outer,
+                             Py_ssize_t *inner) noexcept:
+    """The canonical view's outer and inner sizes of a C-contiguous x (the entries plan)."""
+    cdef int i
+    outer[0] = inner[0] = 1
+    for i in range(axis):
+        outer[0] *= cnp.PyArray_DIM(x, i)
+    for i in range(axis + 1, cnp.PyArray_NDIM(x)):
+        inner[0] *= cnp.PyArray_DIM(x, i)
+
+
+cdef inline bint disjoint(cnp.ndarray a, cnp.ndarray b):
+    """No byte of C-contiguous a lies in b."""
+    cdef char *pa = <char *>cnp.PyArray_DATA(a)
+    cdef char *pb = <char *>cnp.PyArray_DATA(b)
+    return pa + cnp.PyArray_NBYTES(a) <= pb or pb + cnp.PyArray_NBYTES(b) <= pa
+
+
+cdef inline bint plain_out(object out, cnp.ndarray x, int typenum):
+    """out is None, or a writeable plain array like x that is x itself or does not overlap it."""
+    if out is None:
+        return True
+    if not (plain_array(out, typenum) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
+            and cnp.PyArray_SAMESHAPE(<cnp.ndarray>out, x)):
+        return False
+    return out is x or disjoint(<cnp.ndarray>out, x)
+
+
+cdef inline bint plain_fusion(object residual, object activation, object negative_slope,
+                              cnp.ndarray x, object out, int typenum, int *act, double *slope):
+    """residual is None, or a plain array like x that out does not overlap; activation is
+    None or a name in the registry; negative_slope is a float in its range. The kernel's
+    activation code and slope go to act and slope."""
+    if residual is not None:
+        if not (plain_array(residual, typenum)
+                and cnp.PyArray_SAMESHAPE(<cnp.ndarray>residual, x)):
+            return False
+        if out is not None and not disjoint(<cnp.ndarray>out, <cnp.ndarray>residual):
+            return False
+    if activation is not None and (type(activation) is not str
+                                   or activation not in ACTIVATION_CODES):
+        return False
+    if not plain_float(negative_slope, SLOPE_LOW, SLOPE_HIGH):
+        return False
+    act[0] = ACTIVATION_CODES[activation]
+    slope[0] = <double>negative_slope
+    return True
+
+
+cdef inline cnp.ndarray output_for(cnp.ndarray x, object out):
+    """out, or a new array like x."""
+    if out is not None:
+        return <cnp.ndarray>out
+    return new_array(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x),
+                     cnp.PyArray_ITEMSIZE(x))
+
+
+cdef int plain_call(object x, object axis, object out, int *typenum):
+    """The channel axis (0..ndim-1) when x, axis and out take the common form, else -1;
+    x's type number goes to typenum."""
+    cdef int t = typenum_of(x)
+    if t < 0 or not plain_out(out, <cnp.ndarray>x, t):
+        return -1
+    typenum[0] = t
+    return plain_axis(axis, cnp.PyArray_NDIM(<cnp.ndarray>x))
+
+
+def infer_common(x, running_mean, running_var, weight, bias, eps, axis, out, residual,
+                 activation, negative_slope):
+    cdef int t, act
+    cdef double slope
+    cdef int ax = plain_call(x, axis, out, &t)
+    if ax < 0:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef Py_ssize_t C = cnp.PyArray_DIM(xa, ax)
+    cdef int s = compute_typenum(t)
+    if not (channel_vector(running_mean, s, C, False) and channel_vector(running_var, s, C, False)
+            and channel_vector(weight, s, C, True) and channel_vector(bias, s, C, True)
+            and plain_float(eps, EPS_LOW, EPS_HIGH)
+            and plain_fusion(residual, activation, negative_slope, xa, out, t, &act, &slope)):
+        return None
+    cdef Py_ssize_t outer, inner
+    outer_inner(xa, ax, &outer, &inner)
+    cdef cnp.ndarray y = output_for(xa, out)
+    forward_infer(xa, y, outer, C, inner, running_mean, running_var, weight, bias, eps,
+                  residual, act, slope)
+    return y
+
+
+def train_common(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
+                 residual, activation, negative_slope):
+    cdef int t, act
+    cdef double slope
+    cdef int ax = plain_call(x, axis, out, &t)
+    if ax < 0:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef Py_ssize_t C = cnp.PyArray_DIM(xa, ax)
+    cdef int s = compute_typenum(t)
+    if not (channel_vector(weight, s, C, True) and channel_vector(bias, s, C, True)
+            and plain_float(eps, EPS_LOW, EPS_HIGH)
+            and plain_float(momentum, MOMENTUM_LOW, MOMENTUM_HIGH)
+            and plain_fusion(residual, activation, negative_slope, xa, out, t, &act, &slope)):
+        return None
+    if (running_mean is None) != (running_var is None):
+        return None
+    if running_mean is not None and not (
+            channel_vector(running_mean, s, C, False) and channel_vector(running_var, s, C, False)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var)):
+        return None
+    cdef Py_ssize_t outer, inner
+    outer_inner(xa, ax, &outer, &inner)
+    if outer * inner < MIN_TRAIN_COUNT:       # _api raises the error
+        return None
+    cdef cnp.ndarray y = output_for(xa, out)
+    cdef cnp.npy_intp c_dim = C
+    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &c_dim, s, 0)
+    cdef cnp.ndarray invstd = cnp.PyArray_EMPTY(1, &c_dim, s, 0)
+    forward_train(xa, y, outer, C, inner, weight, bias, eps, running_mean, running_var,
+                  momentum, mean, invstd, residual, act, slope)
+    return y, mean, invstd
+
+
+def backward_common(dy, x, mean, invstd, weight, axis, out):
+    cdef int t
+    cdef int ax = plain_call(x, axis, out, &t)
+    if ax < 0 or typenum_of(dy) != t or not plain_out(out, <cnp.ndarray>dy, t):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef cnp.ndarray dya = <cnp.ndarray>dy
+    if not cnp.PyArray_SAMESHAPE(xa, dya):
+        return None
+    cdef Py_ssize_t C = cnp.PyArray_DIM(xa, ax)
+    cdef int s = compute_typenum(t)
+    if not (channel_vector(mean, s, C, False) and channel_vector(invstd, s, C, False)
+            and channel_vector(weight, s, C, True)):
+        return None
+    cdef Py_ssize_t outer, inner
+    outer_inner(xa, ax, &outer, &inner)
+    cdef cnp.ndarray dx = output_for(xa, out)
+    cdef cnp.npy_intp c_dim = C
+    cdef cnp.ndarray dweight = cnp.PyArray_EMPTY(1, &c_dim, s, 0)
+    cdef cnp.ndarray dbias = cnp.PyArray_EMPTY(1, &c_dim, s, 0)
+    backward(dya, xa, dx, outer, C, inner, mean, invstd, weight, dweight, dbias)
+    return dx, dweight, dbias

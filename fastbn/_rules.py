@@ -1,0 +1,161 @@
+"""The validation rules of fastbn's arguments, and their messages: written once.
+
+fastbn._api checks every argument with these functions before anything is written. The fast
+path (fastbn/_fastpath.pyx) takes only calls these rules accept unchanged, and reads the same
+definitions to decide that cheaply: the ranges (EPS, MOMENTUM, NEGATIVE_SLOPE), the dtypes
+(DATA_DTYPES, compute_dtype), the activation names (fastbn.activations) and MIN_TRAIN_COUNT.
+Anything the fast path declines comes here, where it gets its message.
+
+Wrong types raise TypeError, wrong shapes or values ValueError, each naming the argument.
+"""
+import math
+import numbers
+from collections import namedtuple
+
+import numpy as np
+
+from . import activations
+from ._dtypes import COMPUTE_DTYPES, STORAGE_TYPES
+
+# The storage dtypes (x, dy, residual, y, out) and, for each, the dtype of per-channel arrays
+DATA_DTYPES = tuple(np.dtype(t.dtype) for t in STORAGE_TYPES)
+_COMPUTE = {np.dtype(t.dtype): np.dtype(COMPUTE_DTYPES[t.compute]) for t in STORAGE_TYPES}
+_DTYPE_NAMES = " or ".join(str(d) for d in DATA_DTYPES)
+
+Range = namedtuple("Range", "name low high")
+EPS = Range("eps", 0.0, math.inf)
+MOMENTUM = Range("momentum", 0.0, 1.0)
+NEGATIVE_SLOPE = Range("negative_slope", -math.inf, math.inf)
+# the backward recovers leaky_relu's derivative from the sign of y
+NEGATIVE_SLOPE_BACKWARD = Range("negative_slope", 0.0, math.inf)
+
+# training needs more than one value per channel (the unbiased variance divides by n - 1)
+MIN_TRAIN_COUNT = 2
+
+AxisError = np.exceptions.AxisError
+
+
+def compute_dtype(dtype):
+    """The dtype of per-channel arrays (weight, statistics) for data of dtype."""
+    return _COMPUTE[dtype]
+
+
+def real(value, rule):
+    """value as a float in [rule.low, rule.high]; NaN fails."""
+    if type(value) is not float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{rule.name} must be a real number, got {type(value).__name__}")
+        value = float(value)
+    if not rule.low <= value <= rule.high:
+        raise ValueError(f"{rule.name} must be in [{rule.low}, {rule.high}], got {value}")
+    return value
+
+
+def data(x, name):
+    """x as an ndarray of a storage dtype in native byte order (a copy only for byte order)."""
+    if type(x) is not np.ndarray:
+        if isinstance(x, (np.ndarray, list, tuple)):
+            x = np.asarray(x)
+        else:
+            raise TypeError(f"{name} must be a numpy.ndarray of {_DTYPE_NAMES}, "
+                            f"got {type(x).__name__}")
+    dtype = x.dtype
+    if dtype in _COMPUTE:
+        return x
+    native = dtype.newbyteorder("=")
+    if native in _COMPUTE:
+        return x.astype(native)
+    hint = " (convert with .astype(np.float32))" if dtype.kind in "biuf" else ""
+    raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}, got {dtype}{hint}")
+
+
+def like_x(a, name, x):
+    """a has x's shape and dtype."""
+    if a.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of x {x.shape}, got {a.shape}")
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {a.dtype}")
+
+
+def axis(value, ndim):
+    """The channel axis as 0..ndim-1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"axis must be an int, got {type(value).__name__}")
+    if not -ndim <= value < ndim:
+        raise AxisError(int(value), ndim, "axis")
+    return int(value) % ndim
+
+
+def x_and_axis(x, axis_value):
+    """x (at least 2 dimensions) and its channel axis."""
+    x = data(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch and channels), "
+                         f"got shape {x.shape}")
+    return x, axis(axis_value, x.ndim)
+
+
+def channel_vector(v, name, C, dtype):
+    """A read-only (C,) parameter as a contiguous array of dtype (converted if needed)."""
+    if v is None:
+        return None
+    if type(v) is not np.ndarray:
+        v = np.asarray(v)
+    if v.dtype.kind != "f" or v.dtype.itemsize > 8:
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {v.dtype}")
+    if v.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},), one value per channel, got {v.shape}")
+    if v.dtype == dtype and v.flags.c_contiguous:
+        return v
+    return np.ascontiguousarray(v, dtype=dtype)
+
+
+def running_stat(v, name, C, dtype):
+    """A running statistic that training updates in place: a writeable (C,) array of dtype."""
+    if not isinstance(v, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
+                        f"got {type(v).__name__}")
+    if v.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of x ({dtype}), got {v.dtype}")
+    if v.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},), one value per channel, got {v.shape}")
+    if not v.flags.writeable:
+        raise ValueError(f"{name} is read-only, but training updates it in place")
+    if v.strides[0] % v.itemsize:
+        raise ValueError(f"{name} must have a stride that is a multiple of its item size")
+    return v
+
+
+def out_array(out, x, name="out"):
+    """out (None, or a writeable array of x's shape and dtype)."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    like_x(out, name, x)
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return out
+
+
+def companion(a, name, x):
+    """An array read alongside x (residual, y): x's shape and dtype."""
+    if a is None:
+        return None
+    a = data(a, name)
+    like_x(a, name, x)
+    return a
+
+
+def activation(name, negative_slope):
+    """(kernel code, slope) of an activation name."""
+    return activations.get(name).code, real(negative_slope, NEGATIVE_SLOPE)
+
+
+def train_count(x, axis_value, C):
+    """Values per channel, which training needs more than one of."""
+    count = x.size // C if C else 0
+    if 0 < count < MIN_TRAIN_COUNT:
+        raise ValueError(f"Expected more than 1 value per channel when training, "
+                         f"got x of shape {x.shape} with channels on axis {axis_value}")
+    return count
