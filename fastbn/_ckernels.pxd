@@ -83,13 +83,13 @@ cdef extern from "fastbn/kernels.h" nogil:
                                fbn_index r1, fbn_index block_rows, int step,
                                const fbn_grad_args *a, double *part,
                                double *scratch) noexcept nogil
-        void (*train_finish)(fbn_moments m, fbn_index C, fbn_index c, const fbn_train_args *a,
-                             void *coef) noexcept nogil
+        void (*train_finish)(const double *moments, fbn_index C, fbn_index c0, fbn_index c1,
+                             const fbn_train_args *a, void *coef) noexcept nogil
         int (*infer_coefficients)(fbn_index C, const void *running_mean,
                                   const void *running_var, const void *weight,
                                   const void *bias, double eps, void *coef) noexcept nogil
-        void (*grad_finish)(fbn_grad_sums s, fbn_index C, fbn_index c, const fbn_grad_args *a,
-                            void *coef) noexcept nogil
+        void (*grad_finish)(const double *sums, fbn_index C, fbn_index c0, fbn_index c1,
+                            const fbn_grad_args *a, void *coef) noexcept nogil
         void (*normalize_span)(const void *x, const void *r, void *y, fbn_index C,
                                fbn_index len, fbn_index p0, fbn_index p1, const void *coef,
                                int act, double slope, int stream) noexcept nogil

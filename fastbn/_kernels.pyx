@@ -145,15 +145,6 @@ cdef void merge_moments_range(double *parts, Py_ssize_t K, Py_ssize_t C, Py_ssiz
         fbn_moments_merge_units(parts, chunk_part(parts, k, FBN_MOMENT_FIELDS, C), C, c0, c1)
 
 
-cdef void finish_train_range(const fbn_kernel_table *kern, const double *merged, Py_ssize_t C,
-                             Py_ssize_t c0, Py_ssize_t c1, const fbn_train_args *a,
-                             void *coef) noexcept nogil:
-    """Finish stage: channels [c0, c1)' coefficients, saved and running statistics."""
-    cdef Py_ssize_t c
-    for c in range(c0, c1):
-        kern.train_finish(fbn_moments_get(merged, C, c), C, c, a, coef)
-
-
 cdef void normalize_part(const fbn_kernel_table *kern, const void *x, void *y, const Plan *p,
                          const void *coef, const Epilogue *ep, Py_ssize_t t,
                          Py_ssize_t nparts) noexcept nogil:
@@ -193,15 +184,6 @@ cdef void merge_grad_range(double *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t
     cdef Py_ssize_t k
     for k in range(1, K):
         fbn_grad_merge_units(parts, chunk_part(parts, k, FBN_GRAD_FIELDS, C), C, c0, c1)
-
-
-cdef void finish_grad_range(const fbn_kernel_table *kern, const double *merged, Py_ssize_t C,
-                            Py_ssize_t c0, Py_ssize_t c1, const fbn_grad_args *a,
-                            void *coef) noexcept nogil:
-    """Finish stage: channels [c0, c1)' gradient coefficients, dweight and dbias."""
-    cdef Py_ssize_t c
-    for c in range(c0, c1):
-        kern.grad_finish(fbn_grad_get(merged, C, c), C, c, a, coef)
 
 
 cdef void grad_input_part(const fbn_kernel_table *kern, const void *g, const void *x, void *dx,
@@ -294,7 +276,7 @@ cdef int forward_train_impl(const fbn_kernel_table *kern, const void *x, void *y
             for i in prange(nmerge, schedule='static'):
                 c = i * MERGE_CHANNELS
                 merge_moments_range(w.parts, K, C, c, min(C, c + MERGE_CHANNELS))
-                finish_train_range(kern, w.parts, C, c, min(C, c + MERGE_CHANNELS), a, w.coef)
+                kern.train_finish(w.parts, C, c, min(C, c + MERGE_CHANNELS), a, w.coef)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
                 normalize_part(kern, x, y, p, w.coef, ep, t, nthreads)
@@ -359,7 +341,7 @@ cdef int backward_impl(const fbn_kernel_table *kern, const void *dy, const void 
             for i in prange(nmerge, schedule='static'):
                 c = i * MERGE_CHANNELS
                 merge_grad_range(w.parts, K, C, c, min(C, c + MERGE_CHANNELS))
-                finish_grad_range(kern, w.parts, C, c, min(C, c + MERGE_CHANNELS), &a, w.coef)
+                kern.grad_finish(w.parts, C, c, min(C, c + MERGE_CHANNELS), &a, w.coef)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
                 grad_input_part(kern, g, x, dx, p, w.coef, t, nthreads)
@@ -565,8 +547,8 @@ def finish_train_stage(cnp.ndarray part, cnp.ndarray like, weight, bias, double 
                                        save_mean, save_invstd)
     cdef cnp.ndarray coef = np.empty(FBN_NORM_COEFS * C, save_mean.dtype)
     part = np.ascontiguousarray(part, dtype=np.float64)
-    finish_train_range(kern, <const double *>cnp.PyArray_DATA(part), C, 0, C, &a,
-                       cnp.PyArray_DATA(coef))
+    kern.train_finish(<const double *>cnp.PyArray_DATA(part), C, 0, C, &a,
+                      cnp.PyArray_DATA(coef))
     return coef
 
 
@@ -627,8 +609,8 @@ def finish_grad_stage(cnp.ndarray part, cnp.ndarray like, cnp.ndarray invstd, we
                                      FBN_ACT_NONE, 0.0)
     cdef cnp.ndarray coef = np.empty(FBN_GRAD_COEFS * C, invstd.dtype)
     part = np.ascontiguousarray(part, dtype=np.float64)
-    finish_grad_range(kern, <const double *>cnp.PyArray_DATA(part), C, 0, C, &a,
-                      cnp.PyArray_DATA(coef))
+    kern.grad_finish(<const double *>cnp.PyArray_DATA(part), C, 0, C, &a,
+                     cnp.PyArray_DATA(coef))
     return coef
 
 

@@ -112,13 +112,14 @@ typedef struct {
                            fbn_index r1, fbn_index block_rows, int step,
                            const fbn_grad_args *a, double *part, double *scratch);
 
-    /* finish: channel c's coefficients (and the outputs in a) from its partial */
-    void (*train_finish)(fbn_moments m, fbn_index C, fbn_index c, const fbn_train_args *a,
-                         void *coef);
+    /* finish: channels [c0, c1)'s coefficients (and the outputs in a) from their partials
+     * (the partial format, C units) */
+    void (*train_finish)(const double *moments, fbn_index C, fbn_index c0, fbn_index c1,
+                         const fbn_train_args *a, void *coef);
     int (*infer_coefficients)(fbn_index C, const void *running_mean, const void *running_var,
                               const void *weight, const void *bias, double eps, void *coef);
-    void (*grad_finish)(fbn_grad_sums s, fbn_index C, fbn_index c, const fbn_grad_args *a,
-                        void *coef);
+    void (*grad_finish)(const double *sums, fbn_index C, fbn_index c0, fbn_index c1,
+                        const fbn_grad_args *a, void *coef);
 
     /* apply: y = act(normalize(x) + r) over memory [p0, p1) or rows [r0, r1) (r may be
      * NULL); dx from g (dy, or the fused sums' g) and x */

@@ -629,14 +629,13 @@ FBN_SEGMENT void FBN_FN(normalize_span_plain)(const S *x, S *y, fbn_index C, fbn
 }
 
 /* y = act(normalize(x) + r) over memory [p0, p1); r may be NULL, act FBN_ACT_NONE */
-FBN_DISPATCH static void FBN_FN(normalize_span)(const void *xv, const void *rv, void *yv,
-                                                fbn_index C, fbn_index len, fbn_index p0,
-                                                fbn_index p1, const void *coef, int act,
-                                                double slope, int stream)
+FBN_DISPATCH static void FBN_FN(normalize_span_kernel)(const S *x, const S *r, S *y, fbn_index C,
+                                                       fbn_index len, fbn_index p0,
+                                                       fbn_index p1, const T *FBN_RESTRICT hi,
+                                                       const T *FBN_RESTRICT scale,
+                                                       const T *FBN_RESTRICT offset, int act,
+                                                       T slope, int stream)
 {
-    const S *x = (const S *)xv, *r = (const S *)rv;
-    S *y = (S *)yv;
-    const T *hi = (const T *)coef, *scale = hi + C, *offset = hi + 2 * C;
     if (r == NULL && act == FBN_ACT_NONE) {
         FBN_FN(normalize_span_plain)(x, y, C, len, p0, p1, stream, hi, scale, offset);
         return;
@@ -644,17 +643,28 @@ FBN_DISPATCH static void FBN_FN(normalize_span)(const void *xv, const void *rv, 
     for (fbn_index b = p0; b < p1; b += FBN_FUSED_BLOCK) {
         const fbn_index end = p1 - b < FBN_FUSED_BLOCK ? p1 : b + FBN_FUSED_BLOCK;
         FBN_FN(normalize_span_plain)(x, y, C, len, b, end, 0, hi, scale, offset);
-        FBN_FN(epilogue_segment)(y + b, r != NULL ? r + b : NULL, end - b, act, (T)slope);
+        FBN_FN(epilogue_segment)(y + b, r != NULL ? r + b : NULL, end - b, act, slope);
     }
+}
+
+static void FBN_FN(normalize_span)(const void *x, const void *r, void *y, fbn_index C,
+                                   fbn_index len, fbn_index p0, fbn_index p1, const void *coef,
+                                   int act, double slope, int stream)
+{
+    const T *hi = (const T *)coef;
+    FBN_FN(normalize_span_kernel)((const S *)x, (const S *)r, (S *)y, C, len, p0, p1, hi,
+                                  hi + C, hi + 2 * C, act, (T)slope, stream);
 }
 
 /* dx over memory [p0, p1), streaming stores if stream (a literal) */
 FBN_SEGMENT void FBN_FN(grad_input_span_walk)(const S *dy, const S *x, S *dx, fbn_index C,
                                               fbn_index len, fbn_index p0, fbn_index p1,
-                                              const T *FBN_RESTRICT coef, int stream)
+                                              const T *FBN_RESTRICT h,
+                                              const T *FBN_RESTRICT g,
+                                              const T *FBN_RESTRICT k_dy,
+                                              const T *FBN_RESTRICT k_xc,
+                                              const T *FBN_RESTRICT k_0, int stream)
 {
-    const T *h = coef, *g = coef + C, *k_dy = coef + 2 * C, *k_xc = coef + 3 * C;
-    const T *k_0 = coef + 4 * C;
     for (fbn_span_walk w = fbn_span_walk_begin(p0, p1, C, len); fbn_span_walk_next(&w);) {
         const fbn_index c = w.channel;
         FBN_FN(grad_input_store)(dy + w.first, x + w.first, dx + w.first, w.n, h[c], g[c],
@@ -663,16 +673,28 @@ FBN_SEGMENT void FBN_FN(grad_input_span_walk)(const S *dy, const S *x, S *dx, fb
     if (stream) fbn_stream_fence();
 }
 
-FBN_DISPATCH static void FBN_FN(grad_input_span)(const void *dy, const void *x, void *dx,
-                                                 fbn_index C, fbn_index len, fbn_index p0,
-                                                 fbn_index p1, const void *coef, int stream)
+FBN_DISPATCH static void FBN_FN(grad_input_span_kernel)(const S *dy, const S *x, S *dx,
+                                                        fbn_index C, fbn_index len,
+                                                        fbn_index p0, fbn_index p1,
+                                                        const T *FBN_RESTRICT h,
+                                                        const T *FBN_RESTRICT g,
+                                                        const T *FBN_RESTRICT k_dy,
+                                                        const T *FBN_RESTRICT k_xc,
+                                                        const T *FBN_RESTRICT k_0, int stream)
 {
     if (stream)
-        FBN_FN(grad_input_span_walk)((const S *)dy, (const S *)x, (S *)dx, C, len, p0, p1,
-                                     (const T *)coef, 1);
+        FBN_FN(grad_input_span_walk)(dy, x, dx, C, len, p0, p1, h, g, k_dy, k_xc, k_0, 1);
     else
-        FBN_FN(grad_input_span_walk)((const S *)dy, (const S *)x, (S *)dx, C, len, p0, p1,
-                                     (const T *)coef, 0);
+        FBN_FN(grad_input_span_walk)(dy, x, dx, C, len, p0, p1, h, g, k_dy, k_xc, k_0, 0);
+}
+
+static void FBN_FN(grad_input_span)(const void *dy, const void *x, void *dx, fbn_index C,
+                                    fbn_index len, fbn_index p0, fbn_index p1, const void *coef,
+                                    int stream)
+{
+    const T *h = (const T *)coef;
+    FBN_FN(grad_input_span_kernel)((const S *)dy, (const S *)x, (S *)dx, C, len, p0, p1, h,
+                                   h + C, h + 2 * C, h + 3 * C, h + 4 * C, stream);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -780,15 +802,13 @@ FBN_SEGMENT void FBN_FN(normalize_rows_plain)(const S *x, S *y, fbn_index nrows,
 /* y = act(normalize(x) + r) over nrows x C rows; r may be NULL, act FBN_ACT_NONE. stream:
  * the plain op streams its stores; a fused one does not, as its epilogue reads each block
  * back from L1. */
-FBN_DISPATCH static void FBN_FN(normalize_rows)(const void *xv, const void *rv, void *yv,
-                                                fbn_index C, fbn_index r0, fbn_index r1,
-                                                int step, const void *coef, int act,
-                                                double slope, int stream)
+FBN_DISPATCH static void FBN_FN(normalize_rows_kernel)(const S *x, const S *r, S *y,
+                                                       fbn_index nrows, fbn_index C, int step,
+                                                       const T *FBN_RESTRICT hi,
+                                                       const T *FBN_RESTRICT scale,
+                                                       const T *FBN_RESTRICT offset, int act,
+                                                       T slope, int stream)
 {
-    const fbn_index nrows = r1 - r0;
-    const S *x = (const S *)xv + r0 * C, *r = rv == NULL ? NULL : (const S *)rv + r0 * C;
-    S *y = (S *)yv + r0 * C;
-    const T *hi = (const T *)coef, *scale = hi + C, *offset = hi + 2 * C;
     if (r == NULL && act == FBN_ACT_NONE) {
         FBN_FN(normalize_rows_plain)(x, y, nrows, C, step, stream, hi, scale, offset);
         return;
@@ -797,8 +817,20 @@ FBN_DISPATCH static void FBN_FN(normalize_rows)(const void *xv, const void *rv, 
     for (fbn_index b = 0; b < nrows; b += block) {
         const fbn_index n = nrows - b < block ? nrows - b : block;
         FBN_FN(normalize_rows_plain)(x + b * C, y + b * C, n, C, step, 0, hi, scale, offset);
-        FBN_FN(epilogue_segment)(y + b * C, r != NULL ? r + b * C : NULL, n * C, act, (T)slope);
+        FBN_FN(epilogue_segment)(y + b * C, r != NULL ? r + b * C : NULL, n * C, act, slope);
     }
+}
+
+static void FBN_FN(normalize_rows)(const void *x, const void *r, void *y, fbn_index C,
+                                   fbn_index r0, fbn_index r1, int step, const void *coef,
+                                   int act, double slope, int stream)
+{
+    const fbn_index first = r0 * C;
+    const T *hi = (const T *)coef;
+    FBN_FN(normalize_rows_kernel)((const S *)x + first,
+                                  r == NULL ? NULL : (const S *)r + first, (S *)y + first,
+                                  r1 - r0, C, step, hi, hi + C, hi + 2 * C, act, (T)slope,
+                                  stream);
 }
 
 /* Gradient sums of an nrows x C block around the shifts m and q (C each); writes C-length
@@ -842,18 +874,14 @@ FBN_SEGMENT void FBN_FN(grad_sums_rows_block)(const S *dy, const S *x, fbn_index
 }
 
 /* grad_input_segment over nrows x C channels-last rows, with C-length coefficient vectors */
-FBN_DISPATCH static void FBN_FN(grad_input_rows)(const void *dyv, const void *xv, void *dxv,
-                                                 fbn_index C, fbn_index r0, fbn_index r1,
-                                                 int step, const void *coef, int stream)
+FBN_DISPATCH static void FBN_FN(grad_input_rows_kernel)(const S *dy, const S *x, S *dx,
+                                                        fbn_index nrows, fbn_index C, int step,
+                                                        const T *FBN_RESTRICT h,
+                                                        const T *FBN_RESTRICT g,
+                                                        const T *FBN_RESTRICT k_dy,
+                                                        const T *FBN_RESTRICT k_xc,
+                                                        const T *FBN_RESTRICT k_0, int stream)
 {
-    const fbn_index nrows = r1 - r0;
-    const S *dy = (const S *)dyv + r0 * C, *x = (const S *)xv + r0 * C;
-    S *dx = (S *)dxv + r0 * C;
-    const T *FBN_RESTRICT h = (const T *)coef;
-    const T *FBN_RESTRICT g = h + C;
-    const T *FBN_RESTRICT k_dy = h + 2 * C;
-    const T *FBN_RESTRICT k_xc = h + 3 * C;
-    const T *FBN_RESTRICT k_0 = h + 4 * C;
     fbn_index r;
     for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
         const S *x0 = x + r * C, *g0 = dy + r * C;
@@ -887,15 +915,24 @@ FBN_DISPATCH static void FBN_FN(grad_input_rows)(const void *dyv, const void *xv
     }
 }
 
+static void FBN_FN(grad_input_rows)(const void *g, const void *x, void *dx, fbn_index C,
+                                    fbn_index r0, fbn_index r1, int step, const void *coef,
+                                    int stream)
+{
+    const fbn_index first = r0 * C;
+    const T *h = (const T *)coef;
+    FBN_FN(grad_input_rows_kernel)((const S *)g + first, (const S *)x + first, (S *)dx + first,
+                                   r1 - r0, C, step, h, h + C, h + 2 * C, h + 3 * C, h + 4 * C,
+                                   stream);
+}
+
 /* A chunk of channels-last rows, [r0, r1), in blocks of block_rows, each block's moments
  * merged in order, into part (4*C doubles, the partial format). scratch: 3*C. */
-FBN_DISPATCH static void FBN_FN(moments_rows)(const void *xv, fbn_index C, fbn_index r0,
-                                              fbn_index r1, fbn_index block_rows, int step,
-                                              double *FBN_RESTRICT part,
-                                              double *FBN_RESTRICT scratch)
+FBN_DISPATCH static void FBN_FN(moments_rows_kernel)(const S *x, fbn_index nrows, fbn_index C,
+                                                     fbn_index block_rows, int step,
+                                                     double *FBN_RESTRICT part,
+                                                     double *FBN_RESTRICT scratch)
 {
-    const fbn_index nrows = r1 - r0;
-    const S *x = (const S *)xv + r0 * C;
     double *shift = part + C, *dev_sum = part + 2 * C, *m2 = part + 3 * C;
     double count = 0.0;
     for (fbn_index r = 0; r < nrows; r += block_rows) {
@@ -913,24 +950,26 @@ FBN_DISPATCH static void FBN_FN(moments_rows)(const void *xv, fbn_index C, fbn_i
     for (fbn_index c = 0; c < C; ++c) part[c] = count;
 }
 
+static void FBN_FN(moments_rows)(const void *x, fbn_index C, fbn_index r0, fbn_index r1,
+                                 fbn_index block_rows, int step, double *part, double *scratch)
+{
+    FBN_FN(moments_rows_kernel)((const S *)x + r0 * C, r1 - r0, C, block_rows, step, part,
+                                scratch);
+}
+
 /* A chunk of channels-last rows, [r0, r1): block sums of the gradient around the saved
  * means and the shifts q (a->mean, a->shift), added in order into part (6*C doubles, the
  * partial format). scratch: 3*C. Fused (a->grad set), each block's g = dy * act'(y) is
  * written to a->grad first and summed instead of dy (see grad_sums_block_walk). */
-FBN_DISPATCH static void FBN_FN(grad_sums_rows)(const void *dyv, const void *xv, fbn_index C,
-                                                fbn_index r0, fbn_index r1,
-                                                fbn_index block_rows, int step,
-                                                const fbn_grad_args *a,
-                                                double *FBN_RESTRICT part,
-                                                double *FBN_RESTRICT scratch)
+FBN_DISPATCH static void FBN_FN(grad_sums_rows_kernel)(const S *dy, const S *x,
+                                                       fbn_index nrows, fbn_index C,
+                                                       fbn_index block_rows, int step,
+                                                       const T *FBN_RESTRICT m,
+                                                       const T *FBN_RESTRICT q,
+                                                       double *FBN_RESTRICT part,
+                                                       double *FBN_RESTRICT scratch,
+                                                       const S *y, S *g, int act, T slope)
 {
-    const fbn_index nrows = r1 - r0, first = r0 * C;
-    const S *dy = (const S *)dyv + first, *x = (const S *)xv + first;
-    const S *y = a->y == NULL ? NULL : (const S *)a->y + first;
-    S *g = a->grad == NULL ? NULL : (S *)a->grad + first;
-    const T *m = (const T *)a->mean, *q = (const T *)a->shift;
-    const int act = a->activation;
-    const T slope = (T)a->negative_slope;
     double *sums = part + 3 * C;     /* dy | dy_xc | xc: the fields that add */
     for (fbn_index r = 0; r < nrows; r += block_rows) {
         const fbn_index n = nrows - r < block_rows ? nrows - r : block_rows;
@@ -953,6 +992,19 @@ FBN_DISPATCH static void FBN_FN(grad_sums_rows)(const void *dyv, const void *xv,
         part[C + c] = (double)m[c];
         part[2 * C + c] = (double)q[c];
     }
+}
+
+static void FBN_FN(grad_sums_rows)(const void *dy, const void *x, fbn_index C, fbn_index r0,
+                                   fbn_index r1, fbn_index block_rows, int step,
+                                   const fbn_grad_args *a, double *part, double *scratch)
+{
+    const fbn_index first = r0 * C;
+    FBN_FN(grad_sums_rows_kernel)((const S *)dy + first, (const S *)x + first, r1 - r0, C,
+                                  block_rows, step, (const T *)a->mean, (const T *)a->shift,
+                                  part, scratch,
+                                  a->y == NULL ? NULL : (const S *)a->y + first,
+                                  a->grad == NULL ? NULL : (S *)a->grad + first,
+                                  a->activation, (T)a->negative_slope);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -986,16 +1038,12 @@ static inline double FBN_FN(train_coefficients)(fbn_moments m, double eps, doubl
  * weight or bias may be NULL (gamma = 1, beta = 0). Returns whether some running_var is
  * negative (the check rides along in the vectorized loop); the caller then raises before it
  * writes anything. */
-FBN_DISPATCH static int FBN_FN(infer_coefficients)(fbn_index C, const void *running_mean_v,
-                                                   const void *running_var_v,
-                                                   const void *weight_v, const void *bias_v,
-                                                   double eps, void *coef_v)
+FBN_DISPATCH static int FBN_FN(infer_coefficients_kernel)(fbn_index C, const T *running_mean,
+                                                          const T *running_var,
+                                                          const T *weight, const T *bias,
+                                                          double eps, T *FBN_RESTRICT coef)
 {
-    const T *running_mean = (const T *)running_mean_v, *running_var = (const T *)running_var_v;
-    const T *weight = (const T *)weight_v, *bias = (const T *)bias_v;
-    T *FBN_RESTRICT hi = (T *)coef_v;
-    T *FBN_RESTRICT scale = hi + C;
-    T *FBN_RESTRICT offset = hi + 2 * C;
+    T *hi = coef, *scale = coef + C, *offset = coef + 2 * C;
     int negative = 0;
 #pragma omp simd reduction(|:negative)
     for (fbn_index c = 0; c < C; ++c) {
@@ -1006,6 +1054,15 @@ FBN_DISPATCH static int FBN_FN(infer_coefficients)(fbn_index C, const void *runn
         offset[c] = bias == NULL ? 0 : bias[c];
     }
     return negative;
+}
+
+static int FBN_FN(infer_coefficients)(fbn_index C, const void *running_mean,
+                                      const void *running_var, const void *weight,
+                                      const void *bias, double eps, void *coef)
+{
+    return FBN_FN(infer_coefficients_kernel)(C, (const T *)running_mean, (const T *)running_var,
+                                             (const T *)weight, (const T *)bias, eps,
+                                             (T *)coef);
 }
 
 /* PyTorch's running statistics, with the unbiased variance n/(n-1) of the batch:
@@ -1036,26 +1093,25 @@ static inline void FBN_FN(train_finish_channel)(fbn_moments m, fbn_index C, fbn_
                                a->momentum);
 }
 
-static void FBN_FN(train_finish)(fbn_moments m, fbn_index C, fbn_index c,
-                                 const fbn_train_args *a, void *coef)
+/* train_finish_channel for channels [c0, c1), from their moments in the partial format */
+static void FBN_FN(train_finish)(const double *moments, fbn_index C, fbn_index c0,
+                                 fbn_index c1, const fbn_train_args *a, void *coef)
 {
-    FBN_FN(train_finish_channel)(m, C, c, a, (T *)coef);
+    for (fbn_index c = c0; c < c1; ++c)
+        FBN_FN(train_finish_channel)(fbn_moments_get(moments, C, c), C, c, a, (T *)coef);
 }
 
 /* The channels-first training forward of channels [c0, c1), each of them whole, a group small
  * enough to stay in cache (as backward_group): every channel's moments (into moments[c]),
  * then every channel's coefficients and statistics, then every channel's
  * y = act(normalize(x) + r) (r, laid out as x, may be NULL; y may be x). */
-FBN_DISPATCH static void FBN_FN(train_group)(const void *xv, const void *rv, void *yv,
-                                             fbn_index C, fbn_index len, fbn_index count,
-                                             fbn_index c0, fbn_index c1,
-                                             const fbn_train_args *a, int act, double slope,
-                                             fbn_moments *FBN_RESTRICT moments, void *coef_v,
-                                             int stream)
+FBN_DISPATCH static void FBN_FN(train_group_kernel)(const S *x, const S *r, S *y, fbn_index C,
+                                                    fbn_index len, fbn_index count,
+                                                    fbn_index c0, fbn_index c1,
+                                                    const fbn_train_args *a, int act, T slope,
+                                                    fbn_moments *FBN_RESTRICT moments,
+                                                    T *FBN_RESTRICT coef, int stream)
 {
-    const S *x = (const S *)xv, *r = (const S *)rv;
-    S *y = (S *)yv;
-    T *FBN_RESTRICT coef = (T *)coef_v;
     for (fbn_index c = c0; c < c1; ++c)
         moments[c] = FBN_FN(moments_range)(x + c * len, C * len, len, 0, count);
     for (fbn_index c = c0; c < c1; ++c) FBN_FN(train_finish_channel)(moments[c], C, c, a, coef);
@@ -1063,8 +1119,17 @@ FBN_DISPATCH static void FBN_FN(train_group)(const void *xv, const void *rv, voi
         const fbn_index first = c * len;
         FBN_FN(normalize_range)(x + first, r == NULL ? NULL : r + first, y + first, C * len,
                                 len, 0, count, coef[c], coef[C + c], coef[2 * C + c], act,
-                                (T)slope, stream);
+                                slope, stream);
     }
+}
+
+static void FBN_FN(train_group)(const void *x, const void *r, void *y, fbn_index C,
+                                fbn_index len, fbn_index count, fbn_index c0, fbn_index c1,
+                                const fbn_train_args *a, int act, double slope,
+                                fbn_moments *moments, void *coef, int stream)
+{
+    FBN_FN(train_group_kernel)((const S *)x, (const S *)r, (S *)y, C, len, count, c0, c1, a,
+                               act, (T)slope, moments, (T *)coef, stream);
 }
 
 /* Backward of y = (x - mu) * invstd * gamma + beta with batch statistics, per channel, from
@@ -1114,10 +1179,12 @@ static inline void FBN_FN(grad_finish_channel)(fbn_grad_sums s, fbn_index C, fbn
     ((T *)a->dbias)[c] = (T)dbias;
 }
 
-static void FBN_FN(grad_finish)(fbn_grad_sums s, fbn_index C, fbn_index c,
+/* grad_finish_channel for channels [c0, c1), from their sums in the partial format */
+static void FBN_FN(grad_finish)(const double *sums, fbn_index C, fbn_index c0, fbn_index c1,
                                 const fbn_grad_args *a, void *coef)
 {
-    FBN_FN(grad_finish_channel)(s, C, c, a, (T *)coef);
+    for (fbn_index c = c0; c < c1; ++c)
+        FBN_FN(grad_finish_channel)(fbn_grad_get(sums, C, c), C, c, a, (T *)coef);
 }
 
 /* Each channel's dy shift q[c]: its first value of g = dy * act'(y) (g = dy without fusion),
@@ -1146,16 +1213,15 @@ static void FBN_FN(grad_shifts)(const void *dyv, fbn_index C, fbn_index len,
  * (into sums[c]), then every channel's coefficients, dweight and dbias (their latency chains
  * overlap across the group), then every channel's dx. One call per group: per-channel calls
  * through the dispatcher cost as much as a short channel's sums. */
-FBN_DISPATCH static void FBN_FN(backward_group)(const void *dyv, const void *xv, void *dxv,
-                                                fbn_index C, fbn_index len, fbn_index count,
-                                                fbn_index c0, fbn_index c1,
-                                                const fbn_grad_args *a,
-                                                fbn_grad_sums *FBN_RESTRICT sums, void *coef_v,
-                                                int stream)
+FBN_DISPATCH static void FBN_FN(backward_group_kernel)(const S *dy, const S *x, S *dx,
+                                                       fbn_index C, fbn_index len,
+                                                       fbn_index count, fbn_index c0,
+                                                       fbn_index c1, const fbn_grad_args *a,
+                                                       fbn_grad_sums *FBN_RESTRICT sums,
+                                                       T *FBN_RESTRICT coef, int stream)
 {
-    const S *dy = (const S *)dyv, *x = (const S *)xv, *y = (const S *)a->y;
-    S *dx = (S *)dxv, *grad = (S *)a->grad;
-    T *FBN_RESTRICT coef = (T *)coef_v;
+    const S *y = (const S *)a->y;
+    S *grad = (S *)a->grad;
     const T *mean = (const T *)a->mean, *shift = (const T *)a->shift;
     const T slope = (T)a->negative_slope;
     const S *g = grad == NULL ? dy : grad;     /* the dx pass reads what the sums pass wrote */
@@ -1173,6 +1239,15 @@ FBN_DISPATCH static void FBN_FN(backward_group)(const void *dyv, const void *xv,
                                  coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c],
                                  coef[4 * C + c], stream);
     }
+}
+
+static void FBN_FN(backward_group)(const void *dy, const void *x, void *dx, fbn_index C,
+                                   fbn_index len, fbn_index count, fbn_index c0, fbn_index c1,
+                                   const fbn_grad_args *a, fbn_grad_sums *sums, void *coef,
+                                   int stream)
+{
+    FBN_FN(backward_group_kernel)((const S *)dy, (const S *)x, (S *)dx, C, len, count, c0, c1,
+                                  a, sums, (T *)coef, stream);
 }
 
 /* The table of this storage type's kernels */
