@@ -84,12 +84,12 @@ cdef extern from "fastbn/kernels.h" nogil:
                                const fbn_grad_args *a, double *part,
                                double *scratch) noexcept nogil
         void (*train_finish)(const double *moments, fbn_index C, fbn_index c0, fbn_index c1,
-                             const fbn_train_args *a, void *coef) noexcept nogil
+                             const fbn_train_args *a, void *coef, int grouped) noexcept nogil
         int (*infer_coefficients)(fbn_index C, const void *running_mean,
                                   const void *running_var, const void *weight,
                                   const void *bias, double eps, void *coef) noexcept nogil
         void (*grad_finish)(const double *sums, fbn_index C, fbn_index c0, fbn_index c1,
-                            const fbn_grad_args *a, void *coef) noexcept nogil
+                            const fbn_grad_args *a, void *coef, int grouped) noexcept nogil
         void (*normalize_span)(const void *x, const void *r, void *y, fbn_index C,
                                fbn_index len, fbn_index p0, fbn_index p1, const void *coef,
                                int act, double slope, int stream) noexcept nogil
@@ -102,6 +102,13 @@ cdef extern from "fastbn/kernels.h" nogil:
         void (*grad_input_rows)(const void *g, const void *x, void *dx, fbn_index C,
                                 fbn_index r0, fbn_index r1, int step, const void *coef,
                                 int stream) noexcept nogil
+        void (*normalize_channels)(const void *x, const void *r, void *y, fbn_index C,
+                                   fbn_index len, fbn_index count, fbn_index c0, fbn_index c1,
+                                   const void *coef, int act, double slope,
+                                   int stream) noexcept nogil
+        void (*grad_input_channels)(const void *g, const void *x, void *dx, fbn_index C,
+                                    fbn_index len, fbn_index count, fbn_index c0, fbn_index c1,
+                                    const void *coef, int stream) noexcept nogil
         void (*train_group)(const void *x, const void *r, void *y, fbn_index C, fbn_index len,
                             fbn_index count, fbn_index c0, fbn_index c1,
                             const fbn_train_args *a, int act, double slope,

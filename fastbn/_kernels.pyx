@@ -276,7 +276,7 @@ cdef int forward_train_impl(const fbn_kernel_table *kern, const void *x, void *y
             for i in prange(nmerge, schedule='static'):
                 c = i * MERGE_CHANNELS
                 merge_moments_range(w.parts, K, C, c, min(C, c + MERGE_CHANNELS))
-                kern.train_finish(w.parts, C, c, min(C, c + MERGE_CHANNELS), a, w.coef)
+                kern.train_finish(w.parts, C, c, min(C, c + MERGE_CHANNELS), a, w.coef, False)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
                 normalize_part(kern, x, y, p, w.coef, ep, t, nthreads)
@@ -341,7 +341,7 @@ cdef int backward_impl(const fbn_kernel_table *kern, const void *dy, const void 
             for i in prange(nmerge, schedule='static'):
                 c = i * MERGE_CHANNELS
                 merge_grad_range(w.parts, K, C, c, min(C, c + MERGE_CHANNELS))
-                kern.grad_finish(w.parts, C, c, min(C, c + MERGE_CHANNELS), &a, w.coef)
+                kern.grad_finish(w.parts, C, c, min(C, c + MERGE_CHANNELS), &a, w.coef, False)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
                 grad_input_part(kern, g, x, dx, p, w.coef, t, nthreads)
@@ -540,25 +540,32 @@ def finish_train_stage(cnp.ndarray part, cnp.ndarray like, weight, bias, double 
                        running_mean, running_var, double momentum, cnp.ndarray save_mean,
                        cnp.ndarray save_invstd):
     """(4, C) moments to the coefficients (3*C values of save_mean's dtype), the saved and
-    the running statistics, for data like `like`."""
+    the running statistics, for data like `like` ((outer, C, inner)), as its forward does."""
     cdef const fbn_kernel_table *kern = table_of(like)
     cdef Py_ssize_t C = part.shape[1]
+    cdef Plan p = make_plan(like.shape[0], C, like.shape[2], like.itemsize, OP_TRAIN)
     cdef fbn_train_args a = train_args(weight, bias, eps, running_mean, running_var, momentum,
                                        save_mean, save_invstd)
     cdef cnp.ndarray coef = np.empty(FBN_NORM_COEFS * C, save_mean.dtype)
     part = np.ascontiguousarray(part, dtype=np.float64)
     kern.train_finish(<const double *>cnp.PyArray_DATA(part), C, 0, C, &a,
-                      cnp.PyArray_DATA(coef))
+                      cnp.PyArray_DATA(coef), p.inner > 1 and p.nchunks == 1)
     return coef
 
 
 def normalize_stage(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C,
                     Py_ssize_t inner, cnp.ndarray coef, residual=None,
                     int activation=FBN_ACT_NONE, double negative_slope=0.0):
-    """y = act(normalize(x) + residual) from the coefficients."""
+    """y = act(normalize(x) + residual) from the coefficients, as the training forward applies
+    them (by whole channels where its plan groups them)."""
     cdef const fbn_kernel_table *kern = table_of(x)
     cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_TRAIN)
     cdef Epilogue ep = make_epilogue(residual, activation, negative_slope)
+    if inner > 1 and p.nchunks == 1:
+        kern.normalize_channels(cnp.PyArray_DATA(x), ep.residual, cnp.PyArray_DATA(y), C, inner,
+                                p.count, 0, C, cnp.PyArray_DATA(coef), activation,
+                                negative_slope, p.stream)
+        return
     normalize_part(kern, cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), &p, cnp.PyArray_DATA(coef),
                    &ep, 0, 1)
 
@@ -602,23 +609,29 @@ def grad_sums_stage(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t outer, Py_ssize_t 
 def finish_grad_stage(cnp.ndarray part, cnp.ndarray like, cnp.ndarray invstd, weight,
                       cnp.ndarray dweight, cnp.ndarray dbias):
     """(6, C) gradient sums to the coefficients (5*C values of invstd's dtype), dweight and
-    dbias, for data like `like`."""
+    dbias, for data like `like` ((outer, C, inner)), as its backward does."""
     cdef const fbn_kernel_table *kern = table_of(like)
     cdef Py_ssize_t C = part.shape[1]
+    cdef Plan p = make_plan(like.shape[0], C, like.shape[2], like.itemsize, OP_BACKWARD)
     cdef fbn_grad_args a = grad_args(invstd, invstd, weight, dweight, dbias, None, None,
                                      FBN_ACT_NONE, 0.0)
     cdef cnp.ndarray coef = np.empty(FBN_GRAD_COEFS * C, invstd.dtype)
     part = np.ascontiguousarray(part, dtype=np.float64)
     kern.grad_finish(<const double *>cnp.PyArray_DATA(part), C, 0, C, &a,
-                     cnp.PyArray_DATA(coef))
+                     cnp.PyArray_DATA(coef), p.inner > 1 and p.nchunks == 1)
     return coef
 
 
 def grad_input_stage(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer,
                      Py_ssize_t C, Py_ssize_t inner, cnp.ndarray coef):
-    """dx from g (dy, or the fused g) and x, and the gradient coefficients."""
+    """dx from g (dy, or the fused g) and x, and the gradient coefficients, as the backward
+    applies them (by whole channels where its plan groups them)."""
     cdef const fbn_kernel_table *kern = table_of(x)
     cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_BACKWARD)
+    if inner > 1 and p.nchunks == 1:
+        kern.grad_input_channels(cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), cnp.PyArray_DATA(dx),
+                                 C, inner, p.count, 0, C, cnp.PyArray_DATA(coef), p.stream)
+        return
     grad_input_part(kern, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), cnp.PyArray_DATA(dx), &p,
                     cnp.PyArray_DATA(coef), 0, 1)
 

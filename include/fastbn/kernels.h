@@ -113,13 +113,14 @@ typedef struct {
                            const fbn_grad_args *a, double *part, double *scratch);
 
     /* finish: channels [c0, c1)'s coefficients (and the outputs in a) from their partials
-     * (the partial format, C units) */
+     * (the partial format, C units); grouped: to the bit as the fused stages below compute
+     * them (they are compiled per instruction set, where products may contract to FMA) */
     void (*train_finish)(const double *moments, fbn_index C, fbn_index c0, fbn_index c1,
-                         const fbn_train_args *a, void *coef);
+                         const fbn_train_args *a, void *coef, int grouped);
     int (*infer_coefficients)(fbn_index C, const void *running_mean, const void *running_var,
                               const void *weight, const void *bias, double eps, void *coef);
     void (*grad_finish)(const double *sums, fbn_index C, fbn_index c0, fbn_index c1,
-                        const fbn_grad_args *a, void *coef);
+                        const fbn_grad_args *a, void *coef, int grouped);
 
     /* apply: y = act(normalize(x) + r) over memory [p0, p1) or rows [r0, r1) (r may be
      * NULL); dx from g (dy, or the fused sums' g) and x */
@@ -134,6 +135,15 @@ typedef struct {
                             int stream);
     void (*grad_input_rows)(const void *g, const void *x, void *dx, fbn_index C, fbn_index r0,
                             fbn_index r1, int step, const void *coef, int stream);
+
+    /* apply over channels [c0, c1) of a channels-first problem, whole (as the fused stages
+     * below apply them) */
+    void (*normalize_channels)(const void *x, const void *r, void *y, fbn_index C,
+                               fbn_index len, fbn_index count, fbn_index c0, fbn_index c1,
+                               const void *coef, int act, double slope, int stream);
+    void (*grad_input_channels)(const void *g, const void *x, void *dx, fbn_index C,
+                                fbn_index len, fbn_index count, fbn_index c0, fbn_index c1,
+                                const void *coef, int stream);
 
     /* fused stages over channels [c0, c1) of a channels-first problem, each whole */
     void (*train_group)(const void *x, const void *r, void *y, fbn_index C, fbn_index len,

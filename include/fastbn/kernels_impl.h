@@ -1093,10 +1093,27 @@ static inline void FBN_FN(train_finish_channel)(fbn_moments m, fbn_index C, fbn_
                                a->momentum);
 }
 
-/* train_finish_channel for channels [c0, c1), from their moments in the partial format */
-static void FBN_FN(train_finish)(const double *moments, fbn_index C, fbn_index c0,
-                                 fbn_index c1, const fbn_train_args *a, void *coef)
+/* train_finish_channel for channels [c0, c1), from their moments in the partial format, as
+ * train_group computes them: in the dispatched clone, whose instruction set may contract
+ * products to FMA */
+FBN_DISPATCH static void FBN_FN(train_finish_grouped)(const double *moments, fbn_index C,
+                                                      fbn_index c0, fbn_index c1,
+                                                      const fbn_train_args *a, T *coef)
 {
+    for (fbn_index c = c0; c < c1; ++c)
+        FBN_FN(train_finish_channel)(fbn_moments_get(moments, C, c), C, c, a, coef);
+}
+
+/* train_finish_channel for channels [c0, c1), from their moments in the partial format: as
+ * the chunked paths compute them, or (grouped) as the fused channels-first path does */
+static void FBN_FN(train_finish)(const double *moments, fbn_index C, fbn_index c0,
+                                 fbn_index c1, const fbn_train_args *a, void *coef,
+                                 int grouped)
+{
+    if (grouped) {
+        FBN_FN(train_finish_grouped)(moments, C, c0, c1, a, (T *)coef);
+        return;
+    }
     for (fbn_index c = c0; c < c1; ++c)
         FBN_FN(train_finish_channel)(fbn_moments_get(moments, C, c), C, c, a, (T *)coef);
 }
@@ -1179,10 +1196,25 @@ static inline void FBN_FN(grad_finish_channel)(fbn_grad_sums s, fbn_index C, fbn
     ((T *)a->dbias)[c] = (T)dbias;
 }
 
-/* grad_finish_channel for channels [c0, c1), from their sums in the partial format */
-static void FBN_FN(grad_finish)(const double *sums, fbn_index C, fbn_index c0, fbn_index c1,
-                                const fbn_grad_args *a, void *coef)
+/* grad_finish_channel for channels [c0, c1) as backward_group computes them (see
+ * train_finish_grouped) */
+FBN_DISPATCH static void FBN_FN(grad_finish_grouped)(const double *sums, fbn_index C,
+                                                     fbn_index c0, fbn_index c1,
+                                                     const fbn_grad_args *a, T *coef)
 {
+    for (fbn_index c = c0; c < c1; ++c)
+        FBN_FN(grad_finish_channel)(fbn_grad_get(sums, C, c), C, c, a, coef);
+}
+
+/* grad_finish_channel for channels [c0, c1), from their sums in the partial format (grouped:
+ * as train_finish) */
+static void FBN_FN(grad_finish)(const double *sums, fbn_index C, fbn_index c0, fbn_index c1,
+                                const fbn_grad_args *a, void *coef, int grouped)
+{
+    if (grouped) {
+        FBN_FN(grad_finish_grouped)(sums, C, c0, c1, a, (T *)coef);
+        return;
+    }
     for (fbn_index c = c0; c < c1; ++c)
         FBN_FN(grad_finish_channel)(fbn_grad_get(sums, C, c), C, c, a, (T *)coef);
 }
@@ -1250,6 +1282,39 @@ static void FBN_FN(backward_group)(const void *dy, const void *x, void *dx, fbn_
                                   a, sums, (T *)coef, stream);
 }
 
+/* The apply stage of the fused paths on its own: channels [c0, c1) of a channels-first
+ * problem, whole, by channel walks, as train_group and backward_group apply them */
+FBN_DISPATCH static void FBN_FN(normalize_channels)(const void *xv, const void *rv, void *yv, fbn_index C,
+                                       fbn_index len, fbn_index count, fbn_index c0,
+                                       fbn_index c1, const void *coef_v, int act,
+                                       double slope, int stream)
+{
+    const S *x = (const S *)xv, *r = (const S *)rv;
+    S *y = (S *)yv;
+    const T *coef = (const T *)coef_v;
+    for (fbn_index c = c0; c < c1; ++c) {
+        const fbn_index first = c * len;
+        FBN_FN(normalize_range)(x + first, r == NULL ? NULL : r + first, y + first, C * len,
+                                len, 0, count, coef[c], coef[C + c], coef[2 * C + c], act,
+                                (T)slope, stream);
+    }
+}
+
+FBN_DISPATCH static void FBN_FN(grad_input_channels)(const void *gv, const void *xv, void *dxv, fbn_index C,
+                                        fbn_index len, fbn_index count, fbn_index c0,
+                                        fbn_index c1, const void *coef_v, int stream)
+{
+    const S *g = (const S *)gv, *x = (const S *)xv;
+    S *dx = (S *)dxv;
+    const T *coef = (const T *)coef_v;
+    for (fbn_index c = c0; c < c1; ++c) {
+        const fbn_index first = c * len;
+        FBN_FN(grad_input_range)(g + first, x + first, dx + first, C * len, len, 0, count,
+                                 coef[c], coef[C + c], coef[2 * C + c], coef[3 * C + c],
+                                 coef[4 * C + c], stream);
+    }
+}
+
 /* The table of this storage type's kernels */
 #define FBN_STRING2(x) #x
 #define FBN_STRING(x) FBN_STRING2(x)
@@ -1269,6 +1334,8 @@ static const fbn_kernel_table FBN_FN(kernels) = {
     FBN_FN(normalize_rows),
     FBN_FN(grad_input_span),
     FBN_FN(grad_input_rows),
+    FBN_FN(normalize_channels),
+    FBN_FN(grad_input_channels),
     FBN_FN(train_group),
     FBN_FN(backward_group),
 };
