@@ -6,17 +6,10 @@ from collections import deque
 
 import numpy as np
 
+from . import activations
 from ._api import batch_norm_backward, batch_norm_infer, batch_norm_train
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-# dy * act'(z) from y = act(z), for the backward in evaluation mode (elementwise, in NumPy:
-# the training backward has it fused in its kernel)
-_ACTIVATION_GRADIENTS = {
-    "relu": lambda dy, y, slope: np.where(y > 0, dy, 0).astype(dy.dtype),
-    "leaky_relu": lambda dy, y, slope: np.where(y > 0, dy, dy * dy.dtype.type(slope)),
-    "tanh": lambda dy, y, slope: (dy * ((1 - y.astype(np.float64)) * (1 + y))).astype(dy.dtype),
-}
 
 
 class BatchNorm:
@@ -56,9 +49,7 @@ class BatchNorm:
         if window is not None and (isinstance(window, bool) or not isinstance(window, int)
                                    or window < 1):
             raise ValueError(f"window must be a positive int or None, got {window!r}")
-        if activation is not None and activation not in _ACTIVATION_GRADIENTS:
-            raise ValueError(f"activation must be None or one of "
-                             f"{', '.join(map(repr, _ACTIVATION_GRADIENTS))}, got {activation!r}")
+        activations.get(activation)       # TypeError / ValueError for an unknown one
         if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) \
                 or not 0 <= negative_slope < float("inf"):
             raise ValueError(f"negative_slope must be a finite number >= 0 (the backward "
@@ -204,8 +195,8 @@ class BatchNorm:
                 negative_slope=self.negative_slope, out_residual=grad_residual)
         else:
             # running statistics are constants: y = act(x * a + b + residual) per channel
-            if self.activation:
-                dy = _ACTIVATION_GRADIENTS[self.activation](dy, y, self.negative_slope)
+            # (the training backward has the activation's derivative fused in its kernel)
+            dy = activations.get(self.activation).grad_from_y(dy, y, self.negative_slope)
             if with_residual:
                 grad_residual[...] = dy
             dx = batch_norm_infer(dy, np.zeros_like(self.running_var), self.running_var,

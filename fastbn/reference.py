@@ -8,6 +8,8 @@ x's dtype. Never imported by the fast path.
 """
 import numpy as np
 
+from . import activations
+
 EXTENDED = np.longdouble
 
 
@@ -34,31 +36,16 @@ def _store(result, x, out):
 
 
 def _activate(z, activation, negative_slope):
-    """act(z): None, 'relu', 'leaky_relu' (slope negative_slope below zero) or 'tanh'."""
-    if activation is None:
-        return z
-    if activation == "relu":
-        return np.where(z < 0, 0, z)
-    if activation == "leaky_relu":
-        return np.where(z < 0, z * EXTENDED(negative_slope), z)
-    if activation == "tanh":
-        return np.tanh(z)
-    raise ValueError(f"unknown activation {activation!r}")
+    """act(z), the registry's forward in extended precision."""
+    return activations.get(activation).forward(z, EXTENDED(negative_slope))
 
 
 def _activation_grad(dy, y, activation, negative_slope):
-    """dy * act'(z), from y = act(z) (the derivative needs only the output)."""
-    dy = dy.astype(EXTENDED)
-    if activation is None:
-        return dy
-    y = y.astype(EXTENDED)
-    if activation == "relu":
-        return np.where(y > 0, dy, 0)
-    if activation == "leaky_relu":
-        return np.where(y > 0, dy, dy * EXTENDED(negative_slope))
-    if activation == "tanh":
-        return dy * (1 - y) * (1 + y)
-    raise ValueError(f"unknown activation {activation!r}")
+    """dy * act'(z), from y = act(z) (the derivative needs only the output), the registry's
+    in extended precision."""
+    return activations.get(activation).grad_from_y(dy.astype(EXTENDED), y.astype(EXTENDED)
+                                                   if y is not None else None,
+                                                   EXTENDED(negative_slope))
 
 
 def _fuse(y, residual, activation, negative_slope):
