@@ -4,7 +4,7 @@ extended-precision oracle fastbn.reference.
     python benchmarks/accuracy.py [--offsets 1e3 1e6] [--no-torch]
 
 Errors: y and gradients relative to max(1, max|oracle|); mean, invstd and running_var the
-largest relative error per channel. Targets (DESIGN.md section 3): float32 y 1e-6, gradients
+largest relative error per channel. Targets (docs/architecture.md, "Numerics"): float32 y 1e-6, gradients
 1e-5, statistics 1e-6; float64 y 1e-12, gradients 1e-12, statistics 1e-13.
 """
 import argparse

@@ -3,7 +3,7 @@
 Every cell of the matrix (op x layout x dtype x shape) times all implementations interleaved
 in one process, in rotating order, and reports medians: these machines are shared and noisy,
 so only ratios measured together mean something. The same run measures a parallel copy of
-the same bytes, the yardstick of the one-pass memory limit (DESIGN.md section 4):
+the same bytes, the yardstick of the one-pass memory limit (docs/architecture.md, "Performance model"):
 
     train, infer   read x once, write y once          limit = t(copy of x)
     backward       read x and dy once, write dx once  limit = 1.5 t(copy of x)

@@ -1,6 +1,6 @@
 """A stateful batch-norm layer with PyTorch's semantics (torch.nn.BatchNorm1d/2d/3d).
 
-Calls the public functions of fastbn only (the layering of DESIGN.md: layers -> _api).
+Calls the public functions of fastbn only (docs/architecture.md: layers -> _api).
 """
 from collections import deque
 

@@ -7,7 +7,7 @@ import pytest
 import fastbn
 from fastbn import _kernels
 
-# Accuracy targets (DESIGN.md section 3), relative to max(1, max|reference|)
+# Accuracy targets (docs/architecture.md, "Numerics"), relative to max(1, max|reference|)
 TOL_Y = {np.float32: 1e-6, np.float64: 1e-12}
 TOL_GRAD = {np.float32: 1e-5, np.float64: 1e-12}
 # statistics, relative per element

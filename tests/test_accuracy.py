@@ -1,4 +1,4 @@
-"""The accuracy targets of DESIGN.md section 3 on inputs far from zero, both layouts.
+"""The accuracy targets (docs/architecture.md, "Numerics") on inputs far from zero, both layouts.
 
 The oracle is fastbn.reference, exact to extended precision relative to the spread of the
 data (it centres each channel on one of its values before anything else)."""
