@@ -67,6 +67,20 @@ def test_info_command(tmp_path):
     assert fastbn.__version__ in out
 
 
+@pytest.mark.parametrize("targets,flags,expected", [
+    ("x86-64-v4,x86-64-v3,x86-64", "-O3", "x86-64-v4,x86-64-v3,x86-64; this CPU runs x86-64-v3"),
+    ("", "compile: -O3 -DFBN_NO_DISPATCH", "none: baseline kernels only (built with "
+                                           "FASTBN_NO_DISPATCH=1)"),
+    ("", "compile: -O3 -march=native", "none: compiled for this CPU (built with FASTBN_NATIVE=1)"),
+    ("", "compile: -O3", "none (this compiler or CPU family has no runtime dispatch)"),
+])
+def test_info_tells_why_there_is_no_dispatch(targets, flags, expected):
+    from fastbn.__main__ import info
+    build = dict(fastbn._kernels.build_info(), dispatch_targets=targets, build_flags=flags,
+                 dispatch_selected="x86-64-v3" if targets else "")
+    assert f"kernel dispatch  {expected}" in info(build)
+
+
 def test_reference_is_reachable_after_import_fastbn(tmp_path):
     code = "import fastbn; print(fastbn.reference.batch_norm_train.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
