@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import fastbn
 from fastbn import _bench
 
 
@@ -83,14 +84,17 @@ def test_ratio_is_never_rounded_to_zero():
     assert "slowest cell x0.0031" in _bench.table(results)
 
 
-def test_reference_only_on_cheap_cells(monkeypatch):
+def test_reference_only_on_cheap_cells(monkeypatch, threads):
+    # run() sets the thread count it is given (fastbn's and the peers'): give it the current
+    # one, and the threads fixture returns fastbn to OpenMP's setting afterwards
     monkeypatch.setattr(_bench, "REFERENCE_MAX_VALUES", 100)
     assert _bench.with_reference((2, 3, 4, 4), "cheap")          # 96 values
     assert not _bench.with_reference((2, 3, 5, 5), "cheap")      # 150 values
     assert _bench.with_reference((2, 3, 5, 5), "all")
     assert not _bench.with_reference((2, 3), "none")
     progress = io.StringIO()
-    results = _bench.run([(2, 3, 4, 4), (2, 3, 5, 5)], 1, 0.005, "cheap", progress=progress)
+    results = _bench.run([(2, 3, 4, 4), (2, 3, 5, 5)], fastbn.get_num_threads(), 0.005, "cheap",
+                         progress=progress)
     timed = {tuple(r["shape"]): "reference" in r["speedup"] for r in results}
     assert timed == {(2, 3, 4, 4): True, (2, 3, 5, 5): False}
     assert "[24/24" in progress.getvalue()
