@@ -525,7 +525,21 @@ def summary_lines(results, peers):
     disagree = [r for r in results if r["disagree"]]
     if disagree:
         lines.append(f"{len(disagree)} cells where a peer's result disagreed with fastbn's")
+    lines += busy_lines(results)
     return lines
+
+
+def busy_lines(results):
+    """A warning when fastbn was slower than NumPy's plain code somewhere (x2.3 at the least on
+    an idle machine): other work had the cores, and a parallel call waits for every one of its
+    threads, a scheduler tick at a time."""
+    slower = sum(r["speedup"].get("numpy", math.inf) < 1 for r in results)
+    if not slower:
+        return []
+    return [f"WARNING: fastbn was slower than NumPy in {slower} of {len(results)} cells: other work "
+            f"likely had the cores",
+            "(a parallel call waits for each of its threads): run it again when the machine is "
+            "idle."]
 
 
 def plot(results, path):

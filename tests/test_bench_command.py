@@ -84,6 +84,15 @@ def test_ratio_is_never_rounded_to_zero():
     assert "slowest cell x0.0031" in _bench.table(results)
 
 
+def test_a_busy_machine_is_named():
+    results = fake_results()
+    assert "WARNING" not in _bench.table(results)
+    results[1]["speedup"]["numpy"] = 0.05          # fastbn stalled: 20x slower than NumPy
+    text = _bench.table(results)
+    assert "WARNING: fastbn was slower than NumPy in 1 of 2 cells" in text
+    assert max(len(line) for line in text.splitlines()) <= 100
+
+
 def test_reference_only_on_cheap_cells(monkeypatch, threads):
     # run() sets the thread count it is given (fastbn's and the peers'): give it the current
     # one, and the threads fixture returns fastbn to OpenMP's setting afterwards
