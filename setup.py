@@ -4,6 +4,12 @@ Environment variables:
   FASTBN_NO_OPENMP=1   build without OpenMP (every call runs on one thread)
   FASTBN_NATIVE=1      compile for this machine's CPU (-march=native) instead of a portable
                        build with runtime dispatch to AVX2 / AVX-512 kernels
+  FASTBN_NO_DISPATCH=1 compile the kernels once, for the baseline x86-64 only (defines
+                       FBN_NO_DISPATCH: no AVX2 / AVX-512 clones); for testing that path
+
+The extension is compiled without debug information (-g0) unless $CFLAGS asks for it (-g),
+as the sanitizer build does. Cython runs in build_ext, not when this file is imported, so
+building the sdist alone runs no Cython.
 """
 import importlib.util
 import os
@@ -13,8 +19,6 @@ import tempfile
 import warnings
 from glob import glob
 
-import numpy
-from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -32,6 +36,22 @@ int main(void)
 
 def _flag_set(name):
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _warn(message):
+    """A build warning where a person sees it. pip shows a build's output only with -v or when
+    the build fails, so the warning also goes straight to the terminal when there is one."""
+    warnings.warn(message)
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(f"\nfastbn build warning: {message}\n")
+    except OSError:         # no terminal (CI, Windows): the warning is in pip -v's log
+        pass
+
+
+def _debug_requested():
+    """Whether $CFLAGS asks for debug information (-g, -g3, -ggdb, ...; not -g0)."""
+    return any(f.startswith("-g") and f != "-g0" for f in shlex.split(os.environ.get("CFLAGS", "")))
 
 
 def _openmp_candidates(compiler):
@@ -71,6 +91,14 @@ class BuildExt(build_ext):
     """Finds OpenMP by compiling a probe program; falls back to a serial build with a warning."""
 
     def build_extensions(self):
+        import numpy        # here, not at import: the sdist needs neither numpy nor Cython
+        from Cython.Build import cythonize
+
+        render_templates()
+        for ext in self.extensions:
+            ext.include_dirs.append(numpy.get_include())
+            ext.sources = cythonize([ext], compiler_directives={"language_level": 3},
+                                    quiet=not self.verbose)[0].sources
         compiler = self.compiler
         msvc = compiler.compiler_type == "msvc"
         cflags = ["/O2"] if msvc else ["-O3"]
@@ -78,16 +106,16 @@ class BuildExt(build_ext):
 
         openmp = None
         if _flag_set("FASTBN_NO_OPENMP"):
-            warnings.warn("FASTBN_NO_OPENMP is set: building fastbn without OpenMP "
-                          "(every call runs on one thread)")
+            _warn("FASTBN_NO_OPENMP is set: building fastbn without OpenMP "
+                  "(every call runs on one thread)")
         else:
             for c, l in _openmp_candidates(compiler):
                 if _compiles(compiler, OPENMP_PROBE, c, l):
                     openmp = (c, l)
                     break
             if openmp is None:
-                warnings.warn("OpenMP not found: building fastbn without it "
-                              "(every call runs on one thread)")
+                _warn("OpenMP not found: building fastbn without it "
+                      "(every call runs on one thread)")
         if openmp:
             cflags += openmp[0]
             lflags += openmp[1]
@@ -106,6 +134,13 @@ class BuildExt(build_ext):
             cflags.append("-fno-loop-unroll-and-jam")
         if _flag_set("FASTBN_NATIVE") and not msvc:
             cflags.append("-march=native")
+        if _flag_set("FASTBN_NO_DISPATCH"):
+            # kernels.h then compiles no target_clones: one baseline copy of each kernel
+            cflags.append("/DFBN_NO_DISPATCH" if msvc else "-DFBN_NO_DISPATCH")
+        if not msvc and not _debug_requested():
+            # Python's own CFLAGS carry -g: a 3.5 MB module instead of 0.75 MB without it.
+            # The symbol table stays (valgrind and perf name fbn_ frames by it)
+            cflags.append("-g0")
 
         build_flags = f"compile: {' '.join(cflags)}; link: {' '.join(lflags) or '-'}"
         build_flags = build_flags.replace('"', "")
@@ -139,25 +174,19 @@ def render_templates():
                 f.write(text)
 
 
-render_templates()
-
 # One extension module per concern (docs/architecture.md); only _kernels compiles the kernels
 MODULES = ["_threads", "_plan", "_outputs", "_kernels", "_fastpath"]
-extensions = [
-    Extension(
-        f"fastbn.{name}",
-        [f"fastbn/{name}.pyx"],
-        include_dirs=["include", numpy.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],
-        depends=glob("include/fastbn/*.h") + glob("fastbn/*.pxd") + glob("fastbn/*.tp"),
-    )
-    for name in MODULES
-]
 
 setup(
-    ext_modules=cythonize(
-        extensions,
-        compiler_directives={"language_level": 3},
-    ),
+    ext_modules=[
+        Extension(
+            f"fastbn.{name}",
+            [f"fastbn/{name}.pyx"],
+            include_dirs=["include"],          # and numpy's, added by BuildExt
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],
+            depends=glob("include/fastbn/*.h") + glob("fastbn/*.pxd") + glob("fastbn/*.tp"),
+        )
+        for name in MODULES
+    ],
     cmdclass={"build_ext": BuildExt},
 )

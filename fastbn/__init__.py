@@ -6,7 +6,27 @@
     y = fastbn.batch_norm(x, running_mean, running_var, weight, bias, training=False)
 
 axis=1 is the channel axis of NCHW-family arrays, axis=-1 of channels-last ones.
+fastbn.reference has the same functions in plain NumPy, in extended precision (the oracle).
 """
+try:
+    from . import _kernels  # noqa: F401  (first: a missing build is reported below)
+except ImportError:
+    import glob as _glob
+    import os as _os
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _built = [f for pattern in ("_kernels*.so", "_kernels*.pyd")
+              for f in _glob.glob(_os.path.join(_here, pattern))]
+    if _built or not _os.path.exists(_os.path.join(_here, "_kernels.pyx")):
+        raise               # a build that fails to load: its own error says why
+    # a source folder (a clone, an unpacked sdist) with no build in it, imported because the
+    # current directory comes first on sys.path; Python's own message blames a circular import
+    raise ImportError(
+        f"fastbn's compiled extension is not in {_here}: Python imported fastbn's source "
+        f"folder (a clone or an unpacked sdist, which `pip install .` does not build into) "
+        f"because the current directory comes first on sys.path. Run Python from another "
+        f"directory to use the installed fastbn, or build in place with `pip install -e .`"
+    ) from None
+
 from ._api import (
     batch_norm,
     batch_norm_backward,
@@ -21,8 +41,9 @@ from ._version import __version__
 from .folding import fold_conv, fold_linear, scale_shift
 from .layers import BatchNorm
 from .statistics import Moments, Statistics, merge_moments, moments
+from . import reference
 
 __all__ = ["BatchNorm", "fold_conv", "fold_linear", "scale_shift", "batch_norm_train",
            "batch_norm_infer", "batch_norm_backward", "batch_norm", "moments", "merge_moments",
            "Moments", "Statistics", "set_num_threads", "get_num_threads", "set_output_cache",
-           "get_output_cache", "__version__"]
+           "get_output_cache", "reference", "__version__"]

@@ -1,5 +1,7 @@
 """Command line: ``python -m fastbn info`` and ``python -m fastbn bench``."""
 import argparse
+import math
+import os
 import platform
 import sys
 
@@ -8,13 +10,25 @@ import numpy as np
 from . import __version__, _kernels, _plan, get_num_threads
 
 
-def info():
+def dispatch_text(build):
+    """The 'kernel dispatch' line of info: the variants compiled, and why none were."""
+    if build["dispatch_targets"]:
+        text = build["dispatch_targets"]
+        if build["dispatch_selected"]:
+            text += f"; this CPU runs {build['dispatch_selected']}"
+        return text
+    flags = build["build_flags"]
+    if "FBN_NO_DISPATCH" in flags:
+        return "none: baseline kernels only (built with FASTBN_NO_DISPATCH=1)"
+    if "-march=native" in flags:
+        return "none: compiled for this CPU (built with FASTBN_NATIVE=1)"
+    return "none (this compiler or CPU family has no runtime dispatch)"
+
+
+def info(build=None):
     """What this fastbn build is and what it will use here."""
-    build = _kernels.build_info()
+    build = build or _kernels.build_info()
     openmp = f"on (OpenMP {build['openmp']})" if build["openmp"] else "off (serial build)"
-    dispatch = build["dispatch_targets"] or "none"
-    if build["dispatch_selected"]:
-        dispatch += f"; this CPU runs {build['dispatch_selected']}"
     rows = [
         ("fastbn", __version__),
         ("python", f"{platform.python_version()} ({platform.machine()})"),
@@ -26,10 +40,22 @@ def info():
         ("compiler", build["compiler"]),
         ("build flags", build["build_flags"] or "(none recorded)"),
         ("baseline simd", build["baseline_simd"]),
-        ("kernel dispatch", dispatch),
+        ("kernel dispatch", dispatch_text(build)),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def memory_bytes():
+    """This machine's physical memory, or None where it can't be told."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+# x, dy, out, the copy's target and the outputs of up to five implementations, in float64
+ARRAYS_PER_CELL = 10
 
 
 def parse_shapes(text):
@@ -42,39 +68,88 @@ def parse_shapes(text):
             raise argparse.ArgumentTypeError(f"not a shape: {item!r} (write e.g. 8x32x16x16)")
         if len(shape) not in (2, 4) or min(shape) < 1:
             raise argparse.ArgumentTypeError(f"shapes are NxC or NxCxHxW with sizes >= 1, got {item!r}")
+        if math.prod(shape) // shape[1] < 2:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} has one value per channel: training needs 2 or more "
+                f"(N*H*W >= 2, e.g. 2x{shape[1]})")
+        memory = memory_bytes()
+        need = ARRAYS_PER_CELL * 8 * math.prod(shape)
+        if memory and need > memory:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} needs about {need / 2**30:.0f} GiB to time, more than this "
+                f"machine's {memory / 2**30:.0f} GiB")
         shapes.append(shape)
     return shapes
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line (no usage block): 'python -m fastbn bench: error: ...'."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def check_bench_args(parser, args):
+    """Errors that would otherwise surface after the timing, found before it starts."""
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    if args.seconds is not None and not args.seconds > 0:
+        parser.error("--seconds must be positive")
+    if args.no_reference and args.reference_all:
+        parser.error("--no-reference and --reference-all exclude each other")
+    if args.wide and args.markdown:
+        parser.error("--wide and --markdown exclude each other")
+    if args.plot:
+        if args.fused:
+            parser.error("--plot plots the main matrix; --fused has no plot")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib, which is not installed: "
+                         "pip install matplotlib")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            parser.error(f"{option}: no such folder: {folder}")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastbn",
-                                     description="fastbn: batch normalization for NumPy")
+    parser = OneLineParser(prog="python -m fastbn",
+                           description="fastbn: batch normalization for NumPy")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="version, OpenMP, threads, compiler and SIMD of this build")
     bench = commands.add_parser(
-        "bench", help="time fastbn against NumPy, PyTorch and ONNX Runtime, side by side")
+        "bench", help="time fastbn against NumPy, PyTorch and ONNX Runtime, side by side",
+        description="Time fastbn against NumPy, PyTorch and ONNX Runtime (those installed), "
+                    "side by side; progress and the peers missing go to stderr, the table to "
+                    "stdout.")
     bench.add_argument("--quick", action="store_true", help="smaller shapes, shorter timings")
     bench.add_argument("--threads", type=int, default=None,
                        help="threads for fastbn and every peer (default: get_num_threads())")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="also plot the speedups (matplotlib)")
     bench.add_argument("--no-reference", action="store_true",
-                       help="leave out fastbn.reference (slow: extended precision)")
+                       help="leave out fastbn.reference (extended precision) altogether")
+    bench.add_argument("--reference-all", action="store_true",
+                       help="time fastbn.reference on every cell (by default only on cells of "
+                            "up to 2**20 values: on the large ones it takes seconds a call, "
+                            "and the full matrix several minutes more)")
     bench.add_argument("--shapes", metavar="NxCxHxW,...", type=parse_shapes,
                        help="shapes to time instead of the default matrix, e.g. 8x32x16x16,256x1024")
     bench.add_argument("--fused", action="store_true",
                        help="time the fused y = act(bn(x) + residual) ops against the unfused "
                             "composite instead")
     bench.add_argument("--seconds", type=float, default=None,
-                       help="timing budget per cell (default 1.0, 0.3 with --quick)")
+                       help="timing budget per cell (default 0.5, 0.2 with --quick)")
+    bench.add_argument("--wide", action="store_true",
+                       help="the full table (every time, GB/s), wider than 100 columns")
+    bench.add_argument("--markdown", action="store_true",
+                       help="the full table as Markdown (as in the README)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
         return 0
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be at least 1")
-    if args.seconds is not None and not args.seconds > 0:
-        parser.error("--seconds must be positive")
+    check_bench_args(bench, args)
     from . import _bench
     return _bench.main(args)
 

@@ -3,7 +3,7 @@
 Every cell of the matrix (op x layout x dtype x shape) times all implementations interleaved
 in one process, in rotating order, and reports medians: these machines are shared and noisy,
 so only ratios measured together mean something. The same run measures a parallel copy of
-the same bytes, the yardstick of the one-pass memory limit (docs/architecture.md, "Performance model"):
+the same bytes, the yardstick of the one-pass memory limit:
 
     train, infer   read x once, write y once          limit = t(copy of x)
     backward       read x and dy once, write dx once  limit = 1.5 t(copy of x)
@@ -11,10 +11,13 @@ the same bytes, the yardstick of the one-pass memory limit (docs/architecture.md
 Peers: PyTorch (torch.ops.aten.native_batch_norm and its backward, the kernels under
 torch.nn.BatchNorm), ONNX Runtime's BatchNormalization (inference, NCHW), NumPy as a user
 writes it (in x's dtype), and fastbn.reference (plain NumPy in extended precision, timed once
-per cell). fastbn is timed twice: allocating its output like the peers do (the speedups), and writing
-into a preallocated ``out=`` like the copy does (GB/s and the fraction of the limit). A fresh
-output costs page faults on first touch that no kernel can avoid.
+per cell, and by default only on cells of up to REFERENCE_MAX_VALUES values: on the large
+ones it takes seconds a call). fastbn is timed twice: allocating its output like the peers do
+(the speedups), and writing into a preallocated ``out=`` like the copy does (GB/s and the
+fraction of the limit). A fresh output costs page faults on first touch that no kernel can
+avoid.
 """
+import copy
 import json
 import math
 import os
@@ -37,6 +40,16 @@ PEERS = ("torch", "onnxruntime", "numpy", "reference")
 DTYPES = (np.float32, np.float64)
 EPS = 1e-5
 MOMENTUM = 0.1
+SECONDS = 0.5           # timing budget per cell
+QUICK_SECONDS = 0.2
+# fastbn.reference is timed on cells of up to this many values (--reference-all: on every
+# cell): about 30-80 ms a call there, but 2-10 s a call on (32, 256, 56, 56)
+REFERENCE_MAX_VALUES = 1 << 20
+# the command that adds a peer that is not installed
+PEER_INSTALL = {
+    "torch": "pip install torch  (PyTorch's CPU-only build is enough: its CPU wheel index)",
+    "onnxruntime": "pip install onnx onnxruntime",
+}
 
 
 # ---------------------------------------------------------------------------- the cases
@@ -63,9 +76,15 @@ class Case:
         self.out = np.empty_like(self.x)
         self.copy_dst = np.empty_like(self.x)
 
+    def with_op(self, op):
+        """The same arrays for another op (the data are made once per layout, dtype, shape)."""
+        case = copy.copy(self)
+        case.op = op
+        return case
+
     @property
     def name(self):
-        return f"{self.op:8} {self.layout:4} {self.dtype.name:7} {str(self.shape):17}"
+        return f"{self.op:8} {self.layout:4} {self.dtype.name:7} {'x'.join(map(str, self.shape)):12}"
 
     @property
     def limit_bytes(self):
@@ -212,22 +231,32 @@ def onnxruntime_impl(case, ort, onnx, threads):
 
 # ------------------------------------------------------------------------------- timing
 
-def interleaved_medians(fns, seconds):
-    """Median seconds per call of each callable, timed in rotating interleaved rounds."""
+def interleaved_medians(fns, seconds, first=None):
+    """Median seconds per call of each callable, timed in rotating interleaved rounds.
+
+    The first call of each is a warm-up and a first estimate; first(name, result), if given,
+    receives its result (to check it). Each implementation gets an equal share of `seconds`;
+    one whose call takes longer than twice its share (a slow peer on a large array) is timed
+    one call a round for 3 rounds instead of 7: its ratio is far from 1, and 7 rounds of it
+    would take most of the run."""
     per_call = {}
-    for name, fn in fns.items():                     # warm-up, and a first estimate
+    for name, fn in fns.items():
         start = time.perf_counter()
-        fn()
+        result = fn()
         per_call[name] = max(time.perf_counter() - start, 1e-7)
+        if first is not None:
+            first(name, result)
+        del result
     rounds = 7
     slice_s = seconds / (rounds * len(fns))
     reps = {name: max(1, int(slice_s / t)) for name, t in per_call.items()}
-    if sum(per_call[n] * reps[n] for n in fns) * rounds > 3 * seconds:
-        rounds = 3                                   # a slow peer: fewer rounds
+    own_rounds = {name: 3 if t > 2 * slice_s else rounds for name, t in per_call.items()}
     samples = {name: [] for name in fns}
     order = list(fns)
     for r in range(rounds):
         for name in order[r % len(order):] + order[:r % len(order)]:
+            if r >= own_rounds[name]:
+                continue
             fn, n = fns[name], reps[name]
             start = time.perf_counter()
             for _ in range(n):
@@ -255,21 +284,28 @@ def machine():
 
 
 def load_peers(threads):
-    peers = {}
+    """{name: make(case) -> callable or None} for the installed peers."""
+    return peer_status(threads)[0]
+
+
+def peer_status(threads):
+    """({name: make(case)} for the installed peers, {name: the command that adds it} for the
+    others)."""
+    peers, missing = {}, {}
     try:
         import torch
         torch.set_num_threads(threads)
         peers["torch"] = lambda case: torch_impl(case, torch)
     except ImportError:
-        pass
+        missing["torch"] = PEER_INSTALL["torch"]
     try:
         import onnx
         import onnxruntime as ort
         ort.set_default_logger_severity(3)
         peers["onnxruntime"] = lambda case: onnxruntime_impl(case, ort, onnx, threads)
     except ImportError:
-        pass
-    return peers
+        missing["onnxruntime"] = PEER_INSTALL["onnxruntime"]
+    return peers, missing
 
 
 def time_once(fn):
@@ -278,15 +314,92 @@ def time_once(fn):
     return time.perf_counter() - start, result
 
 
-def run(shapes, threads, seconds, with_reference=True, progress=sys.stderr):
+def cells_of(shapes):
+    """(op, layout, dtype, shape) in the order they run: the ops of one data set together."""
+    return [(op, layout, dtype, shape) for shape in shapes for layout in layouts_of(shape)
+            for dtype in DTYPES for op in OPS]
+
+
+def with_reference(shape, reference):
+    """Whether the reference is timed on this shape: reference is 'cheap', 'all' or 'none'."""
+    return reference == "all" or (reference == "cheap" and math.prod(shape) <= REFERENCE_MAX_VALUES)
+
+
+def clock(seconds):
+    """0:07, 1:35"""
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Elapsed and remaining time of a run, estimated from the cells done.
+
+    A cell is modelled as `base` seconds (about half its timing budget: the repetitions are
+    rounded down) plus a time per byte of x (making the data, the warm-ups, slow peers one
+    call a round) plus, where the reference runs, a time per value of it; both rates are
+    fitted to the cells done so far (before that, `PRIOR_*`: measured on the 2-core
+    development machine, where the default matrix took 47 s of cells)."""
+
+    PRIOR_PER_BYTE = 1.2e-8     # s per byte of x
+    PRIOR_REFERENCE = 1e-7      # s per value of the reference's call
+
+    def __init__(self, cells, seconds, reference="cheap", stream=sys.stderr):
+        self.cells = [(math.prod(shape) * np.dtype(dtype).itemsize,
+                       math.prod(shape) if with_reference(shape, reference) else 0)
+                      for op, layout, dtype, shape in cells]
+        self.base = 0.5 * seconds + 0.02
+        self.stream = stream
+        self.done = 0
+        self.bytes_done = self.values_done = self.seconds_done = self.reference_seconds = 0.0
+        self.start = time.perf_counter()
+
+    def rates(self):
+        per_value = (self.reference_seconds / self.values_done if self.values_done
+                     else self.PRIOR_REFERENCE)
+        per_byte = self.PRIOR_PER_BYTE
+        if self.bytes_done:
+            rest = self.seconds_done - self.reference_seconds - self.base * self.done
+            per_byte = max(0.0, rest) / self.bytes_done
+        return per_byte, per_value
+
+    def estimate(self, cells=None):
+        """Seconds the cells (default: those not done) will take."""
+        per_byte, per_value = self.rates()
+        cells = self.cells[self.done:] if cells is None else cells
+        return sum(self.base + nbytes * per_byte + values * per_value for nbytes, values in cells)
+
+    def cell_done(self, reference_seconds=0.0):
+        nbytes, values = self.cells[self.done]
+        self.done += 1
+        self.bytes_done += nbytes
+        self.values_done += values
+        self.reference_seconds += reference_seconds
+        self.seconds_done = time.perf_counter() - self.start
+
+    def prefix(self):
+        """[12/66 0:35, ~1:05 left]"""
+        elapsed = time.perf_counter() - self.start
+        left = f", ~{clock(self.estimate())} left" if self.done else ""
+        width = len(str(len(self.cells)))
+        return f"[{self.done + 1:{width}}/{len(self.cells)} {clock(elapsed)}{left}]"
+
+
+def run(shapes, threads, seconds, reference="cheap", progress=sys.stderr):
+    """Times the matrix; reference is 'cheap' (the reference on cells of up to
+    REFERENCE_MAX_VALUES values), 'all' or 'none'. Progress lines go to `progress`."""
     set_num_threads(threads)
     peers = load_peers(threads)
     rng = np.random.default_rng(0)
-    cells = [(op, layout, dtype, shape) for shape in shapes for layout in layouts_of(shape)
-             for dtype in DTYPES for op in OPS]
+    cells = cells_of(shapes)
+    clock_ = Progress(cells, seconds, reference)
     results = []
-    for i, (op, layout, dtype, shape) in enumerate(cells, 1):
-        case = Case(op, layout, dtype, shape, rng)
+    data = None
+    for op, layout, dtype, shape in cells:
+        key = (layout, np.dtype(dtype), shape)
+        if data is None or data[0] != key:
+            data = None                     # free the last data set before making the next
+            data = (key, Case(op, layout, dtype, shape, rng))
+        case = data[1].with_op(op)
         fns = {"fastbn": fastbn_impl(case), "fastbn_out": fastbn_impl(case, out=case.out),
                "numpy": numpy_impl(case)}
         for name, make in peers.items():
@@ -294,15 +407,23 @@ def run(shapes, threads, seconds, with_reference=True, progress=sys.stderr):
             if fn is not None:
                 fns[name] = fn
         fns["copy"] = lambda: _kernels.parallel_copy(case.x, case.copy_dst)
-        print(f"[{i}/{len(cells)}] {case.name}", end="", file=progress, flush=True)
-        expected = fns["fastbn"]()
-        wrong = [n for n in fns if n not in ("copy", "fastbn") and
-                 not close_enough(fns[n](), expected, case.dtype)]
-        times = interleaved_medians(fns, seconds)
-        if with_reference:     # hundreds of times slower: one call says enough
-            times["reference"], result = time_once(reference_impl(case))
-            if not close_enough(result, expected, case.dtype):
+        print(f"{clock_.prefix()} {case.name}", end="", file=progress, flush=True)
+        wrong, expected = [], {}
+
+        def check(name, result):        # each first result against fastbn's ("fastbn" is first)
+            if name == "fastbn":
+                expected["y"] = result
+            elif name != "copy" and not close_enough(result, expected["y"], case.dtype):
+                wrong.append(name)
+        times = interleaved_medians(fns, seconds, first=check)
+        reference_seconds = 0.0
+        if with_reference(shape, reference):    # hundreds of times slower: one call says enough
+            reference_seconds, result = time_once(reference_impl(case))
+            times["reference"] = reference_seconds
+            if not close_enough(result, expected["y"], case.dtype):
                 wrong.append("reference")
+            del result
+        del expected["y"]
         limit = times.pop("copy") * case.limit_bytes / (2 * case.x.nbytes)
         record = {"op": op, "layout": layout, "dtype": case.dtype.name, "shape": list(shape),
                   "threads": threads, "seconds": times, "limit_seconds": limit,
@@ -312,7 +433,8 @@ def run(shapes, threads, seconds, with_reference=True, progress=sys.stderr):
                               if n not in ("fastbn", "fastbn_out")},
                   "disagree": wrong}
         results.append(record)
-        summary = "  ".join(f"{n} x{s:.2f}" for n, s in record["speedup"].items())
+        clock_.cell_done(reference_seconds)
+        summary = "  ".join(f"{n} x{ratio(s)}" for n, s in record["speedup"].items())
         print(f"  {times['fastbn'] * 1e6:9.1f} us  {summary}  limit {record['fraction_of_limit']:.2f}"
               + (f"  DISAGREE: {wrong}" if wrong else ""), file=progress, flush=True)
     return results
@@ -323,10 +445,35 @@ def geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
+def ratio(v):
+    """A speedup to 3 significant digits (2 below 0.1), never rounded to 0: 931, 93.1,
+    9.31, 0.0042."""
+    if not math.isfinite(v):
+        return str(v)
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 0.1:
+        return f"{v:.2f}"
+    return f"{v:.2g}"
+
+
 def markdown(head, rows):
     """The lines of a Markdown table."""
     return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def aligned(head, rows, numeric_from):
+    """The lines of a plain-text table, one space between columns; columns from index
+    numeric_from on are right-aligned."""
+    widths = [max(len(c) for c in column) for column in zip(head, *rows)]
+
+    def line(cells):
+        return " ".join(c.rjust(w) if i >= numeric_from else c.ljust(w)
+                        for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return [line(head)] + [line(row) for row in rows]
 
 
 def cell_columns(r):
@@ -334,35 +481,65 @@ def cell_columns(r):
 
 
 def peer_columns(r, peer):
-    """A peer's time and speedup, or dashes where it has no such op."""
+    """A peer's time and speedup, or dashes where it has no such op (or was not timed)."""
     if peer not in r["seconds"]:
         return ["-", "-"]
-    return [f"{r['seconds'][peer] * 1e6:.1f}", f"{r['speedup'][peer]:.2f}"]
+    return [f"{r['seconds'][peer] * 1e6:.1f}", ratio(r["speedup"][peer])]
 
 
-def table(results):
+def table(results, style="compact"):
+    """The results as text: 'compact' (the speedups and the fraction of the limit: fits 100
+    columns), 'wide' (every time too, aligned) or 'markdown' (every column, as Markdown)."""
     peers = [p for p in PEERS if any(p in r["speedup"] for r in results)]
-    head = ["op", "layout", "dtype", "shape", "fastbn us", "out= us"]
-    for p in peers:
-        head += [f"{p} us", f"x{p}"]
-    head += ["GB/s", "of limit"]
-    rows = []
-    for r in results:
-        t = r["seconds"]
-        row = cell_columns(r) + [f"{t['fastbn'] * 1e6:.1f}", f"{t['fastbn_out'] * 1e6:.1f}"]
+    if style == "compact":
+        head = ["op", "layout", "dtype", "shape", "fastbn us"] + [f"x {p}" for p in peers]
+        head.append("of limit")
+        rows = [cell_columns(r) + [f"{r['seconds']['fastbn'] * 1e6:.1f}"]
+                + [peer_columns(r, p)[1] for p in peers] + [f"{r['fraction_of_limit']:.2f}"]
+                for r in results]
+    else:
+        head = ["op", "layout", "dtype", "shape", "fastbn us", "out= us"]
         for p in peers:
-            row += peer_columns(r, p)
-        rows.append(row + [f"{r['gbytes_per_s']:.1f}", f"{r['fraction_of_limit']:.2f}"])
-    lines = markdown(head, rows) + [""]
+            head += [f"{p} us", f"x {p}"]
+        head += ["GB/s", "of limit"]
+        rows = []
+        for r in results:
+            t = r["seconds"]
+            row = cell_columns(r) + [f"{t['fastbn'] * 1e6:.1f}", f"{t['fastbn_out'] * 1e6:.1f}"]
+            for p in peers:
+                row += peer_columns(r, p)
+            rows.append(row + [f"{r['gbytes_per_s']:.1f}", f"{r['fraction_of_limit']:.2f}"])
+    lines = markdown(head, rows) if style == "markdown" else aligned(head, rows, 4)
+    lines.append("")
+    lines += summary_lines(results, peers)
+    return "\n".join(lines)
+
+
+def summary_lines(results, peers):
+    lines = []
     for p in peers:
         s = [r["speedup"][p] for r in results if p in r["speedup"]]
         slower = sum(v < 1 for v in s)
-        lines.append(f"{p}: geometric-mean speedup x{geomean(s):.2f}, min x{min(s):.2f}, "
-                     f"{slower} of {len(s)} cells slower than {p}")
+        lines.append(f"{p}: geometric-mean speedup x{ratio(geomean(s))}, slowest cell "
+                     f"x{ratio(min(s))}, slower in {slower} of {len(s)} cells")
     disagree = [r for r in results if r["disagree"]]
     if disagree:
         lines.append(f"{len(disagree)} cells where a peer's result disagreed with fastbn's")
-    return "\n".join(lines)
+    lines += busy_lines(results)
+    return lines
+
+
+def busy_lines(results):
+    """A warning when fastbn was slower than NumPy's plain code somewhere (x2.3 at the least on
+    an idle machine): other work had the cores, and a parallel call waits for every one of its
+    threads, a scheduler tick at a time."""
+    slower = sum(r["speedup"].get("numpy", math.inf) < 1 for r in results)
+    if not slower:
+        return []
+    return [f"WARNING: fastbn was slower than NumPy in {slower} of {len(results)} cells: other work "
+            f"likely had the cores",
+            "(a parallel call waits for each of its threads): run it again when the machine is "
+            "idle."]
 
 
 def plot(results, path):
@@ -376,7 +553,7 @@ def plot(results, path):
     height = 0.8 / max(1, len(peers))
     for k, p in enumerate(peers):
         ys = [i + k * height for i in range(len(results))]
-        ax.barh(ys, [r["speedup"].get(p, 0) for r in results], height=height, label=p)
+        ax.barh(ys, [r["speedup"].get(p, math.nan) for r in results], height=height, label=p)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(results))])
@@ -488,19 +665,25 @@ def fused_run(shapes, threads, seconds, progress=sys.stderr):
     rng = np.random.default_rng(0)
     cells = [(op, layout, dtype, shape, act) for shape in shapes for layout in layouts_of(shape)
              for dtype in DTYPES for act in FUSED_ACTIVATIONS for op in OPS]
+    clock_ = Progress([cell[:4] for cell in cells], seconds, reference="none")
     results = []
-    for i, (op, layout, dtype, shape, activation) in enumerate(cells, 1):
+    for op, layout, dtype, shape, activation in cells:
         case = FusedCase(op, layout, dtype, shape, rng, activation)
         fns = fused_impls(case)
         if torch is not None:
             fns["torch"] = torch_composite(case, torch)
         fns["copy"] = lambda: _kernels.parallel_copy(case.x, case.copy_dst)
-        print(f"[{i}/{len(cells)}] {case.name} {activation:5}", end="", file=progress,
+        print(f"{clock_.prefix()} {case.name} {activation:5}", end="", file=progress,
               flush=True)
-        expected = fns["fused"]()
-        wrong = [n for n in ("composite", "torch") if n in fns
-                 and not close_enough(fns[n](), expected, case.dtype)]
-        times = interleaved_medians(fns, seconds)
+        wrong, expected = [], {}
+
+        def check(name, result):        # each first result against the fused one (first)
+            if name == "fused":
+                expected["y"] = result
+            elif name != "copy" and not close_enough(result, expected["y"], case.dtype):
+                wrong.append(name)
+        times = interleaved_medians(fns, seconds, first=check)
+        del expected["y"]
         one_pass = times.pop("copy") / 2
         record = {"op": op, "layout": layout, "dtype": case.dtype.name, "shape": list(shape),
                   "activation": activation, "threads": threads, "seconds": times,
@@ -509,50 +692,88 @@ def fused_run(shapes, threads, seconds, progress=sys.stderr):
                   "speedup": {n: t / times["fused"] for n, t in times.items() if n != "fused"},
                   "disagree": wrong}
         results.append(record)
-        print(f"  {times['fused'] * 1e6:9.1f} us  composite x{record['speedup']['composite']:.2f}"
+        clock_.cell_done()
+        print(f"  {times['fused'] * 1e6:9.1f} us  composite x{ratio(record['speedup']['composite'])}"
               f"  saves {record['passes_saved']:.1f} passes"
               + (f"  DISAGREE: {wrong}" if wrong else ""), file=progress, flush=True)
     return results
 
 
-def fused_table(results):
+def fused_table(results, style="compact"):
+    """As table(): 'compact' leaves out the times of the composites."""
     with_torch = any("torch" in r["seconds"] for r in results)
-    head = ["op", "layout", "dtype", "shape", "activation", "fused us", "composite us",
-            "x composite", "passes saved"] + (["torch us", "x torch"] if with_torch else [])
+    peers = ["composite"] + (["torch"] if with_torch else [])
+    head = ["op", "layout", "dtype", "shape", "activation", "fused us"]
+    for p in peers:
+        head += ([] if style == "compact" else [f"{p} us"]) + [f"x {p}"]
+    head.append("passes saved")
     rows = []
     for r in results:
-        row = cell_columns(r) + [r["activation"], f"{r['seconds']['fused'] * 1e6:.1f}",
-                                 *peer_columns(r, "composite"), f"{r['passes_saved']:.1f}"]
-        rows.append(row + (peer_columns(r, "torch") if with_torch else []))
-    lines = markdown(head, rows) + [""]
-    for peer in ("composite", "torch"):
+        row = cell_columns(r) + [r["activation"], f"{r['seconds']['fused'] * 1e6:.1f}"]
+        for p in peers:
+            row += peer_columns(r, p)[1 if style == "compact" else 0:]
+        rows.append(row + [f"{r['passes_saved']:.1f}"])
+    lines = markdown(head, rows) if style == "markdown" else aligned(head, rows, 5)
+    lines.append("")
+    for peer in peers:
         s = [r["speedup"][peer] for r in results if peer in r["speedup"]]
-        if s:
-            lines.append(f"fused against the {peer if peer == 'composite' else 'torch composite'}"
-                         f": geometric-mean speedup x{geomean(s):.2f}, min x{min(s):.2f}")
+        lines.append(f"fused against the {peer if peer == 'composite' else 'torch composite'}"
+                     f": geometric-mean speedup x{ratio(geomean(s))}, slowest cell x{ratio(min(s))}")
     disagree = [r for r in results if r["disagree"]]
     if disagree:
         lines.append(f"{len(disagree)} cells where a composite disagreed with the fused result")
     return "\n".join(lines)
 
 
+def header(info, threads, peers, missing, reference, fused=False):
+    """What runs and what is missing (with the command that adds it), before the first cell."""
+    lines = [f"fastbn {__version__} on {info['cpu']} ({info['cores']} cores), {threads} threads, "
+             f"numpy {info['numpy']}"]
+    if fused:
+        lines.append("peers: the unfused composite (fastbn + NumPy)"
+                     + (", torch (eager ops)" if "torch" in peers else ""))
+        if "torch" in missing:
+            lines.append(f"not installed: torch -- {missing['torch']}")
+        return lines
+    timed = list(peers) + ["numpy"]
+    if reference == "all":
+        timed.append("reference (every cell: slow)")
+    elif reference == "cheap":
+        timed.append(f"reference (cells of up to {REFERENCE_MAX_VALUES:,} values; "
+                     "--reference-all for every cell)")
+    lines.append("peers: " + ", ".join(timed))
+    for name, command in missing.items():
+        lines.append(f"not installed: {name} -- {command}")
+    return lines
+
+
 def main(args):
+    """The bench command; args as parsed (and checked) by fastbn.__main__."""
     threads = args.threads or get_num_threads()
-    seconds = args.seconds or (0.3 if args.quick else 1.0)
+    seconds = args.seconds or (QUICK_SECONDS if args.quick else SECONDS)
+    style = "markdown" if args.markdown else "wide" if args.wide else "compact"
+    reference = "none" if args.no_reference else "all" if args.reference_all else "cheap"
     info = machine()
-    print(f"fastbn {__version__} on {info['cpu']} ({info['cores']} cores), {threads} threads, "
-          f"numpy {info['numpy']}", file=sys.stderr)
+    peers, missing = peer_status(threads)
+    for line in header(info, threads, peers, missing, reference, args.fused):
+        print(line, file=sys.stderr)
     if args.fused:
         shapes = args.shapes or (QUICK_FUSED_SHAPES if args.quick else FUSED_SHAPES)
+        cells = [cell for cell in cells_of(shapes) for _ in FUSED_ACTIVATIONS]
+        estimate = Progress(cells, seconds, "none").estimate()
+        print(f"{len(cells)} cells, about {clock(estimate)}", file=sys.stderr, flush=True)
         results = fused_run(shapes, threads, seconds)
-        print(fused_table(results))
+        print(fused_table(results, style))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"machine": info, "threads": threads, "fused": results}, f, indent=1)
         return 0
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
-    results = run(shapes, threads, seconds, with_reference=not args.no_reference)
-    print(table(results))
+    cells = cells_of(shapes)
+    estimate = Progress(cells, seconds, reference).estimate()
+    print(f"{len(cells)} cells, about {clock(estimate)}", file=sys.stderr, flush=True)
+    results = run(shapes, threads, seconds, reference)
+    print(table(results, style))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "threads": threads, "results": results}, f, indent=1)

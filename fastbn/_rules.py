@@ -82,7 +82,7 @@ def axis(value, ndim):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"axis must be an int, got {type(value).__name__}")
     if not -ndim <= value < ndim:
-        raise AxisError(int(value), ndim, "axis")
+        raise AxisError(int(value), ndim)     # "axis 4 is out of bounds for array of dimension 4"
     return int(value) % ndim
 
 
@@ -95,6 +95,16 @@ def x_and_axis(x, axis_value):
     return x, axis(axis_value, x.ndim)
 
 
+def per_channel_message(name, C, shape):
+    """A per-channel array of the wrong shape; a vector of another length more often means
+    that the channel axis is wrong (NHWC data with the default axis=1) than the array."""
+    hint = ""
+    if len(shape) == 1:
+        hint = (f" (x has {C} values on its channel axis: is axis= right? It is 1 by default; "
+                f"channels-last data such as NHWC need axis=-1)")
+    return f"{name} must have shape ({C},), one value per channel, got {shape}{hint}"
+
+
 def channel_vector(v, name, C, dtype):
     """A read-only (C,) parameter as a contiguous array of dtype (converted if needed)."""
     if v is None:
@@ -104,7 +114,7 @@ def channel_vector(v, name, C, dtype):
     if v.dtype.kind != "f" or v.dtype.itemsize > 8:
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {v.dtype}")
     if v.shape != (C,):
-        raise ValueError(f"{name} must have shape ({C},), one value per channel, got {v.shape}")
+        raise ValueError(per_channel_message(name, C, v.shape))
     if v.dtype == dtype and v.flags.c_contiguous:
         return v
     return np.ascontiguousarray(v, dtype=dtype)
@@ -118,7 +128,7 @@ def running_stat(v, name, C, dtype):
     if v.dtype != dtype:
         raise TypeError(f"{name} must have the dtype of x ({dtype}), got {v.dtype}")
     if v.shape != (C,):
-        raise ValueError(f"{name} must have shape ({C},), one value per channel, got {v.shape}")
+        raise ValueError(per_channel_message(name, C, v.shape))
     if not v.flags.writeable:
         raise ValueError(f"{name} is read-only, but training updates it in place")
     if v.strides[0] % v.itemsize:

@@ -2,6 +2,8 @@
 
 Calls the public functions of fastbn only (docs/architecture.md: layers -> _api).
 """
+import math
+import numbers
 from collections import deque
 
 import numpy as np
@@ -41,6 +43,10 @@ class BatchNorm:
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
             raise ValueError(f"num_features must be positive, got {num_features}")
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+        if not 0 <= eps < math.inf:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         dtype = np.dtype(dtype)
         if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
@@ -84,10 +90,16 @@ class BatchNorm:
 
     # ----------------------------------------------------------------------------- modes
     def train(self, mode=True):
+        """Training mode (mode=True, the default): the forward normalizes with the batch
+        statistics and updates the running statistics. train(False) is eval(). Returns the
+        layer."""
         self.training = bool(mode)
         return self
 
     def eval(self):
+        """Evaluation mode: the forward normalizes with the running statistics (with the batch
+        statistics when track_running_stats is False) and updates nothing. Returns the
+        layer."""
         return self.train(False)
 
     # --------------------------------------------------------------------------- forward
@@ -175,9 +187,22 @@ class BatchNorm:
             raise ValueError(f"axis {self.axis} is out of range for x of shape {x.shape}")
         if x.shape[self.axis] != self.num_features:
             raise ValueError(f"x has {x.shape[self.axis]} channels on axis {self.axis}, "
-                             f"this layer has num_features={self.num_features}")
+                             f"this layer has num_features={self.num_features}"
+                             + self._axis_hint(x.shape))
         if x.dtype != self.dtype:
             raise TypeError(f"x must have the layer's dtype ({self.dtype}), got {x.dtype}")
+
+    def _axis_hint(self, shape):
+        """'; is the channel axis wrong? ...' naming the axes of x that have num_features
+        values (NHWC data for a layer built with axis=1, say); '' when none has."""
+        axes = [a - len(shape) if a == len(shape) - 1 else a
+                for a in range(len(shape)) if shape[a] == self.num_features]
+        if not axes:
+            return ""
+        advice = ("build the layer with axis=-1 for channels-last data such as NHWC"
+                  if -1 in axes else f"build the layer with axis={axes[0]}")
+        return (f"; is the channel axis wrong? x has {self.num_features} values on axis "
+                f"{', '.join(map(str, axes))} ({advice})")
 
     # -------------------------------------------------------------------------- backward
     def backward(self, dy):
@@ -257,14 +282,23 @@ class BatchNorm:
         np.savez(path, **self.state_dict())
 
     def load(self, path):
+        """Loads the state dict that save() wrote to an .npz file (as load_state_dict: all
+        keys are checked before any is written). Returns nothing."""
         with np.load(path) as data:
             self.load_state_dict({k: data[k] for k in data.files})
 
     def __repr__(self):
-        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+        """The call that builds this layer (with fresh parameters and statistics): for a
+        Keras-convention layer, BatchNorm.keras(...), whose momentum means the other thing."""
+        if self._keras:
+            return (f"BatchNorm.keras({self.num_features}, momentum={self.momentum!r}, "
+                    f"epsilon={self.eps!r}, center={self.bias is not None}, "
+                    f"scale={self.weight is not None}, axis={self.axis}, "
+                    f"dtype='{self.dtype.name}')")
+        return (f"BatchNorm({self.num_features}, eps={self.eps!r}, momentum={self.momentum!r}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis}, dtype={self.dtype.name}"
+                f"axis={self.axis}, dtype='{self.dtype.name}'"
                 + (f", window={self.window}" if self.window else "")
                 + (f", activation={self.activation!r}" if self.activation else "")
-                + (f", negative_slope={self.negative_slope}"
+                + (f", negative_slope={self.negative_slope!r}"
                    if self.activation == "leaky_relu" else "") + ")")

@@ -1,5 +1,7 @@
 """API semantics: conversions, edge sizes, the fast path, the command line.
 (Bad input is tests/test_bad_input.py.)"""
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -56,12 +58,51 @@ def test_zero_channels():
     assert y.shape == x.shape and mean.shape == invstd.shape == (0,)
 
 
-def test_info_command():
+def test_info_command(tmp_path):
+    # run outside the repository: the installed fastbn, as a user's script gets it
     out = subprocess.run([sys.executable, "-m", "fastbn", "info"], capture_output=True,
-                         text=True, check=True).stdout
-    for field in ("fastbn", "openmp", "threads", "compiler", "baseline simd"):
+                         text=True, check=True, cwd=tmp_path).stdout
+    for field in ("fastbn", "openmp", "threads", "compiler", "baseline simd", "kernel dispatch"):
         assert field in out
     assert fastbn.__version__ in out
+
+
+@pytest.mark.parametrize("targets,flags,expected", [
+    ("x86-64-v4,x86-64-v3,x86-64", "-O3", "x86-64-v4,x86-64-v3,x86-64; this CPU runs x86-64-v3"),
+    ("", "compile: -O3 -DFBN_NO_DISPATCH", "none: baseline kernels only (built with "
+                                           "FASTBN_NO_DISPATCH=1)"),
+    ("", "compile: -O3 -march=native", "none: compiled for this CPU (built with FASTBN_NATIVE=1)"),
+    ("", "compile: -O3", "none (this compiler or CPU family has no runtime dispatch)"),
+])
+def test_info_tells_why_there_is_no_dispatch(targets, flags, expected):
+    from fastbn.__main__ import info
+    build = dict(fastbn._kernels.build_info(), dispatch_targets=targets, build_flags=flags,
+                 dispatch_selected="x86-64-v3" if targets else "")
+    assert f"kernel dispatch  {expected}" in info(build)
+
+
+def test_reference_is_reachable_after_import_fastbn(tmp_path):
+    code = "import fastbn; print(fastbn.reference.batch_norm_train.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=tmp_path).stdout
+    assert out.strip() == "fastbn.reference"
+
+
+def test_source_folder_without_a_build_says_so(tmp_path):
+    """Python run from a clone or an unpacked sdist finds the source folder first; without a
+    build in it, the error says that (Python's own message blamed a circular import)."""
+    source = pathlib.Path(fastbn.__file__).parent
+    copy = tmp_path / "fastbn"
+    copy.mkdir()
+    for f in list(source.glob("*.py")) + [source / "_kernels.pyx"]:
+        shutil.copy(f, copy)
+    # -S: no site-packages, so no editable install's finder either: the folder is found first
+    run = subprocess.run([sys.executable, "-S", "-c", "import fastbn"], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: fastbn's compiled extension is not in ")
+    assert "pip install -e ." in last and "circular" not in run.stderr
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -24,7 +24,7 @@ BAD_TRAIN = [
     (dict(x=np.zeros((4, 3), np.float16)), TypeError, "float16"),
     (dict(x=np.zeros((4, 3), np.complex128)), TypeError, "complex128"),
     (dict(x="abc"), TypeError, "x must be a numpy.ndarray"),
-    (dict(axis=3), np.exceptions.AxisError, "axis"),
+    (dict(axis=3), np.exceptions.AxisError, r"^axis 3 is out of bounds for array of dimension 3$"),
     (dict(axis=1.0), TypeError, "axis must be an int"),
     (dict(axis=True), TypeError, "axis must be an int"),
     (dict(weight=np.ones(4)), ValueError, r"weight must have shape \(3,\)"),
@@ -124,7 +124,7 @@ BAD_INFER = [
     (dict(running_var=np.array([1.0, -0.5, 1.0])), ValueError, "running_var must be non-negative"),
     (dict(weight=np.ones(3, np.complex128)), TypeError, "weight must be a float32"),
     (dict(eps=float("nan")), ValueError, "eps must be in"),
-    (dict(axis=-4), np.exceptions.AxisError, "axis"),
+    (dict(axis=-4), np.exceptions.AxisError, r"^axis -4 is out of bounds for array of dimension 3$"),
     (dict(out=np.zeros((4, 3, 5), np.float32)), TypeError, "out must have the dtype of x"),
     (dict(out=np.zeros((4, 5, 3))), ValueError, "out must have the shape of x"),
 ]
@@ -203,3 +203,22 @@ def test_nan_momentum_and_eps_are_rejected(arrays):
             fastbn.batch_norm_train(arrays["x"], running_mean=arrays["rm"],
                                     running_var=arrays["rv"], **kw)
     assert_untouched(arrays)
+
+
+def test_channels_last_data_with_the_default_axis_get_a_hint(rng):
+    """NHWC data without axis=-1: the per-channel arrays don't fit axis 1, and the message
+    says the axis may be the thing that is wrong."""
+    x = rng.standard_normal((2, 5, 5, 3)).astype(np.float32)
+    w, b, rm, rv = np.ones(3, np.float32), np.zeros(3, np.float32), np.zeros(3), np.ones(3)
+    calls = [lambda: fastbn.batch_norm_train(x, w, b),
+             lambda: fastbn.batch_norm_infer(x, rm, rv),
+             lambda: fastbn.batch_norm_backward(x, x, rm, rv)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"must have shape \(5,\), one value per channel, "
+                                             r"got \(3,\) \(.*NHWC need axis=-1\)"):
+            call()
+    # an array of another rank is not about the axis: no hint
+    with pytest.raises(ValueError) as error:
+        fastbn.batch_norm_train(x, np.ones((5, 1), np.float32))
+    assert "axis" not in str(error.value)
+    fastbn.batch_norm_train(x, w, b, axis=-1)             # what the hint says works

@@ -1,14 +1,21 @@
 """fastbn.BatchNorm against torch.nn.BatchNorm1d/2d/3d through the same train/eval sequence:
-every output, gradient and buffer; state dicts both ways; .npz save/load; errors."""
+every output, gradient and buffer; state dicts both ways; .npz save/load; errors; Keras
+conventions, the window, the repr. The tests that compare with PyTorch are skipped without it
+(each on its own: the others run anyway)."""
 import numpy as np
 import pytest
 
 import fastbn
 
-torch = pytest.importorskip("torch")
+try:
+    import torch
+except ImportError:
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="compares with PyTorch, not installed")
 
-TORCH_LAYER = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
-               5: torch.nn.BatchNorm3d}
+if torch is not None:
+    TORCH_LAYER = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+                   5: torch.nn.BatchNorm3d}
 TOL = {np.float32: 2e-5, np.float64: 1e-10}
 
 
@@ -16,6 +23,7 @@ def close(a, t, dtype):
     np.testing.assert_allclose(a, t.detach().numpy(), rtol=TOL[dtype], atol=TOL[dtype])
 
 
+@needs_torch
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,channels_last", [((8, 5), False), ((6, 4, 9), False),
                                                  ((4, 3, 6, 5), False), ((4, 3, 6, 5), True),
@@ -63,6 +71,7 @@ def test_same_sequence_as_torch(shape, channels_last, dtype, momentum, affine, t
             assert layer.num_batches_tracked == int(tlayer.num_batches_tracked)
 
 
+@needs_torch
 def test_state_dict_round_trips_with_torch(rng, tmp_path):
     tlayer = torch.nn.BatchNorm2d(4)
     tlayer.train()
@@ -133,7 +142,8 @@ def test_keras_conventions(center, scale, rng):
     layer = fastbn.BatchNorm.keras(4, momentum=0.9, center=center, scale=scale, dtype=np.float64)
     assert layer.eps == 1e-3 and layer.axis == -1
     assert (layer.weight is None) == (not scale) and (layer.bias is None) == (not center)
-    assert layer.affine == (center and scale) and f"affine={center and scale}" in repr(layer)
+    assert layer.affine == (center and scale)
+    assert f"center={center}, scale={scale}" in repr(layer)
     if scale:
         layer.weight[...] = rng.uniform(0.5, 1.5, 4)
     if center:
@@ -169,13 +179,15 @@ def test_sliding_window_statistics(rng):
         fastbn.BatchNorm(3, window=0)
 
 
-TORCH_ACTIVATION = {"relu": torch.nn.functional.relu,
-                    "leaky_relu": lambda z: torch.nn.functional.leaky_relu(z, 0.1),
-                    "tanh": torch.tanh}
+def torch_activation(name):
+    return {"relu": torch.nn.functional.relu,
+            "leaky_relu": lambda z: torch.nn.functional.leaky_relu(z, 0.1),
+            "tanh": torch.tanh}[name]
 
 
+@needs_torch
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("activation", list(TORCH_ACTIVATION))
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh"])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_fused_layer_same_sequence_as_torch(activation, with_residual, dtype, rng):
     """BatchNorm(activation=...) with a residual against torch's BatchNorm2d, add, activation:
@@ -185,7 +197,7 @@ def test_fused_layer_same_sequence_as_torch(activation, with_residual, dtype, rn
     tlayer = torch.nn.BatchNorm2d(C, eps=1e-4).to(tdtype)
     layer = fastbn.BatchNorm(C, eps=1e-4, dtype=dtype, activation=activation,
                              negative_slope=0.1)
-    act = TORCH_ACTIVATION[activation]
+    act = torch_activation(activation)
     for training in [True, True, False, True, False]:
         tlayer.train(training)
         layer.train(training)
@@ -216,3 +228,102 @@ def test_fused_layer_arguments():
     with pytest.raises(ValueError, match="negative_slope"):
         fastbn.BatchNorm(3, activation="leaky_relu", negative_slope=-0.5)
     assert "activation='tanh'" in repr(fastbn.BatchNorm(3, activation="tanh"))
+
+
+def test_state_dict_and_save_load_round_trip(rng, tmp_path):
+    """Without torch: the state after training survives state_dict / load_state_dict and
+    save / load, and the loaded layer computes the same evaluation output."""
+    layer = fastbn.BatchNorm(4, momentum=0.2)
+    layer.weight[...] = rng.uniform(0.5, 1.5, 4)
+    layer.bias[...] = rng.standard_normal(4)
+    for _ in range(3):
+        layer(rng.standard_normal((5, 4, 3, 3)).astype(np.float32) * 2 + 1)
+    state = layer.state_dict()
+    assert set(state) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    assert int(state["num_batches_tracked"]) == 3
+    x = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+    want = layer.eval()(x)
+    copy = fastbn.BatchNorm(4)
+    copy.load_state_dict(state)
+    layer.save(tmp_path / "bn.npz")
+    loaded = fastbn.BatchNorm(4)
+    assert loaded.load(tmp_path / "bn.npz") is None
+    for other in (copy, loaded):
+        for k, v in state.items():
+            np.testing.assert_array_equal(other.state_dict()[k], v)
+        assert other.num_batches_tracked == 3
+        np.testing.assert_array_equal(other.eval()(x), want)
+
+
+REPR_CASES = [
+    lambda: fastbn.BatchNorm(3),
+    lambda: fastbn.BatchNorm(3, eps=1e-3, momentum=None, affine=False, axis=-1,
+                             dtype=np.float64),
+    lambda: fastbn.BatchNorm(3, momentum=0.3, track_running_stats=False),
+    lambda: fastbn.BatchNorm(3, window=2, activation="leaky_relu", negative_slope=0.2),
+    lambda: fastbn.BatchNorm.keras(3),
+    lambda: fastbn.BatchNorm.keras(3, momentum=0.9, epsilon=1e-4, center=False, axis=1,
+                                   dtype=np.float64),
+    lambda: fastbn.BatchNorm.keras(3, scale=False),
+]
+
+
+@pytest.mark.parametrize("make", REPR_CASES)
+def test_repr_builds_a_layer_that_behaves_the_same(make, rng):
+    """eval(repr(layer)) is the same layer: same repr, and through the same training steps
+    the same running statistics (Keras's momentum convention included) and outputs."""
+    layer = make()
+    again = eval(repr(layer), {"BatchNorm": fastbn.BatchNorm})
+    assert repr(again) == repr(layer)
+    axis = layer.axis
+    for step in range(3):
+        x = (1 + 2 * rng.standard_normal((6, 3, 4))).astype(layer.dtype)
+        if axis == -1:
+            x = np.moveaxis(x, 1, -1).copy()
+        np.testing.assert_array_equal(again(x), layer(x))
+    if layer.track_running_stats:
+        np.testing.assert_array_equal(again.running_mean, layer.running_mean)
+        np.testing.assert_array_equal(again.running_var, layer.running_var)
+    for k in ("weight", "bias", "eps", "momentum", "affine", "window", "activation"):
+        assert np.array_equal(getattr(again, k), getattr(layer, k)) or \
+            getattr(again, k) == getattr(layer, k)
+
+
+def test_keras_repr_keeps_the_keras_convention():
+    layer = fastbn.BatchNorm.keras(4)
+    assert repr(layer) == ("BatchNorm.keras(4, momentum=0.99, epsilon=0.001, center=True, "
+                           "scale=True, axis=-1, dtype='float32')")
+
+
+@pytest.mark.parametrize("eps,error,message", [
+    ("a", TypeError, "eps must be a real number, got str"),
+    (None, TypeError, "eps must be a real number, got NoneType"),
+    (True, TypeError, "eps must be a real number, got bool"),
+    (-1, ValueError, "eps must be a finite number >= 0, got -1"),
+    (float("nan"), ValueError, "eps must be a finite number >= 0, got nan"),
+    (float("inf"), ValueError, "eps must be a finite number >= 0, got inf"),
+])
+def test_bad_eps_is_rejected_at_construction(eps, error, message):
+    with pytest.raises(error, match=message):
+        fastbn.BatchNorm(3, eps=eps)
+    with pytest.raises(error, match=message):         # Keras's epsilon is the same eps
+        fastbn.BatchNorm.keras(3, epsilon=eps)
+
+
+def test_channels_last_input_to_a_channels_first_layer_gets_a_hint(rng):
+    layer = fastbn.BatchNorm(3)
+    x = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)      # NHWC
+    with pytest.raises(ValueError, match=r"x has 5 channels on axis 1, this layer has "
+                                         r"num_features=3; is the channel axis wrong\? x has 3 "
+                                         r"values on axis -1 \(build the layer with axis=-1"):
+        layer(x)
+    with pytest.raises(ValueError) as error:                        # no axis has 3: no hint
+        layer(rng.standard_normal((2, 5, 6, 7)).astype(np.float32))
+    assert "channel axis wrong" not in str(error.value)
+    assert fastbn.BatchNorm(3, axis=-1)(x).shape == x.shape
+
+
+def test_public_methods_have_docstrings():
+    for name in ("train", "eval", "forward", "backward", "state_dict", "load_state_dict",
+                 "save", "load", "keras"):
+        assert getattr(fastbn.BatchNorm, name).__doc__, name

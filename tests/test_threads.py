@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -51,8 +52,10 @@ def test_set_num_threads_checks_its_argument(threads):
 
 
 def _threads_in_subprocess(code, **env):
+    # run outside the repository: the installed fastbn (from an unpacked sdist, the current
+    # directory's fastbn/ is the source folder, without a build)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, **env}, check=True)
+                         env={**os.environ, **env}, check=True, cwd=tempfile.gettempdir())
     return out.stdout.strip()
 
 
