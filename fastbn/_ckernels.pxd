@@ -32,8 +32,7 @@ cdef extern from "fastbn/kernels.h" nogil:
     void fbn_grad_merge(fbn_grad_sums *a, fbn_grad_sums b)
     void fbn_grad_merge_units(double *a, const double *b, fbn_index U, fbn_index u0,
                               fbn_index u1)
-    fbn_grad_sums fbn_grad_get(const double *part, fbn_index U, fbn_index u)
-    void fbn_grad_put(double *part, fbn_index U, fbn_index u, fbn_grad_sums s)
+    void fbn_unit_put(double *part, fbn_index U, fbn_index u, const void *unit, int n)
 
     enum:
         FBN_ACT_NONE

@@ -145,85 +145,95 @@ cdef inline cnp.ndarray output_for(cnp.ndarray x, object out):
                      cnp.PyArray_ITEMSIZE(x))
 
 
-cdef int plain_call(object x, object axis, object out, int *typenum):
-    """The channel axis (0..ndim-1) when x, axis and out take the common form, else -1;
-    x's type number goes to typenum."""
-    cdef int t = typenum_of(x)
+cdef int plain_call(object x, object axis, object out, int *typenum, int *compute,
+                    Py_ssize_t *C):
+    """The channel axis (0..ndim-1) when x, axis and out take the common form, else -1; x's
+    type number, its compute type's and its channel count go to typenum, compute and C."""
+    cdef int t = typenum_of(x), ax
     if t < 0 or not plain_out(out, <cnp.ndarray>x, t):
         return -1
-    typenum[0] = t
-    return plain_axis(axis, cnp.PyArray_NDIM(<cnp.ndarray>x))
+    ax = plain_axis(axis, cnp.PyArray_NDIM(<cnp.ndarray>x))
+    if ax >= 0:
+        typenum[0] = t
+        compute[0] = compute_typenum(t)
+        C[0] = cnp.PyArray_DIM(<cnp.ndarray>x, ax)
+    return ax
+
+
+cdef struct Forward:          # a forward call in the common form
+    int axis, typenum, compute
+    Py_ssize_t C, outer, inner
+    int act                   # the activation's kernel code
+    double slope
+
+
+cdef bint plain_forward(x, axis, out, eps, weight, bias, residual, activation, negative_slope,
+                        Forward *f):
+    """What both forwards take in the common form: x, axis, out, eps, weight, bias and the
+    fusion. f gets the call's facts."""
+    f.axis = plain_call(x, axis, out, &f.typenum, &f.compute, &f.C)
+    if f.axis < 0:
+        return False
+    if not (channel_vector(weight, f.compute, f.C, True)
+            and channel_vector(bias, f.compute, f.C, True)
+            and plain_float(eps, EPS_LOW, EPS_HIGH)
+            and plain_fusion(residual, activation, negative_slope, <cnp.ndarray>x, out,
+                             f.typenum, &f.act, &f.slope)):
+        return False
+    outer_inner(<cnp.ndarray>x, f.axis, &f.outer, &f.inner)
+    return True
 
 
 def infer_common(x, running_mean, running_var, weight, bias, eps, axis, out, residual,
                  activation, negative_slope):
-    cdef int t, act
-    cdef double slope
-    cdef int ax = plain_call(x, axis, out, &t)
-    if ax < 0:
+    cdef Forward f
+    if not (plain_forward(x, axis, out, eps, weight, bias, residual, activation,
+                          negative_slope, &f)
+            and channel_vector(running_mean, f.compute, f.C, False)
+            and channel_vector(running_var, f.compute, f.C, False)):
         return None
-    cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef Py_ssize_t C = cnp.PyArray_DIM(xa, ax)
-    cdef int s = compute_typenum(t)
-    if not (channel_vector(running_mean, s, C, False) and channel_vector(running_var, s, C, False)
-            and channel_vector(weight, s, C, True) and channel_vector(bias, s, C, True)
-            and plain_float(eps, EPS_LOW, EPS_HIGH)
-            and plain_fusion(residual, activation, negative_slope, xa, out, t, &act, &slope)):
-        return None
-    cdef Py_ssize_t outer, inner
-    outer_inner(xa, ax, &outer, &inner)
-    cdef cnp.ndarray y = output_for(xa, out)
-    forward_infer(xa, y, outer, C, inner, running_mean, running_var, weight, bias, eps,
-                  residual, act, slope)
+    cdef cnp.ndarray y = output_for(<cnp.ndarray>x, out)
+    forward_infer(<cnp.ndarray>x, y, f.outer, f.C, f.inner, running_mean, running_var, weight,
+                  bias, eps, residual, f.act, f.slope)
     return y
 
 
 def train_common(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
                  residual, activation, negative_slope):
-    cdef int t, act
-    cdef double slope
-    cdef int ax = plain_call(x, axis, out, &t)
-    if ax < 0:
-        return None
-    cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef Py_ssize_t C = cnp.PyArray_DIM(xa, ax)
-    cdef int s = compute_typenum(t)
-    if not (channel_vector(weight, s, C, True) and channel_vector(bias, s, C, True)
-            and plain_float(eps, EPS_LOW, EPS_HIGH)
-            and plain_float(momentum, MOMENTUM_LOW, MOMENTUM_HIGH)
-            and plain_fusion(residual, activation, negative_slope, xa, out, t, &act, &slope)):
+    cdef Forward f
+    if not (plain_forward(x, axis, out, eps, weight, bias, residual, activation,
+                          negative_slope, &f)
+            and plain_float(momentum, MOMENTUM_LOW, MOMENTUM_HIGH)):
         return None
     if (running_mean is None) != (running_var is None):
         return None
     if running_mean is not None and not (
-            channel_vector(running_mean, s, C, False) and channel_vector(running_var, s, C, False)
+            channel_vector(running_mean, f.compute, f.C, False)
+            and channel_vector(running_var, f.compute, f.C, False)
             and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean)
             and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var)):
         return None
-    cdef Py_ssize_t outer, inner
-    outer_inner(xa, ax, &outer, &inner)
-    if outer * inner < MIN_TRAIN_COUNT:       # _api raises the error
+    if f.outer * f.inner < MIN_TRAIN_COUNT:       # _api raises the error
         return None
-    cdef cnp.ndarray y = output_for(xa, out)
-    cdef cnp.npy_intp c_dim = C
-    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &c_dim, s, 0)
-    cdef cnp.ndarray invstd = cnp.PyArray_EMPTY(1, &c_dim, s, 0)
-    forward_train(xa, y, outer, C, inner, weight, bias, eps, running_mean, running_var,
-                  momentum, mean, invstd, residual, act, slope)
+    cdef cnp.ndarray y = output_for(<cnp.ndarray>x, out)
+    cdef cnp.npy_intp c_dim = f.C
+    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &c_dim, f.compute, 0)
+    cdef cnp.ndarray invstd = cnp.PyArray_EMPTY(1, &c_dim, f.compute, 0)
+    forward_train(<cnp.ndarray>x, y, f.outer, f.C, f.inner, weight, bias, eps, running_mean,
+                  running_var, momentum, mean, invstd, residual, f.act, f.slope)
     return y, mean, invstd
 
 
 def backward_common(dy, x, mean, invstd, weight, axis, out):
-    cdef int t
-    cdef int ax = plain_call(x, axis, out, &t)
+    cdef int t, s
+    cdef Py_ssize_t C
+    cdef int ax = plain_call(x, axis, out, &t, &s, &C)
     if ax < 0 or typenum_of(dy) != t or not plain_out(out, <cnp.ndarray>dy, t):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef cnp.ndarray dya = <cnp.ndarray>dy
     if not cnp.PyArray_SAMESHAPE(xa, dya):
         return None
-    cdef Py_ssize_t C = cnp.PyArray_DIM(xa, ax)
-    cdef int s = compute_typenum(t)
     if not (channel_vector(mean, s, C, False) and channel_vector(invstd, s, C, False)
             and channel_vector(weight, s, C, True)):
         return None

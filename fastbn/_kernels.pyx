@@ -120,21 +120,40 @@ cdef inline double *chunk_part(double *parts, Py_ssize_t k, Py_ssize_t fields,
     return parts + k * fields * C
 
 
+cdef struct WorkItem:         # a work item of a statistics stage
+    Py_ssize_t chunk          # its chunk
+    Py_ssize_t channel        # channels-first: its channel
+    Py_ssize_t first, last    # channels-first: its positions of the channel; channels-last: rows
+
+
+cdef inline WorkItem work_item(const Plan *p, Py_ssize_t i) noexcept nogil:
+    """Work item i: channels-first, chunk i % K of channel i // K; channels-last, chunk i of
+    the rows."""
+    cdef WorkItem w
+    cdef Py_ssize_t nrows = 0
+    w.first = w.last = 0
+    if p.inner > 1:
+        w.channel = i // p.nchunks
+        w.chunk = i % p.nchunks
+        chunk_range(p.count, w.chunk, p.nchunks, &w.first, &w.last)
+    else:
+        w.chunk = i
+        w.channel = 0
+        cl_chunk_rows(p, i, &w.first, &nrows)
+        w.last = w.first + nrows
+    return w
+
+
 cdef void chunk_moments(const fbn_kernel_table *kern, const void *x, const Plan *p,
                         Py_ssize_t i, double *parts, double *scratch) noexcept nogil:
-    """Statistics stage, work item i: channels-first, chunk i % K of channel i // K;
-    channels-last, chunk i of the rows (scratch: 3*C doubles). Into chunk k's partials."""
-    cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, e0 = 0, e1 = 0, r0 = 0, nrows = 0
+    """Statistics stage, work item i, into its chunk's partials (scratch: 3*C doubles)."""
+    cdef WorkItem w = work_item(p, i)
+    cdef double *part = chunk_part(parts, w.chunk, FBN_MOMENT_FIELDS, p.C)
     if p.inner > 1:
-        c = i // K
-        k = i % K
-        chunk_range(p.count, k, K, &e0, &e1)
-        fbn_moments_put(chunk_part(parts, k, FBN_MOMENT_FIELDS, C), C, c,
-                        kern.moments_channel(x, C, p.inner, c, e0, e1))
+        fbn_moments_put(part, p.C, w.channel,
+                        kern.moments_channel(x, p.C, p.inner, w.channel, w.first, w.last))
     else:
-        cl_chunk_rows(p, i, &r0, &nrows)
-        kern.moments_rows(x, C, r0, r0 + nrows, p.block_rows, p.row_step,
-                          chunk_part(parts, i, FBN_MOMENT_FIELDS, C), scratch)
+        kern.moments_rows(x, p.C, w.first, w.last, p.block_rows, p.row_step, part, scratch)
 
 
 cdef void merge_moments_range(double *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c0,
@@ -163,19 +182,17 @@ cdef void normalize_part(const fbn_kernel_table *kern, const void *x, void *y, c
 cdef void chunk_grad_sums(const fbn_kernel_table *kern, const void *dy, const void *x,
                           const Plan *p, Py_ssize_t i, const fbn_grad_args *a, double *parts,
                           double *scratch) noexcept nogil:
-    """Gradient sums stage, work item i (as chunk_moments), around the saved means and the
-    shifts q (a.mean, a.shift). Into chunk k's partials."""
-    cdef Py_ssize_t C = p.C, K = p.nchunks, c, k, e0 = 0, e1 = 0, r0 = 0, nrows = 0
+    """Gradient sums stage, work item i, around the saved means and the shifts q (a.mean,
+    a.shift), into its chunk's partials."""
+    cdef WorkItem w = work_item(p, i)
+    cdef double *part = chunk_part(parts, w.chunk, FBN_GRAD_FIELDS, p.C)
+    cdef fbn_grad_sums sums
     if p.inner > 1:
-        c = i // K
-        k = i % K
-        chunk_range(p.count, k, K, &e0, &e1)
-        fbn_grad_put(chunk_part(parts, k, FBN_GRAD_FIELDS, C), C, c,
-                     kern.grad_sums_channel(dy, x, C, p.inner, c, e0, e1, a))
+        sums = kern.grad_sums_channel(dy, x, p.C, p.inner, w.channel, w.first, w.last, a)
+        fbn_unit_put(part, p.C, w.channel, &sums, FBN_GRAD_FIELDS)
     else:
-        cl_chunk_rows(p, i, &r0, &nrows)
-        kern.grad_sums_rows(dy, x, C, r0, r0 + nrows, p.block_rows, p.row_step, a,
-                            chunk_part(parts, i, FBN_GRAD_FIELDS, C), scratch)
+        kern.grad_sums_rows(dy, x, p.C, w.first, w.last, p.block_rows, p.row_step, a, part,
+                            scratch)
 
 
 cdef void merge_grad_range(double *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c0,
@@ -415,11 +432,9 @@ cpdef forward_train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C
     cdef void *yp = cnp.PyArray_DATA(y)
     cdef int status
     cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
-    try:
-        with nogil:
-            status = forward_train_impl(kern, xp, yp, &p, &a, &ep, nthreads)
-    finally:
-        release_threads(nthreads)
+    with nogil:
+        status = forward_train_impl(kern, xp, yp, &p, &a, &ep, nthreads)
+    release_threads(nthreads)
     if status != 0:
         raise MemoryError("fastbn: out of memory for the per-channel partial statistics")
 
@@ -441,11 +456,9 @@ cpdef forward_infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C
     cdef void *b = data_or_null(bias)
     cdef Py_ssize_t status
     cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_PASS)
-    try:
-        with nogil:
-            status = infer_impl(kern, xp, yp, &p, rm, rv, w, b, eps, &ep, nthreads)
-    finally:
-        release_threads(nthreads)
+    with nogil:
+        status = infer_impl(kern, xp, yp, &p, rm, rv, w, b, eps, &ep, nthreads)
+    release_threads(nthreads)
     if status == -1:
         raise MemoryError("fastbn: out of memory for the normalizing coefficients")
     if status == 1:
@@ -471,11 +484,9 @@ cpdef backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, 
     cdef void *dxp = cnp.PyArray_DATA(dx)
     cdef int status
     cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
-    try:
-        with nogil:
-            status = backward_impl(kern, dyp, xp, dxp, &p, &a, nthreads)
-    finally:
-        release_threads(nthreads)
+    with nogil:
+        status = backward_impl(kern, dyp, xp, dxp, &p, &a, nthreads)
+    release_threads(nthreads)
     if status != 0:
         raise MemoryError("fastbn: out of memory for the per-channel gradient sums")
 

@@ -1202,8 +1202,11 @@ FBN_DISPATCH static void FBN_FN(grad_finish_grouped)(const double *sums, fbn_ind
                                                      fbn_index c0, fbn_index c1,
                                                      const fbn_grad_args *a, T *coef)
 {
-    for (fbn_index c = c0; c < c1; ++c)
-        FBN_FN(grad_finish_channel)(fbn_grad_get(sums, C, c), C, c, a, coef);
+    for (fbn_index c = c0; c < c1; ++c) {
+        fbn_grad_sums s;
+        fbn_unit_get(sums, C, c, &s, FBN_GRAD_FIELDS);
+        FBN_FN(grad_finish_channel)(s, C, c, a, coef);
+    }
 }
 
 /* grad_finish_channel for channels [c0, c1), from their sums in the partial format (grouped:
@@ -1215,8 +1218,11 @@ static void FBN_FN(grad_finish)(const double *sums, fbn_index C, fbn_index c0, f
         FBN_FN(grad_finish_grouped)(sums, C, c0, c1, a, (T *)coef);
         return;
     }
-    for (fbn_index c = c0; c < c1; ++c)
-        FBN_FN(grad_finish_channel)(fbn_grad_get(sums, C, c), C, c, a, (T *)coef);
+    for (fbn_index c = c0; c < c1; ++c) {
+        fbn_grad_sums s;
+        fbn_unit_get(sums, C, c, &s, FBN_GRAD_FIELDS);
+        FBN_FN(grad_finish_channel)(s, C, c, a, (T *)coef);
+    }
 }
 
 /* Each channel's dy shift q[c]: its first value of g = dy * act'(y) (g = dy without fusion),

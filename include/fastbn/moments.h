@@ -30,6 +30,7 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <string.h>
 
 typedef ptrdiff_t fbn_index;  /* 64-bit element counts and offsets everywhere */
 
@@ -50,6 +51,9 @@ typedef struct {
 } fbn_grad_sums;
 
 enum { FBN_MOMENT_FIELDS = 4, FBN_GRAD_FIELDS = 6 };
+/* the partials are read and written as arrays of their fields (fbn_unit_get) */
+typedef char fbn_moments_are_fields[sizeof(fbn_moments) == 4 * sizeof(double) ? 1 : -1];
+typedef char fbn_grad_sums_are_fields[sizeof(fbn_grad_sums) == 6 * sizeof(double) ? 1 : -1];
 
 /* The fields of gradient sums that add (the others are the shifts) */
 static const int fbn_grad_sum_fields[4] = {0, 3, 4, 5};    /* count, dy, dy_xc, xc */
@@ -106,18 +110,32 @@ static inline void fbn_moments_merge(fbn_moments *a, fbn_moments b)
     a->count = n;
 }
 
+/* Unit u's n fields out of, or into, an array of U units in the partial format (the
+ * partials are plain arrays of doubles, field after field) */
+static inline void fbn_unit_get(const double *part, fbn_index U, fbn_index u, void *unit, int n)
+{
+    double fields[FBN_GRAD_FIELDS];
+    for (int f = 0; f < n; ++f) fields[f] = part[f * U + u];
+    memcpy(unit, fields, (size_t)n * sizeof(double));
+}
+
+static inline void fbn_unit_put(double *part, fbn_index U, fbn_index u, const void *unit, int n)
+{
+    double fields[FBN_GRAD_FIELDS];
+    memcpy(fields, unit, (size_t)n * sizeof(double));
+    for (int f = 0; f < n; ++f) part[f * U + u] = fields[f];
+}
+
 static inline fbn_moments fbn_moments_get(const double *part, fbn_index U, fbn_index u)
 {
-    const fbn_moments m = {part[u], part[U + u], part[2 * U + u], part[3 * U + u]};
+    fbn_moments m;
+    fbn_unit_get(part, U, u, &m, FBN_MOMENT_FIELDS);
     return m;
 }
 
 static inline void fbn_moments_put(double *part, fbn_index U, fbn_index u, fbn_moments m)
 {
-    part[u] = m.count;
-    part[U + u] = m.shift;
-    part[2 * U + u] = m.dev_sum;
-    part[3 * U + u] = m.m2;
+    fbn_unit_put(part, U, u, &m, FBN_MOMENT_FIELDS);
 }
 
 /* Whether the n counts at count are all equal */
@@ -219,23 +237,6 @@ static inline void fbn_grad_merge(fbn_grad_sums *a, fbn_grad_sums b)
     a->xc += b.xc;
 }
 
-static inline fbn_grad_sums fbn_grad_get(const double *part, fbn_index U, fbn_index u)
-{
-    const fbn_grad_sums s = {part[u], part[U + u], part[2 * U + u], part[3 * U + u],
-                             part[4 * U + u], part[5 * U + u]};
-    return s;
-}
-
-static inline void fbn_grad_put(double *part, fbn_index U, fbn_index u, fbn_grad_sums s)
-{
-    part[u] = s.count;
-    part[U + u] = s.x_shift;
-    part[2 * U + u] = s.dy_shift;
-    part[3 * U + u] = s.dy;
-    part[4 * U + u] = s.dy_xc;
-    part[5 * U + u] = s.xc;
-}
-
 /* Units [u0, u1) of a <- a (+) b, arrays of U units in the partial format. Sums around the
  * same shifts (the chunks of one call: every chunk takes the call's shifts) add, and the loop
  * vectorizes; others move to a's shifts first (fbn_grad_merge). */
@@ -256,9 +257,11 @@ static inline void fbn_grad_merge_units(double *a, const double *b, fbn_index U,
         return;
     }
     for (fbn_index u = u0; u < u1; ++u) {
-        fbn_grad_sums s = fbn_grad_get(a, U, u);
-        fbn_grad_merge(&s, fbn_grad_get(b, U, u));
-        fbn_grad_put(a, U, u, s);
+        fbn_grad_sums s, t;
+        fbn_unit_get(a, U, u, &s, FBN_GRAD_FIELDS);
+        fbn_unit_get(b, U, u, &t, FBN_GRAD_FIELDS);
+        fbn_grad_merge(&s, t);
+        fbn_unit_put(a, U, u, &s, FBN_GRAD_FIELDS);
     }
 }
 
