@@ -122,15 +122,13 @@ class BuildExt(build_ext):
         elif not msvc and _compiles(compiler, "int main(void){return 0;}", ["-fopenmp-simd"], []):
             cflags.append("-fopenmp-simd")   # keeps `#pragma omp simd` vectorization
         if not msvc:
-            # sqrt without errno: the compiler may vectorize it (the per-channel
-            # coefficients of a 512-channel inference were scalar sqrt calls, a third
-            # of its time); fastbn never reads errno
+            # sqrt without errno, so the compiler may vectorize it; fastbn never reads
+            # errno (docs/tuning.md, -fno-math-errno)
             cflags += ["-Wno-unknown-pragmas", "-fno-math-errno"]
         if not msvc and _compiles(compiler, "int main(void){return 0;}",
                                   ["-fno-loop-unroll-and-jam"], []):
-            # GCC's -O3 unroll-and-jam fuses pairs of rows in the channels-last sum loops:
-            # at 256 channels that halved their speed (measured in C on (100352, 256)
-            # float32: moments 2x, gradient sums 1.6x); the kernels pick their own row steps
+            # GCC's -O3 unroll-and-jam fuses pairs of rows in the channels-last sum loops;
+            # the kernels pick their own row steps (docs/tuning.md, -fno-loop-unroll-and-jam)
             cflags.append("-fno-loop-unroll-and-jam")
         if _flag_set("FASTBN_NATIVE") and not msvc:
             cflags.append("-march=native")

@@ -17,6 +17,8 @@ cdef extern from "fastbn/kernels.h" nogil:
     void fbn_moments_merge(fbn_moments *a, fbn_moments b)
     void fbn_moments_merge_units(double *a, const double *b, fbn_index U, fbn_index u0,
                                  fbn_index u1)
+    void fbn_moments_merge_chunk(double *a, const double *b, fbn_index U, fbn_index u0,
+                                 fbn_index u1)
     void fbn_moments_finish(fbn_moments m, double eps, double *mean, double *var,
                             double *var_unbiased, double *invstd)
     fbn_moments fbn_moments_get(const double *part, fbn_index U, fbn_index u)
@@ -31,6 +33,8 @@ cdef extern from "fastbn/kernels.h" nogil:
         double xc
     void fbn_grad_merge(fbn_grad_sums *a, fbn_grad_sums b)
     void fbn_grad_merge_units(double *a, const double *b, fbn_index U, fbn_index u0,
+                              fbn_index u1)
+    void fbn_grad_merge_chunk(double *a, const double *b, fbn_index U, fbn_index u0,
                               fbn_index u1)
     void fbn_unit_put(double *part, fbn_index U, fbn_index u, const void *unit, int n)
 

@@ -157,11 +157,15 @@ cdef void chunk_moments(const fbn_kernel_table *kern, const void *x, const Plan 
 
 
 cdef void merge_moments_range(double *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c0,
-                              Py_ssize_t c1) noexcept nogil:
-    """Merge stage: units [c0, c1) of chunks 1..K-1 merged into chunk 0, in chunk order."""
+                              Py_ssize_t c1, bint chunks) noexcept nogil:
+    """Merge stage: units [c0, c1) of parts 1..K-1 merged into part 0, in order. chunks: the
+    parts are one call's chunks (their units share counts); else they come from anywhere."""
     cdef Py_ssize_t k
     for k in range(1, K):
-        fbn_moments_merge_units(parts, chunk_part(parts, k, FBN_MOMENT_FIELDS, C), C, c0, c1)
+        if chunks:
+            fbn_moments_merge_chunk(parts, chunk_part(parts, k, FBN_MOMENT_FIELDS, C), C, c0, c1)
+        else:
+            fbn_moments_merge_units(parts, chunk_part(parts, k, FBN_MOMENT_FIELDS, C), C, c0, c1)
 
 
 cdef void normalize_part(const fbn_kernel_table *kern, const void *x, void *y, const Plan *p,
@@ -196,11 +200,15 @@ cdef void chunk_grad_sums(const fbn_kernel_table *kern, const void *dy, const vo
 
 
 cdef void merge_grad_range(double *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c0,
-                           Py_ssize_t c1) noexcept nogil:
-    """Merge stage: units [c0, c1) of chunks 1..K-1 merged into chunk 0, in chunk order."""
+                           Py_ssize_t c1, bint chunks) noexcept nogil:
+    """Merge stage: units [c0, c1) of parts 1..K-1 merged into part 0, in order. chunks: the
+    parts are one call's chunks (their sums share the call's shifts); else from anywhere."""
     cdef Py_ssize_t k
     for k in range(1, K):
-        fbn_grad_merge_units(parts, chunk_part(parts, k, FBN_GRAD_FIELDS, C), C, c0, c1)
+        if chunks:
+            fbn_grad_merge_chunk(parts, chunk_part(parts, k, FBN_GRAD_FIELDS, C), C, c0, c1)
+        else:
+            fbn_grad_merge_units(parts, chunk_part(parts, k, FBN_GRAD_FIELDS, C), C, c0, c1)
 
 
 cdef void grad_input_part(const fbn_kernel_table *kern, const void *g, const void *x, void *dx,
@@ -292,7 +300,7 @@ cdef int forward_train_impl(const fbn_kernel_table *kern, const void *x, void *y
             fbn_barrier()
             for i in prange(nmerge, schedule='static'):
                 c = i * MERGE_CHANNELS
-                merge_moments_range(w.parts, K, C, c, min(C, c + MERGE_CHANNELS))
+                merge_moments_range(w.parts, K, C, c, min(C, c + MERGE_CHANNELS), True)
                 kern.train_finish(w.parts, C, c, min(C, c + MERGE_CHANNELS), a, w.coef, False)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
@@ -357,7 +365,7 @@ cdef int backward_impl(const fbn_kernel_table *kern, const void *dy, const void 
             fbn_barrier()
             for i in prange(nmerge, schedule='static'):
                 c = i * MERGE_CHANNELS
-                merge_grad_range(w.parts, K, C, c, min(C, c + MERGE_CHANNELS))
+                merge_grad_range(w.parts, K, C, c, min(C, c + MERGE_CHANNELS), True)
                 kern.grad_finish(w.parts, C, c, min(C, c + MERGE_CHANNELS), &a, w.coef, False)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
@@ -528,9 +536,9 @@ def merge_stage(cnp.ndarray parts):
     cdef cnp.ndarray merged = parts.copy()
     cdef double *mp = <double *>cnp.PyArray_DATA(merged)
     if fields == FBN_MOMENT_FIELDS:
-        merge_moments_range(mp, K, U, 0, U)
+        merge_moments_range(mp, K, U, 0, U, False)
     else:
-        merge_grad_range(mp, K, U, 0, U)
+        merge_grad_range(mp, K, U, 0, U, False)
     return merged[0]
 
 

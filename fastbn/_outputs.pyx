@@ -1,8 +1,8 @@
 # cython: language_level=3
 """Output memory: large outputs come from a cache of freed blocks.
 
-A fresh output of tens of MB costs the kernel's page zeroing on first touch (~3 ms per
-100 MB here), every call: large blocks go back to the system when freed. Outputs of
+A fresh output of tens of MB costs the kernel's page zeroing on first touch, every call
+(docs/tuning.md, CACHE_MIN_BYTES): large blocks go back to the system when freed. Outputs of
 CACHE_MIN_BYTES or more therefore come from a small cache of freed blocks, the way ONNX
 Runtime's arena works; set_output_cache(0) turns it off. Touched only with the GIL held.
 """

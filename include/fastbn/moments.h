@@ -30,7 +30,6 @@
 
 #include <math.h>
 #include <stddef.h>
-#include <string.h>
 
 typedef ptrdiff_t fbn_index;  /* 64-bit element counts and offsets everywhere */
 
@@ -114,15 +113,13 @@ static inline void fbn_moments_merge(fbn_moments *a, fbn_moments b)
  * partials are plain arrays of doubles, field after field) */
 static inline void fbn_unit_get(const double *part, fbn_index U, fbn_index u, void *unit, int n)
 {
-    double fields[FBN_GRAD_FIELDS];
+    double *fields = (double *)unit;       /* the partials are plain arrays of doubles */
     for (int f = 0; f < n; ++f) fields[f] = part[f * U + u];
-    memcpy(unit, fields, (size_t)n * sizeof(double));
 }
 
 static inline void fbn_unit_put(double *part, fbn_index U, fbn_index u, const void *unit, int n)
 {
-    double fields[FBN_GRAD_FIELDS];
-    memcpy(fields, unit, (size_t)n * sizeof(double));
+    const double *fields = (const double *)unit;
     for (int f = 0; f < n; ++f) part[f * U + u] = fields[f];
 }
 
@@ -174,17 +171,26 @@ static inline void fbn_moments_merge_shared(fbn_index n, double *count_a, double
     *count_a = total;
 }
 
-/* Units [u0, u1) of a <- a (+) b, arrays of U units in the partial format. Units that share
- * their counts (every unit of a chunk of channels-last rows saw the same rows) merge through
- * fbn_moments_merge_shared; the result is the same either way. */
+/* Units [u0, u1) of a <- a (+) b, arrays of U units in the partial format whose units share
+ * their counts on each side: the chunks of one call (every unit of a chunk saw as many
+ * values), merged without checking that */
+static inline void fbn_moments_merge_chunk(double *a, const double *b, fbn_index U,
+                                           fbn_index u0, fbn_index u1)
+{
+    double count = a[u0];
+    if (u1 <= u0) return;
+    fbn_moments_merge_shared(u1 - u0, &count, a + U + u0, a + 2 * U + u0, a + 3 * U + u0, b[u0],
+                             b + U + u0, b + 2 * U + u0, b + 3 * U + u0);
+    for (fbn_index u = u0; u < u1; ++u) a[u] = count;
+}
+
+/* Units [u0, u1) of a <- a (+) b, arrays of U units in the partial format, from anywhere.
+ * Units that share their counts merge as chunks do; the result is the same either way. */
 static inline void fbn_moments_merge_units(double *a, const double *b, fbn_index U,
                                            fbn_index u0, fbn_index u1)
 {
     if (u1 > u0 && fbn_counts_shared(a + u0, u1 - u0) && fbn_counts_shared(b + u0, u1 - u0)) {
-        double count = a[u0];
-        fbn_moments_merge_shared(u1 - u0, &count, a + U + u0, a + 2 * U + u0, a + 3 * U + u0,
-                                 b[u0], b + U + u0, b + 2 * U + u0, b + 3 * U + u0);
-        for (fbn_index u = u0; u < u1; ++u) a[u] = count;
+        fbn_moments_merge_chunk(a, b, U, u0, u1);
         return;
     }
     for (fbn_index u = u0; u < u1; ++u) {
@@ -237,9 +243,22 @@ static inline void fbn_grad_merge(fbn_grad_sums *a, fbn_grad_sums b)
     a->xc += b.xc;
 }
 
-/* Units [u0, u1) of a <- a (+) b, arrays of U units in the partial format. Sums around the
- * same shifts (the chunks of one call: every chunk takes the call's shifts) add, and the loop
- * vectorizes; others move to a's shifts first (fbn_grad_merge). */
+/* Units [u0, u1) of a <- a (+) b for sums around the same shifts: the chunks of one call
+ * (every chunk takes the call's shifts), added without checking that */
+static inline void fbn_grad_merge_chunk(double *a, const double *b, fbn_index U, fbn_index u0,
+                                        fbn_index u1)
+{
+    for (int k = 0; k < 4; ++k) {
+        double *to = a + fbn_grad_sum_fields[k] * U;
+        const double *from = b + fbn_grad_sum_fields[k] * U;
+#pragma omp simd
+        for (fbn_index u = u0; u < u1; ++u) to[u] += from[u];
+    }
+}
+
+/* Units [u0, u1) of a <- a (+) b, arrays of U units in the partial format, from anywhere.
+ * Sums around the same shifts add (as chunks do); others move to a's shifts first
+ * (fbn_grad_merge). */
 static inline void fbn_grad_merge_units(double *a, const double *b, fbn_index U, fbn_index u0,
                                         fbn_index u1)
 {
@@ -248,12 +267,7 @@ static inline void fbn_grad_merge_units(double *a, const double *b, fbn_index U,
     for (fbn_index u = u0; u < u1; ++u)
         differ |= (a[U + u] != b[U + u]) | (a[2 * U + u] != b[2 * U + u]) | (a[u] == 0.0);
     if (!differ) {
-        for (int k = 0; k < 4; ++k) {
-            double *to = a + fbn_grad_sum_fields[k] * U;
-            const double *from = b + fbn_grad_sum_fields[k] * U;
-#pragma omp simd
-            for (fbn_index u = u0; u < u1; ++u) to[u] += from[u];
-        }
+        fbn_grad_merge_chunk(a, b, U, u0, u1);
         return;
     }
     for (fbn_index u = u0; u < u1; ++u) {

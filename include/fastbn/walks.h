@@ -60,35 +60,43 @@ static inline int fbn_channel_walk_next(fbn_channel_walk *w)
     return 1;
 }
 
-/* A span walk is a channel walk over the whole array taken as one channel of runs of len
- * values, len apart, that also tracks each run's channel */
 typedef struct {
-    fbn_channel_walk runs;
-    fbn_index C;
+    fbn_index next, end;      /* memory still to walk: [next, end) */
+    fbn_index start;          /* the next segment's first place in its run */
+    fbn_index C, len;
     fbn_index first, n;       /* the segment: its first element, its length */
     fbn_index channel;        /* the segment's channel */
+    fbn_index next_channel;
 } fbn_span_walk;
 
+/* A walk over memory [p0, p1) (its own iterator, not a channel walk's: it is the inner loop of
+ * short runs, where the channel walk's index arithmetic cost 5-8% of a (1, 512, 7, 7) inference) */
 static inline fbn_span_walk fbn_span_walk_begin(fbn_index p0, fbn_index p1, fbn_index C,
                                                 fbn_index len)
 {
     fbn_span_walk w;
-    w.runs = fbn_channel_walk_begin(p0, p1, len, len, p1, 0);
+    const fbn_index run = p0 < len ? 0 : p0 / len;
+    w.start = p0 - run * len;
+    w.next_channel = run < C ? run : run % C;
+    w.next = p0;
+    w.end = p1;
     w.C = C;
-    w.first = w.n = 0;
-    w.channel = w.runs.run < C ? w.runs.run : w.runs.run % C;
+    w.len = len;
+    w.first = w.n = w.channel = 0;
     return w;
 }
 
 /* The next segment into w->first, w->n and w->channel; 0 when the walk is done */
 static inline int fbn_span_walk_next(fbn_span_walk *w)
 {
-    if (w->n != 0 && ++w->channel == w->C)      /* the run after the last segment's */
-        w->channel = 0;
-    if (!fbn_channel_walk_next(&w->runs))
+    if (w->next >= w->end)
         return 0;
-    w->first = w->runs.offset;
-    w->n = w->runs.n;
+    w->n = (w->len - w->start < w->end - w->next) ? w->len - w->start : w->end - w->next;
+    w->first = w->next;
+    w->channel = w->next_channel;
+    w->next += w->n;
+    w->start = 0;
+    if (++w->next_channel == w->C) w->next_channel = 0;
     return 1;
 }
 
