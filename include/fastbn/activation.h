@@ -77,7 +77,8 @@ static inline double fbn_tanh_f64(double z)
 }
 
 /* The float32 versions, in float arithmetic (twice the SIMD lanes of double, and shorter
- * polynomials), within 1.5 ulp of float. exp(z) for z in [-87, 0]: as fbn_exp_nonpositive_f64,
+ * polynomials), within 1.51 ulp of float with FMA, 1.57 without (every float in [1/16, 16)).
+ * exp(z) for z in [-87, 0]: as fbn_exp_nonpositive_f64,
  * with exp(r) by its Taylor series to r^7 (|error| < 6e-9 relative). */
 static inline float fbn_exp_nonpositive_f32(float z)
 {
