@@ -142,6 +142,13 @@ def _run(kernel, arrays, axis, outs, in_place):
     return results
 
 
+def _required_pair(a, b, names, C, dtype, missing):
+    """Two per-channel arrays that go together, both required (else `missing` is raised)."""
+    if a is None or b is None:
+        raise missing
+    return channel_vector(a, names[0], C, dtype), channel_vector(b, names[1], C, dtype)
+
+
 # ------------------------------------------------------------------------------- functions
 
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
@@ -210,10 +217,9 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     x, axis = x_and_axis(x, axis)
     C = x.shape[axis]
     stat_dtype = compute_dtype(x.dtype)
-    if running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var are required for inference")
-    running_mean = channel_vector(running_mean, "running_mean", C, stat_dtype)
-    running_var = channel_vector(running_var, "running_var", C, stat_dtype)
+    running_mean, running_var = _required_pair(
+        running_mean, running_var, ("running_mean", "running_var"), C, stat_dtype,
+        ValueError("running_mean and running_var are required for inference"))
     weight = channel_vector(weight, "weight", C, stat_dtype)
     bias = channel_vector(bias, "bias", C, stat_dtype)
     eps = real(eps, EPS)
@@ -253,10 +259,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, y=None, act
     like_x(dy, "dy", x)
     C = x.shape[axis]
     stat_dtype = compute_dtype(x.dtype)
-    if mean is None or invstd is None:
-        raise TypeError("mean and invstd are required: pass what batch_norm_train returned")
-    mean = channel_vector(mean, "mean", C, stat_dtype)
-    invstd = channel_vector(invstd, "invstd", C, stat_dtype)
+    mean, invstd = _required_pair(
+        mean, invstd, ("mean", "invstd"), C, stat_dtype,
+        TypeError("mean and invstd are required: pass what batch_norm_train returned"))
     weight = channel_vector(weight, "weight", C, stat_dtype)
     act, slope = _rules.activation(activation, negative_slope)
     y = companion(y, "y", x)

@@ -156,16 +156,24 @@ cdef void chunk_moments(const fbn_kernel_table *kern, const void *x, const Plan 
         kern.moments_rows(x, p.C, w.first, w.last, p.block_rows, p.row_step, part, scratch)
 
 
-cdef void merge_moments_range(double *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c0,
-                              Py_ssize_t c1, bint chunks) noexcept nogil:
-    """Merge stage: units [c0, c1) of parts 1..K-1 merged into part 0, in order. chunks: the
-    parts are one call's chunks (their units share counts); else they come from anywhere."""
+cdef void merge_range(double *parts, Py_ssize_t K, Py_ssize_t fields, Py_ssize_t C,
+                      Py_ssize_t c0, Py_ssize_t c1, bint chunks) noexcept nogil:
+    """Merge stage: units [c0, c1) of parts 1..K-1 merged into part 0, in order; fields 4:
+    moments, 6: gradient sums. chunks: the parts are one call's chunks (their units share
+    counts and shifts), merged without checking that; else they come from anywhere."""
     cdef Py_ssize_t k
+    cdef double *part
     for k in range(1, K):
-        if chunks:
-            fbn_moments_merge_chunk(parts, chunk_part(parts, k, FBN_MOMENT_FIELDS, C), C, c0, c1)
+        part = chunk_part(parts, k, fields, C)
+        if fields == FBN_MOMENT_FIELDS:
+            if chunks:
+                fbn_moments_merge_chunk(parts, part, C, c0, c1)
+            else:
+                fbn_moments_merge_units(parts, part, C, c0, c1)
+        elif chunks:
+            fbn_grad_merge_chunk(parts, part, C, c0, c1)
         else:
-            fbn_moments_merge_units(parts, chunk_part(parts, k, FBN_MOMENT_FIELDS, C), C, c0, c1)
+            fbn_grad_merge_units(parts, part, C, c0, c1)
 
 
 cdef void normalize_part(const fbn_kernel_table *kern, const void *x, void *y, const Plan *p,
@@ -197,18 +205,6 @@ cdef void chunk_grad_sums(const fbn_kernel_table *kern, const void *dy, const vo
     else:
         kern.grad_sums_rows(dy, x, p.C, w.first, w.last, p.block_rows, p.row_step, a, part,
                             scratch)
-
-
-cdef void merge_grad_range(double *parts, Py_ssize_t K, Py_ssize_t C, Py_ssize_t c0,
-                           Py_ssize_t c1, bint chunks) noexcept nogil:
-    """Merge stage: units [c0, c1) of parts 1..K-1 merged into part 0, in order. chunks: the
-    parts are one call's chunks (their sums share the call's shifts); else from anywhere."""
-    cdef Py_ssize_t k
-    for k in range(1, K):
-        if chunks:
-            fbn_grad_merge_chunk(parts, chunk_part(parts, k, FBN_GRAD_FIELDS, C), C, c0, c1)
-        else:
-            fbn_grad_merge_units(parts, chunk_part(parts, k, FBN_GRAD_FIELDS, C), C, c0, c1)
 
 
 cdef void grad_input_part(const fbn_kernel_table *kern, const void *g, const void *x, void *dx,
@@ -300,7 +296,8 @@ cdef int forward_train_impl(const fbn_kernel_table *kern, const void *x, void *y
             fbn_barrier()
             for i in prange(nmerge, schedule='static'):
                 c = i * MERGE_CHANNELS
-                merge_moments_range(w.parts, K, C, c, min(C, c + MERGE_CHANNELS), True)
+                merge_range(w.parts, K, FBN_MOMENT_FIELDS, C, c, min(C, c + MERGE_CHANNELS),
+                            True)
                 kern.train_finish(w.parts, C, c, min(C, c + MERGE_CHANNELS), a, w.coef, False)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
@@ -365,7 +362,7 @@ cdef int backward_impl(const fbn_kernel_table *kern, const void *dy, const void 
             fbn_barrier()
             for i in prange(nmerge, schedule='static'):
                 c = i * MERGE_CHANNELS
-                merge_grad_range(w.parts, K, C, c, min(C, c + MERGE_CHANNELS), True)
+                merge_range(w.parts, K, FBN_GRAD_FIELDS, C, c, min(C, c + MERGE_CHANNELS), True)
                 kern.grad_finish(w.parts, C, c, min(C, c + MERGE_CHANNELS), &a, w.coef, False)
             fbn_barrier()
             for t in prange(nthreads, schedule='static'):
@@ -535,10 +532,7 @@ def merge_stage(cnp.ndarray parts):
     cdef Py_ssize_t K = parts.shape[0], fields = parts.shape[1], U = parts.shape[2]
     cdef cnp.ndarray merged = parts.copy()
     cdef double *mp = <double *>cnp.PyArray_DATA(merged)
-    if fields == FBN_MOMENT_FIELDS:
-        merge_moments_range(mp, K, U, 0, U, False)
-    else:
-        merge_grad_range(mp, K, U, 0, U, False)
+    merge_range(mp, K, fields, U, 0, U, False)
     return merged[0]
 
 

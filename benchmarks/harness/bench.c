@@ -451,26 +451,28 @@ static void case_prefetch_distance(void)
                      v, NULL);
 }
 
+/* base against one variant on the reading walks, over four shapes */
+static void sums_against(const char *figure, const long shapes[4][3], const char *base_label,
+                         const char *label, const fbn_calls *variant)
+{
+    const char *labels[] = {base_label, label};
+    const fbn_calls *v[] = {&calls_base, variant};
+    for (size_t i = 0; i < 4; ++i)
+        sums_compare(figure, shapes[i][0], shapes[i][1], shapes[i][2], 2, labels, v, NULL);
+}
+
 /* fbn_lane_total: the lanes' tree as loops or as one expression */
 static void case_lane_total(void)
 {
-    static const long shapes[][3] = {{8, 128, 49}, {32, 512, 16}, {8, 256, 25}, {32, 256, 64}};
-    const char *labels[] = {"base (loops)", "one expression"};
-    const fbn_calls *v[] = {&calls_base, &calls_lane_expr};
-    for (size_t i = 0; i < sizeof shapes / sizeof *shapes; ++i)
-        sums_compare("fbn_lane_total", shapes[i][0], shapes[i][1], shapes[i][2], 2, labels, v,
-                     NULL);
+    static const long shapes[4][3] = {{8, 128, 49}, {32, 512, 16}, {8, 256, 25}, {32, 256, 64}};
+    sums_against("fbn_lane_total", shapes, "base (loops)", "one expression", &calls_lane_expr);
 }
 
 /* fbn_block_total: runs shorter than the lanes skip the lanes' tree, or add it anyway */
 static void case_block_skip(void)
 {
-    static const long shapes[][3] = {{2, 1024, 9}, {8, 256, 4}, {8, 512, 4}, {2, 1024, 15}};
-    const char *labels[] = {"base (skip)", "no skip"};
-    const fbn_calls *v[] = {&calls_base, &calls_no_block_skip};
-    for (size_t i = 0; i < sizeof shapes / sizeof *shapes; ++i)
-        sums_compare("fbn_block_total", shapes[i][0], shapes[i][1], shapes[i][2], 2, labels, v,
-                     NULL);
+    static const long shapes[4][3] = {{2, 1024, 9}, {8, 256, 4}, {8, 512, 4}, {2, 1024, 15}};
+    sums_against("fbn_block_total", shapes, "base (skip)", "no skip", &calls_no_block_skip);
 }
 
 /* -fno-math-errno: the inference coefficients (vectorized sqrt or scalar calls), alone and in

@@ -19,6 +19,12 @@
 
 #include "fastbn/moments.h"
 
+/* A segment's length: to the end of its run or of the walk, whichever comes first */
+static inline fbn_index fbn_segment_length(fbn_index run_left, fbn_index walk_left)
+{
+    return run_left < walk_left ? run_left : walk_left;
+}
+
 typedef struct {
     fbn_index next, end;      /* positions still to walk: [next, end) */
     fbn_index run, start;     /* the next segment's run, and its first place in that run */
@@ -51,7 +57,7 @@ static inline int fbn_channel_walk_next(fbn_channel_walk *w)
 {
     if (w->next >= w->end)
         return 0;
-    w->n = (w->len - w->start < w->end - w->next) ? w->len - w->start : w->end - w->next;
+    w->n = fbn_segment_length(w->len - w->start, w->end - w->next);
     w->offset = w->run * w->stride + w->start;
     w->ahead = (w->run + w->runs_ahead) * w->len < w->limit ? w->runs_ahead * w->stride : 0;
     w->next += w->n;
@@ -89,15 +95,16 @@ static inline fbn_span_walk fbn_span_walk_begin(fbn_index p0, fbn_index p1, fbn_
 /* The next segment into w->first, w->n and w->channel; 0 when the walk is done */
 static inline int fbn_span_walk_next(fbn_span_walk *w)
 {
-    if (w->next >= w->end)
-        return 0;
-    w->n = (w->len - w->start < w->end - w->next) ? w->len - w->start : w->end - w->next;
-    w->first = w->next;
-    w->channel = w->next_channel;
-    w->next += w->n;
-    w->start = 0;
-    if (++w->next_channel == w->C) w->next_channel = 0;
-    return 1;
+    if (w->next < w->end) {
+        w->n = fbn_segment_length(w->len - w->start, w->end - w->next);
+        w->first = w->next;
+        w->channel = w->next_channel;
+        w->next += w->n;
+        w->start = 0;
+        if (++w->next_channel == w->C) w->next_channel = 0;
+        return 1;
+    }
+    return 0;
 }
 
 /* Prefetching in the walks that read a channel from memory. A channels-first channel is
