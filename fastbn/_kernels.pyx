@@ -33,7 +33,7 @@ from fastbn._tables cimport storage_tables
 from fastbn._plan cimport (Plan, Op, OP_TRAIN, OP_INFER, OP_BACKWARD, make_plan, op_streams,
                            ceil_div, chunk_range, cl_chunk_rows, SERIAL_BELOW_STATS,
                            SERIAL_BELOW_PASS)
-from fastbn._threads cimport reserve_threads, release_threads, pool_threads, threads_for
+from fastbn._threads cimport reserve_threads, release_threads, threads_for
 
 cnp.import_array()
 
@@ -60,11 +60,6 @@ cdef inline const fbn_kernel_table *table_of(cnp.ndarray x) except NULL:
         if _typenums[k] == typenum:
             return _tables[k]
     raise TypeError(f"fastbn has no kernels for dtype {x.dtype}")
-
-
-def storage_dtypes():
-    """The dtypes this build has kernels for, in the order of fastbn/_dtypes.py."""
-    return [np.dtype(name) for name, _ in storage_tables()]
 
 
 def build_info():
