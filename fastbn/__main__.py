@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from . import __version__, _kernels, _plan, get_num_threads
+from . import __version__, _kernels, _plan, _threads, get_num_threads
 
 
 def dispatch_text(build):
@@ -34,7 +34,7 @@ def info(build=None):
         ("python", f"{platform.python_version()} ({platform.machine()})"),
         ("numpy", np.__version__),
         ("openmp", openmp),
-        ("threads", str(get_num_threads())),
+        ("threads", f"{get_num_threads()}, from {_threads.threads_source()}"),
         ("serial below", ", ".join(f"{op} {n}" for op, n in _plan.SERIAL_THRESHOLDS.items())
          + " values per call"),
         ("compiler", build["compiler"]),
@@ -99,6 +99,8 @@ def check_bench_args(parser, args):
         parser.error("--no-reference and --reference-all exclude each other")
     if args.wide and args.markdown:
         parser.error("--wide and --markdown exclude each other")
+    if args.contention and (args.fused or args.plot):
+        parser.error("--contention runs on its own: not with --fused or --plot")
     if args.plot:
         if args.fused:
             parser.error("--plot plots the main matrix; --fused has no plot")
@@ -139,6 +141,10 @@ def main(argv=None):
     bench.add_argument("--fused", action="store_true",
                        help="time the fused y = act(bn(x) + residual) ops against the unfused "
                             "composite instead")
+    bench.add_argument("--contention", action="store_true",
+                       help="time each call with the default threads against one thread, with "
+                            "a busy process on every core but one and 1-2 ms of NumPy work "
+                            "between calls (a pipeline on a busy machine)")
     bench.add_argument("--seconds", type=float, default=None,
                        help="timing budget per cell (default 0.5, 0.2 with --quick)")
     bench.add_argument("--wide", action="store_true",

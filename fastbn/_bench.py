@@ -754,6 +754,15 @@ def main(args):
     style = "markdown" if args.markdown else "wide" if args.wide else "compact"
     reference = "none" if args.no_reference else "all" if args.reference_all else "cheap"
     info = machine()
+    if args.contention:
+        from . import _contention
+        rows = _contention.main(args, threads, len(os.sched_getaffinity(0))
+                                if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": info, "threads": threads, "contention": rows}, f,
+                          indent=1)
+        return 0
     peers, missing = peer_status(threads)
     for line in header(info, threads, peers, missing, reference, args.fused):
         print(line, file=sys.stderr)

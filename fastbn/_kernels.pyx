@@ -7,8 +7,9 @@
     backward  gradient sums (chunk partials) -> merge -> finish (coefficients, dweight,
               dbias) -> apply (dx)
 
-Each stage is a function over a chunk, a channel range or a part of the array, called from a
-prange loop; an op runs its stages in one OpenMP region, separated by barriers. Channels-first
+Each stage is a number of work items (a chunk, a channel range or a part of the array); an op
+hands its stages to fastbn's thread pool (include/fastbn/pool.h), which runs them in order on
+the caller and whichever workers come, an item at a time. Channels-first
 channels small enough to stay in cache take the fused path instead: one work item runs all
 stages over a group of whole channels (the kernels' train_group / backward_group). The stages
 can also be called one at a time from Python (the *_stage functions below): that is how
@@ -19,10 +20,9 @@ with per-channel arrays of its compute type: fastbn._api validates, this module 
 The kernels of the array's storage type come from its table (fastbn/_tables.pxd).
 
 Determinism: the chunks depend on the problem size only (fastbn/_plan.pyx). Threads take whole
-chunks, and chunk results are merged in chunk order, so every thread count gives the same
-bits.
+chunks, and chunk results are merged in chunk order, so every thread count, and whichever
+thread runs an item, gives the same bits.
 """
-from cython.parallel cimport parallel, prange, threadid
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 import numpy as np
@@ -32,7 +32,7 @@ from fastbn._ckernels cimport *
 from fastbn._tables cimport storage_tables
 from fastbn._plan cimport (Plan, Op, OP_TRAIN, OP_INFER, OP_BACKWARD, make_plan, op_streams,
                            ceil_div, chunk_range, cl_chunk_rows, SERIAL_BELOW_STATS,
-                           SERIAL_BELOW_PASS)
+                           SERIAL_BELOW_PASS, MIN_CHUNK, WAKE_BELOW)
 from fastbn._threads cimport reserve_threads, release_threads, threads_for
 
 cnp.import_array()
@@ -217,7 +217,31 @@ cdef void grad_input_part(const fbn_kernel_table *kern, const void *g, const voi
 
 # ------------------------------------------------------------------------- the whole ops
 
+cdef extern from "fastbn/pool.h" nogil:
+    ctypedef void (*fbn_item_fn)(void *ctx, Py_ssize_t item, int who) noexcept nogil
+    ctypedef struct fbn_stage:
+        fbn_item_fn run
+        Py_ssize_t nitems
+    int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nthreads, int wake)
+    void fbn_pool_set_spin(long long ns)
+    int fbn_pool_workers()
+    long long fbn_pool_backing_off()
+    void fbn_pool_set_workers_away(int away)
+
+
+cdef int _last_helpers = 0
+
+
+cdef inline void pool_run(const fbn_stage *stages, int nstages, void *ctx, int nthreads,
+                          Py_ssize_t values) noexcept nogil:
+    """The stages in order, on this thread and up to nthreads - 1 of the pool's workers: those
+    awake now, and for a call of WAKE_BELOW values or more, those asleep too."""
+    global _last_helpers
+    _last_helpers = fbn_pool_run(stages, nstages, ctx, nthreads, values >= WAKE_BELOW)
+
+
 cdef enum:
+    APPLY_ITEMS_PER_THREAD = 4
     MERGE_CHANNELS = 64   # channels per work item when merging chunk results
     LINE_BYTES = 64       # a cache line
     LINE_DOUBLES = LINE_BYTES // 8
@@ -260,43 +284,120 @@ cdef void free_work(Work *w) noexcept nogil:
     w.parts = w.scratch_block = w.coef = NULL
 
 
-cdef inline double *thread_scratch(Work *w) noexcept nogil:
-    return NULL if w.scratch == NULL else w.scratch + threadid() * w.scratch_stride
+cdef inline double *thread_scratch(Work *w, int who) noexcept nogil:
+    return NULL if w.scratch == NULL else w.scratch + who * w.scratch_stride
+
+
+cdef struct Job:             # what a call's work items read (the pool passes it to each)
+    const fbn_kernel_table *kern
+    const Plan *p
+    const void *x
+    const void *dy           # backward: the incoming gradient
+    const void *g            # backward: what the dx stage reads (dy, or the fused g)
+    void *out                # y, or dx
+    const fbn_train_args *train
+    const fbn_grad_args *grad
+    const Epilogue *ep
+    Work *w
+    const void *coef         # the apply stage's coefficients
+    Py_ssize_t napply        # the apply stage's items
+
+
+cdef inline Py_ssize_t apply_items(const Plan *p, int nthreads) noexcept nogil:
+    """Items of an apply stage: a few per thread, so that a thread that comes late or runs
+    slow leaves its share to the others; none under MIN_CHUNK values."""
+    return max(1, min(APPLY_ITEMS_PER_THREAD * nthreads, p.outer * p.C * p.inner // MIN_CHUNK))
+
+
+cdef void train_group_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
+    # one group of channels: their statistics, their coefficients, then their y while the
+    # group is in cache
+    cdef Job *j = <Job *>ctx
+    cdef const Plan *p = j.p
+    j.kern.train_group(j.x, j.ep.residual, j.out, p.C, p.inner, p.count, i * p.group,
+                       min(p.C, (i + 1) * p.group), j.train, j.ep.activation,
+                       j.ep.negative_slope, <fbn_moments *>j.w.parts, j.w.coef, p.stream)
+
+
+cdef void moments_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
+    cdef Job *j = <Job *>ctx
+    chunk_moments(j.kern, j.x, j.p, i, j.w.parts, thread_scratch(j.w, who))
+
+
+cdef void train_finish_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
+    # channels [c0, c1): the chunks' moments merged in chunk order, then finished
+    cdef Job *j = <Job *>ctx
+    cdef Py_ssize_t C = j.p.C, c0 = i * MERGE_CHANNELS, c1 = min(C, c0 + MERGE_CHANNELS)
+    merge_range(j.w.parts, j.p.nchunks, FBN_MOMENT_FIELDS, C, c0, c1, True)
+    j.kern.train_finish(j.w.parts, C, c0, c1, j.train, j.w.coef, False)
+
+
+cdef void normalize_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
+    cdef Job *j = <Job *>ctx
+    normalize_part(j.kern, j.x, j.out, j.p, j.coef, j.ep, i, j.napply)
+
+
+cdef void backward_group_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
+    # one group of channels: their sums, their coefficients, then their dx while in cache
+    cdef Job *j = <Job *>ctx
+    cdef const Plan *p = j.p
+    j.kern.backward_group(j.dy, j.x, j.out, p.C, p.inner, p.count, i * p.group,
+                          min(p.C, (i + 1) * p.group), j.grad, <fbn_grad_sums *>j.w.parts,
+                          j.w.coef, p.stream)
+
+
+cdef void grad_sums_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
+    cdef Job *j = <Job *>ctx
+    chunk_grad_sums(j.kern, j.dy, j.x, j.p, i, j.grad, j.w.parts, thread_scratch(j.w, who))
+
+
+cdef void grad_finish_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
+    # channels [c0, c1): the chunks' sums merged in chunk order, then finished
+    cdef Job *j = <Job *>ctx
+    cdef Py_ssize_t C = j.p.C, c0 = i * MERGE_CHANNELS, c1 = min(C, c0 + MERGE_CHANNELS)
+    merge_range(j.w.parts, j.p.nchunks, FBN_GRAD_FIELDS, C, c0, c1, True)
+    j.kern.grad_finish(j.w.parts, C, c0, c1, j.grad, j.w.coef, False)
+
+
+cdef void grad_input_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
+    cdef Job *j = <Job *>ctx
+    grad_input_part(j.kern, j.g, j.x, j.out, j.p, j.coef, i, j.napply)
+
+
+cdef inline fbn_stage stage(fbn_item_fn run, Py_ssize_t nitems) noexcept nogil:
+    cdef fbn_stage s
+    s.run = run
+    s.nitems = nitems
+    return s
+
+
+cdef inline Py_ssize_t statistics_items(const Plan *p) noexcept nogil:
+    """Items of a statistics stage: channels-first, each chunk of each channel; channels-last,
+    each chunk of rows."""
+    return p.C * p.nchunks if p.inner > 1 else p.nchunks
 
 
 cdef int forward_train_impl(const fbn_kernel_table *kern, const void *x, void *y, const Plan *p,
                             const fbn_train_args *a, const Epilogue *ep,
                             int nthreads) noexcept nogil:
-    """Batch statistics, saved and running statistics, then y, in one OpenMP region (its
-    stages separated by barriers: Cython ends each prange with nowait). -1: out of memory."""
-    cdef Py_ssize_t C = p.C, K = p.nchunks, c, i, t
-    cdef Py_ssize_t nmerge = ceil_div(C, MERGE_CHANNELS)
-    cdef bint grouped = p.inner > 1 and K == 1
-    cdef Py_ssize_t ngroups = ceil_div(C, p.group)
-    cdef Py_ssize_t nitems = C * K if p.inner > 1 else K
+    """Batch statistics, saved and running statistics, then y: statistics -> merge and finish
+    -> apply, or one stage of whole channel groups (fastbn/_plan.pyx). -1: out of memory."""
     cdef Work w
-    if alloc_work(&w, p, nthreads, FBN_MOMENT_FIELDS, FBN_NORM_COEFS * C * kern.compute_size):
+    cdef Job j
+    cdef fbn_stage stages[3]
+    if alloc_work(&w, p, nthreads, FBN_MOMENT_FIELDS, FBN_NORM_COEFS * p.C * kern.compute_size):
         return -1
-    with parallel(num_threads=nthreads, use_threads_if=nthreads > 1):
-        if grouped:
-            # One group of channels per work item: their statistics, their coefficients,
-            # then their y while the group is in cache.
-            for i in prange(ngroups, schedule='static'):
-                kern.train_group(x, ep.residual, y, C, p.inner, p.count, i * p.group,
-                                 min(C, (i + 1) * p.group), a, ep.activation,
-                                 ep.negative_slope, <fbn_moments *>w.parts, w.coef, p.stream)
-        else:
-            for i in prange(nitems, schedule='static'):
-                chunk_moments(kern, x, p, i, w.parts, thread_scratch(&w))
-            fbn_barrier()
-            for i in prange(nmerge, schedule='static'):
-                c = i * MERGE_CHANNELS
-                merge_range(w.parts, K, FBN_MOMENT_FIELDS, C, c, min(C, c + MERGE_CHANNELS),
-                            True)
-                kern.train_finish(w.parts, C, c, min(C, c + MERGE_CHANNELS), a, w.coef, False)
-            fbn_barrier()
-            for t in prange(nthreads, schedule='static'):
-                normalize_part(kern, x, y, p, w.coef, ep, t, nthreads)
+    j.kern, j.p, j.x, j.out, j.train, j.ep, j.w = kern, p, x, y, a, ep, &w
+    j.coef = w.coef
+    j.napply = apply_items(p, nthreads)
+    if p.inner > 1 and p.nchunks == 1:
+        stages[0] = stage(train_group_item, ceil_div(p.C, p.group))
+        pool_run(stages, 1, &j, nthreads, p.count * p.C)
+    else:
+        stages[0] = stage(moments_item, statistics_items(p))
+        stages[1] = stage(train_finish_item, ceil_div(p.C, MERGE_CHANNELS))
+        stages[2] = stage(normalize_item, j.napply)
+        pool_run(stages, 3, &j, nthreads, p.count * p.C)
     free_work(&w)
     return 0
 
@@ -307,61 +408,51 @@ cdef Py_ssize_t infer_impl(const fbn_kernel_table *kern, const void *x, void *y,
                            const Epilogue *ep, int nthreads) noexcept nogil:
     """y from the running statistics. -1: out of memory; 1: some running_var < 0 (y is not
     touched)."""
-    cdef Py_ssize_t t
+    cdef Job j
+    cdef fbn_stage apply
     cdef void *coef = malloc(FBN_NORM_COEFS * p.C * kern.compute_size)
     if coef == NULL:
         return -1
     if kern.infer_coefficients(p.C, running_mean, running_var, weight, bias, eps, coef):
         free(coef)
         return 1
-    if nthreads == 1:       # no OpenMP region at all: entering one costs ~0.3 us
+    if nthreads == 1:       # the one-thread path costs nothing to set up
         normalize_part(kern, x, y, p, coef, ep, 0, 1)
     else:
-        for t in prange(nthreads, schedule='static', num_threads=nthreads):
-            normalize_part(kern, x, y, p, coef, ep, t, nthreads)
+        j.kern, j.p, j.x, j.out, j.ep, j.coef = kern, p, x, y, ep, coef
+        j.napply = apply_items(p, nthreads)
+        apply = stage(normalize_item, j.napply)
+        pool_run(&apply, 1, &j, nthreads, p.count * p.C)
     free(coef)
     return 0
 
 
 cdef int backward_impl(const fbn_kernel_table *kern, const void *dy, const void *x, void *dx,
                        const Plan *p, const fbn_grad_args *args, int nthreads) noexcept nogil:
-    """dweight, dbias, then dx, in one OpenMP region (stages as in forward_train_impl).
-    -1: out of memory."""
-    cdef Py_ssize_t C = p.C, K = p.nchunks, c, i, t
-    cdef Py_ssize_t nmerge = ceil_div(C, MERGE_CHANNELS)
-    cdef bint grouped = p.inner > 1 and K == 1
-    cdef Py_ssize_t ngroups = ceil_div(C, p.group)
-    cdef Py_ssize_t nitems = C * K if p.inner > 1 else K
-    # the dx stage reads g: the fused sums stage wrote it to grad
-    cdef const void *g = dy if args.grad == NULL else args.grad
+    """dweight, dbias, then dx (stages as in forward_train_impl). -1: out of memory."""
     cdef fbn_grad_args a = args[0]
     cdef Work w
+    cdef Job j
+    cdef fbn_stage stages[3]
     # the coefficients, then the C dy shifts q
     if alloc_work(&w, p, nthreads, FBN_GRAD_FIELDS,
-                  (FBN_GRAD_COEFS + 1) * C * kern.compute_size):
+                  (FBN_GRAD_COEFS + 1) * p.C * kern.compute_size):
         return -1
-    a.shift = <char *>w.coef + FBN_GRAD_COEFS * C * kern.compute_size
-    kern.grad_shifts(dy, C, p.inner, &a, <void *>a.shift)
-
-    with parallel(num_threads=nthreads, use_threads_if=nthreads > 1):
-        if grouped:
-            # One group of channels per work item (as in forward_train_impl): their sums,
-            # their coefficients, then their dx while the group is in cache.
-            for i in prange(ngroups, schedule='static'):
-                kern.backward_group(dy, x, dx, C, p.inner, p.count, i * p.group,
-                                    min(C, (i + 1) * p.group), &a, <fbn_grad_sums *>w.parts,
-                                    w.coef, p.stream)
-        else:
-            for i in prange(nitems, schedule='static'):
-                chunk_grad_sums(kern, dy, x, p, i, &a, w.parts, thread_scratch(&w))
-            fbn_barrier()
-            for i in prange(nmerge, schedule='static'):
-                c = i * MERGE_CHANNELS
-                merge_range(w.parts, K, FBN_GRAD_FIELDS, C, c, min(C, c + MERGE_CHANNELS), True)
-                kern.grad_finish(w.parts, C, c, min(C, c + MERGE_CHANNELS), &a, w.coef, False)
-            fbn_barrier()
-            for t in prange(nthreads, schedule='static'):
-                grad_input_part(kern, g, x, dx, p, w.coef, t, nthreads)
+    a.shift = <char *>w.coef + FBN_GRAD_COEFS * p.C * kern.compute_size
+    kern.grad_shifts(dy, p.C, p.inner, &a, <void *>a.shift)
+    j.kern, j.p, j.x, j.dy, j.out, j.grad, j.w = kern, p, x, dy, dx, &a, &w
+    # the dx stage reads g: the fused sums stage wrote it to grad
+    j.g = dy if args.grad == NULL else args.grad
+    j.coef = w.coef
+    j.napply = apply_items(p, nthreads)
+    if p.inner > 1 and p.nchunks == 1:
+        stages[0] = stage(backward_group_item, ceil_div(p.C, p.group))
+        pool_run(stages, 1, &j, nthreads, p.count * p.C)
+    else:
+        stages[0] = stage(grad_sums_item, statistics_items(p))
+        stages[1] = stage(grad_finish_item, ceil_div(p.C, MERGE_CHANNELS))
+        stages[2] = stage(grad_input_item, j.napply)
+        pool_run(stages, 3, &j, nthreads, p.count * p.C)
     free_work(&w)
     return 0
 
@@ -501,19 +592,20 @@ def statistics_stage(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t i
     channels on the fused path are one chunk each."""
     cdef const fbn_kernel_table *kern = table_of(x)
     cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_TRAIN)
-    cdef Py_ssize_t nitems = C * p.nchunks if inner > 1 else p.nchunks, i
     cdef cnp.ndarray parts = np.zeros((p.nchunks, FBN_MOMENT_FIELDS, C))
-    cdef double *pp = <double *>cnp.PyArray_DATA(parts)
-    cdef const void *xp = cnp.PyArray_DATA(x)
     cdef Work w
+    cdef Job j
+    cdef fbn_stage moments = stage(moments_item, statistics_items(&p))
     cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
     try:
         if alloc_work(&w, &p, nthreads, 0, 0):
             raise MemoryError("fastbn: out of memory for the statistics' scratch")
+        j.kern, j.p, j.x, j.w = kern, &p, cnp.PyArray_DATA(x), &w
+        free(w.parts)                   # the chunks' partials go straight to `parts`
+        w.parts = <double *>cnp.PyArray_DATA(parts)
         with nogil:
-            for i in prange(nitems, schedule='static', num_threads=nthreads,
-                            use_threads_if=nthreads > 1):
-                chunk_moments(kern, xp, &p, i, pp, thread_scratch(&w))
+            pool_run(&moments, 1, &j, nthreads, p.count * C)
+        w.parts = NULL
         free_work(&w)
     finally:
         release_threads(nthreads)
@@ -651,18 +743,49 @@ def address(cnp.ndarray a):
     return <size_t>cnp.PyArray_DATA(a)
 
 
+cdef struct Copy:
+    const char *src
+    char *dst
+    Py_ssize_t nbytes, nparts
+
+
+cdef void copy_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
+    cdef Copy *c = <Copy *>ctx
+    cdef Py_ssize_t start = 0, stop = 0
+    chunk_range(c.nbytes, i, c.nparts, &start, &stop)
+    memcpy(c.dst + start, c.src + start, stop - start)
+
+
 def parallel_copy(cnp.ndarray src, cnp.ndarray dst):
     """dst[...] = src for C-contiguous arrays of equal size, split over get_num_threads()
     threads: the memory-bandwidth yardstick of the benchmarks (one read, one write)."""
-    cdef char *s = <char *>cnp.PyArray_DATA(src)
-    cdef char *d = <char *>cnp.PyArray_DATA(dst)
-    cdef Py_ssize_t nbytes = src.nbytes, start, stop
-    cdef int nthreads = reserve_threads(nbytes, 0), t
+    cdef Copy c
+    cdef fbn_stage copy
+    cdef int nthreads = reserve_threads(src.nbytes, 0)
+    c.src = <const char *>cnp.PyArray_DATA(src)
+    c.dst = <char *>cnp.PyArray_DATA(dst)
+    c.nbytes = src.nbytes
+    c.nparts = nthreads
+    copy = stage(copy_item, nthreads)
     try:
         with nogil:
-            for t in prange(nthreads, schedule='static', num_threads=nthreads):
-                start = nbytes * t // nthreads
-                stop = nbytes * (t + 1) // nthreads
-                memcpy(d + start, s + start, stop - start)
+            pool_run(&copy, 1, &c, nthreads, src.size)
     finally:
         release_threads(nthreads)
+
+
+def pool_info():
+    """The thread pool: workers started, how many ran part of the last parallel call, and the
+    seconds for which calls run on their callers alone (workers came late: a busy machine)."""
+    return {"workers": fbn_pool_workers(), "last_helpers": _last_helpers,
+            "serial_for_s": fbn_pool_backing_off() * 1e-9}
+
+
+def _set_pool_spin(long long ns):
+    """How long idle workers poll for the next job before sleeping (ns; -1: never sleep)."""
+    fbn_pool_set_spin(ns)
+
+
+def _set_workers_away(bint away):
+    """Tests: workers take no items from now on, as if the OS never scheduled them."""
+    fbn_pool_set_workers_away(away)

@@ -16,6 +16,9 @@ cdef enum:
     # saves below them on 2 cores (docs/tuning.md)
     SERIAL_BELOW_STATS = 16384   # training, backward
     SERIAL_BELOW_PASS = 32768    # inference
+    # Values under which a call hands work only to workers awake now: waking one takes longer
+    # than such a call lasts (docs/tuning.md, "Threads under contention")
+    WAKE_BELOW = 1 << 19
 
 
 cdef enum Op:

@@ -1,8 +1,9 @@
-"""After fork: a child's fastbn calls finish with the parent's bits, whatever ran before.
+"""After fork: a child's fastbn calls finish with the parent's bits and use threads, whatever
+ran before.
 
-GNU libgomp is not fork-safe: a child whose parent had started an OpenMP team would wait
-forever for workers that do not exist. Each scenario runs in a fresh interpreter (so that no
-earlier test has started a team) with a time limit, so a hang fails instead of blocking."""
+The parent's workers do not exist in a child (fork copies only the calling thread): the pool
+starts again there (include/fastbn/pool.h). Each scenario runs in a fresh interpreter with a
+time limit, so a hang fails instead of blocking."""
 import multiprocessing as mp
 import os
 import subprocess
@@ -41,7 +42,7 @@ SCENARIO = textwrap.dedent("""
             fastbn.set_num_threads(child_threads)
         result = run_all()
         report = [result == expected, fastbn.get_num_threads(),
-                  fastbn._threads.forked_serial(), fastbn._threads.peak_workers()]
+                  fastbn._kernels.pool_info()["workers"], fastbn._threads.peak_workers()]
         if depth > 1:                                   # a child of the child
             inner, outer = mp.get_context("fork").Pipe()
             p = mp.get_context("fork").Process(target=child, args=(outer, depth - 1, 0))
@@ -63,8 +64,8 @@ SCENARIO = textwrap.dedent("""
 
 
 def scenario(parent_threads, child_threads=0, depth=1):
-    """The child's report: [same bits, its threads, forked_serial, its peak workers, (the
-    grandchild's report)]."""
+    """The child's report: [same bits, its threads, its pool's workers, its peak reserved
+    workers, (the grandchild's report)]."""
     try:
         out = subprocess.run([sys.executable, "-c", SCENARIO, str(parent_threads),
                               str(child_threads), str(depth)],
@@ -76,33 +77,24 @@ def scenario(parent_threads, child_threads=0, depth=1):
     return eval(out.stdout.strip())
 
 
-@pytest.mark.skipif(SERIAL_BUILD, reason="serial build: no OpenMP team to inherit")
-def test_child_after_a_parallel_parent_runs_serial_with_the_same_bits():
-    same, threads, serial, _ = scenario(parent_threads=2)
+@pytest.mark.parametrize("parent_threads", [1, 2])
+def test_child_uses_threads_with_the_same_bits(parent_threads):
+    same, threads, workers, peak = scenario(parent_threads=parent_threads, child_threads=2)
     assert same
-    assert serial and threads == 1
+    assert threads == 2 and peak == 1
+    assert workers == (0 if SERIAL_BUILD else 1)   # started afresh in the child
 
 
 def test_child_of_a_child_after_a_parallel_parent():
-    report = scenario(parent_threads=2, depth=2)
+    report = scenario(parent_threads=2, child_threads=2, depth=2)
     assert report[0]
     grandchild = report[4]
     assert grandchild[0]
-    if not SERIAL_BUILD:
-        assert grandchild[2] and grandchild[1] == 1
+    assert grandchild[1] == 2
+    assert grandchild[2] == (0 if SERIAL_BUILD else 1)
 
 
-def test_child_asking_for_threads_after_a_parallel_parent_still_finishes():
-    same, threads, serial, peak = scenario(parent_threads=2, child_threads=2)
+def test_child_after_a_parallel_parent_follows_omp_num_threads():
+    same, threads, workers, peak = scenario(parent_threads=2)
     assert same
-    if not SERIAL_BUILD:
-        assert threads == 1 and peak == 0
-
-
-def test_child_after_a_serial_parent_uses_threads():
-    """A parent that never started a team leaves the child a fresh OpenMP runtime."""
-    same, threads, serial, peak = scenario(parent_threads=1, child_threads=2, depth=2)[:4]
-    assert same
-    assert not serial
-    if not SERIAL_BUILD:
-        assert threads == 2 and peak >= 1
+    assert threads == (1 if SERIAL_BUILD else 2)

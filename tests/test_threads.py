@@ -97,3 +97,143 @@ def test_concurrent_python_threads_share_the_pool(rng):
                 for a, b in zip(got, want):
                     assert a.tobytes() == b.tobytes()
     assert fastbn._threads.peak_workers() <= fastbn.get_num_threads() - 1
+
+
+# ------------------------------------------------------------------------- the thread pool
+
+POOL = fastbn._kernels.build_info()["openmp"] and os.name == "posix"
+pool_only = pytest.mark.skipif(not POOL, reason="this build runs every call on its caller")
+
+
+@pool_only
+@pytest.mark.parametrize("shape,axis", [((16, 64, 48, 48), 1), ((4096, 96), 1),
+                                        ((16, 48, 48, 64), -1)])
+def test_caller_finishes_alone_when_no_worker_comes(shape, axis, rng, threads):
+    """Workers the OS never schedules: the caller takes every item itself, waits for none
+    of them, and returns the same bits."""
+    x = make_input(shape, axis, np.float32, rng, offset=5.0)
+    weight, bias = make_params(shape[axis], x.dtype, rng)
+    dy = rng.standard_normal(shape).astype(x.dtype)
+    threads(1)
+    expected = run_all(x, axis, weight, bias, dy)
+    threads(4)
+    fastbn._kernels._set_workers_away(True)
+    try:
+        got = run_all(x, axis, weight, bias, dy)
+        assert fastbn._kernels.pool_info()["last_helpers"] == 0
+    finally:
+        fastbn._kernels._set_workers_away(False)
+    for a, b in zip(got, expected):
+        assert a.tobytes() == b.tobytes()
+
+
+@pool_only
+def test_workers_take_part_on_a_quiet_machine(rng, threads):
+    """Some call of a few dozen has a worker run part of it (a busy machine may keep the
+    workers away from any one call: that is allowed, and not what this checks)."""
+    threads(2)
+    x = rng.standard_normal((32, 64, 32, 32)).astype(np.float32)
+    helped = 0
+    for _ in range(60):
+        fastbn.batch_norm_train(x)
+        helped += fastbn._kernels.pool_info()["last_helpers"]
+        if helped:
+            break
+    assert helped >= 1
+    assert fastbn._kernels.pool_info()["workers"] >= 1
+
+
+# ------------------------------------------------------------- CPUs: affinity and cgroups
+
+def _write(root, relative, text):
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_quota_of_the_own_cgroup_and_its_ancestors(tmp_path):
+    from fastbn._cpus import cgroup_cpu_quota
+    _write(tmp_path, "proc/self/cgroup", "0::/user.slice/app.scope\n")
+    _write(tmp_path, "cg/user.slice/app.scope/cpu.max", "150000 100000\n")
+    _write(tmp_path, "cg/user.slice/cpu.max", "max 100000\n")
+    self_cgroup = str(tmp_path / "proc/self/cgroup")
+    assert cgroup_cpu_quota(str(tmp_path / "cg"), self_cgroup) == 1.5
+    _write(tmp_path, "cg/user.slice/cpu.max", "100000 100000\n")   # a parent's limit holds
+    assert cgroup_cpu_quota(str(tmp_path / "cg"), self_cgroup) == 1.0
+    _write(tmp_path, "cg/user.slice/cpu.max", "max 100000\n")
+    _write(tmp_path, "cg/user.slice/app.scope/cpu.max", "max 100000\n")
+    assert cgroup_cpu_quota(str(tmp_path / "cg"), self_cgroup) is None
+
+
+def test_cgroup_v2_inside_a_container_reads_the_root(tmp_path):
+    """In a cgroup namespace the process's cgroup is "/", the mount's root its own."""
+    from fastbn._cpus import cgroup_cpu_quota
+    _write(tmp_path, "proc/self/cgroup", "0::/\n")
+    _write(tmp_path, "cg/cpu.max", "200000 100000\n")
+    assert cgroup_cpu_quota(str(tmp_path / "cg"), str(tmp_path / "proc/self/cgroup")) == 2.0
+
+
+def test_cgroup_v1_cfs_quota(tmp_path):
+    from fastbn._cpus import cgroup_cpu_quota
+    _write(tmp_path, "proc/self/cgroup",
+           "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n1:name=systemd:/docker/abc\n")
+    _write(tmp_path, "cg/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "250000\n")
+    _write(tmp_path, "cg/cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000\n")
+    self_cgroup = str(tmp_path / "proc/self/cgroup")
+    assert cgroup_cpu_quota(str(tmp_path / "cg"), self_cgroup) == 2.5
+    _write(tmp_path, "cg/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "-1\n")
+    assert cgroup_cpu_quota(str(tmp_path / "cg"), self_cgroup) is None
+
+
+def test_no_cgroups_and_unreadable_files_mean_no_quota(tmp_path):
+    from fastbn._cpus import cgroup_cpu_quota
+    assert cgroup_cpu_quota(str(tmp_path / "cg"), str(tmp_path / "missing")) is None
+    _write(tmp_path, "proc/self/cgroup", "0::/a\n")
+    _write(tmp_path, "cg/a/cpu.max", "garbage\n")
+    assert cgroup_cpu_quota(str(tmp_path / "cg"), str(tmp_path / "proc/self/cgroup")) is None
+
+
+def test_the_default_is_capped_by_the_quota_rounded_up(monkeypatch, threads):
+    """The smallest of OpenMP's count, the affinity mask and the quota, and info says which."""
+    from fastbn import _cpus, _threads
+    if not fastbn._kernels.build_info()["openmp"] or "OMP_NUM_THREADS" in os.environ:
+        pytest.skip("needs OpenMP's own default")
+    threads(None)
+    monkeypatch.setattr(_cpus, "cgroup_cpu_quota", lambda *a: 0.5)
+    _threads._find_usable_cpus()
+    try:
+        assert fastbn.get_num_threads() == 1
+        assert "cgroup CPU quota (0.5 CPUs)" in _threads.threads_source()
+        fastbn.set_num_threads(3)                  # set_num_threads keeps priority
+        assert fastbn.get_num_threads() == 3
+        assert _threads.threads_source() == "fastbn.set_num_threads"
+    finally:
+        fastbn.set_num_threads(None)
+        monkeypatch.undo()
+        _threads._find_usable_cpus()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no affinity masks here")
+def test_a_restricted_affinity_mask_caps_the_default():
+    code = ("import os, fastbn\n"
+            "from fastbn import _threads\n"
+            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+            "_threads._find_usable_cpus()\n"
+            "print(fastbn.get_num_threads(), _threads.threads_source())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True, cwd=tempfile.gettempdir()).stdout
+    assert out.startswith("1 ")
+    if fastbn._kernels.build_info()["openmp"] and len(os.sched_getaffinity(0)) > 1:
+        assert "affinity mask (1 CPUs)" in out
+
+
+def test_omp_num_threads_keeps_priority_over_the_cpus_found():
+    code = ("import fastbn\n"
+            "from fastbn import _cpus, _threads\n"
+            "_cpus.cgroup_cpu_quota = lambda *a: 1.0\n"
+            "_threads._find_usable_cpus()\n"
+            "print(fastbn.get_num_threads(), _threads.threads_source())")
+    out = _threads_in_subprocess(code, OMP_NUM_THREADS="3")
+    if fastbn._kernels.build_info()["openmp"]:
+        assert out == "3 OMP_NUM_THREADS=3"

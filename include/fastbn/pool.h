@@ -1,0 +1,329 @@
+/* fastbn — the thread pool: a call's stages, run by its caller and whichever workers come.
+ *
+ * A job is a list of stages, each a number of work items; an item of stage s starts once every
+ * item of the stages before s is done (the barrier between stages). Items are claimed one at a
+ * time from one counter, in order, by the caller and by the workers it woke. Nobody waits for a
+ * worker that has claimed nothing: a worker the OS has not scheduled yet finds nothing left
+ * when it runs, the caller having done its share. The only waits are for items already
+ * claimed, by threads that were running a moment ago.
+ *
+ * Why not an OpenMP region (what fastbn used before): an OpenMP team's barriers and the end of
+ * its region wait for every thread of the team, scheduled or not, and its idle workers spin
+ * for milliseconds after a region, taking a core from the caller's own work in between. On a
+ * machine with another busy process, calls took 10-250x their one-thread time
+ * (docs/tuning.md, "Threads under contention"). And GNU libgomp's team does not survive fork:
+ * this pool starts again in a forked child (fbn_pool_after_fork).
+ *
+ * Results do not depend on who runs an item: the items are fixed by the problem's shape
+ * (fastbn/_plan.pyx), and each writes its own part of the output.
+ *
+ * A build without OpenMP (whose thread-count settings are fastbn's defaults) and one without
+ * POSIX threads (Windows) run every job on its caller. */
+#ifndef FASTBN_POOL_H
+#define FASTBN_POOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Item `item` of its stage, run by participant `who`: 0 the caller, 1.. the workers
+ * (an index into per-thread scratch space). */
+typedef void (*fbn_item_fn)(void *ctx, ptrdiff_t item, int who);
+
+typedef struct {
+    fbn_item_fn run;
+    ptrdiff_t nitems;
+} fbn_stage;
+
+enum { FBN_MAX_STAGES = 4, FBN_MAX_WORKERS = 255 };
+
+/* Run the stages in order on the caller alone. */
+static void fbn_run_serial(const fbn_stage *stages, int nstages, void *ctx)
+{
+    for (int s = 0; s < nstages; s++)
+        for (ptrdiff_t i = 0; i < stages[s].nitems; i++)
+            stages[s].run(ctx, i, 0);
+}
+
+#if defined(_OPENMP) && !defined(_WIN32)
+#define FBN_POOL 1
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#  include <immintrin.h>
+#  define fbn_cpu_relax() _mm_pause()
+#elif defined(__aarch64__)
+#  define fbn_cpu_relax() __asm__ __volatile__("yield")
+#else
+#  define fbn_cpu_relax() ((void)0)
+#endif
+
+/* How long an idle worker polls for the next job before it sleeps: long enough that calls in
+ * a loop find their workers awake, short enough that a worker gives its core back to the
+ * caller's work between calls (docs/tuning.md). -1: never sleep (OMP_WAIT_POLICY=active). */
+#define FBN_SPIN_NS_DEFAULT 50000
+
+/* After a job that the machine's other work slowed down (the caller waited for workers, or
+ * the OS ran something else in its place, a quarter of the job's time or more; or workers
+ * never came to a long job), jobs run on their callers alone for a while: the machine is busy,
+ * and one thread is what this process gets. The while doubles as long as the next job is slow
+ * in the same way. */
+#define FBN_BACKOFF_MIN_NS 10000000LL       /* 10 ms */
+#define FBN_BACKOFF_MAX_NS 500000000LL      /* 0.5 s */
+#define FBN_LONG_JOB_NS 200000LL            /* a worker that slept wakes well within this */
+
+typedef struct {
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    _Atomic uint32_t job;       /* the job it is asked to help with (a generation) */
+    _Atomic int sleeping;
+    int index;                  /* its `who`: 1.. */
+} fbn_worker;
+
+/* The job, published in this order: the stages, then `total`, then `ticket`. Generations tag
+ * the two counters so that a worker still looking at an old job can't claim from a new one. */
+static struct {
+    pthread_mutex_t busy;              /* one job at a time; a second caller runs alone */
+    fbn_worker workers[FBN_MAX_WORKERS];
+    int nworkers;                      /* started */
+    long long spin_ns;
+    uint32_t generation;
+    fbn_stage stages[FBN_MAX_STAGES];
+    ptrdiff_t stage_end[FBN_MAX_STAGES];   /* items before the end of each stage */
+    int nstages;
+    void *ctx;
+    _Atomic uint64_t total;            /* generation << 32 | items of all stages */
+    _Atomic uint64_t ticket;           /* generation << 32 | next unclaimed item */
+    _Atomic ptrdiff_t done;            /* items finished */
+    _Atomic int helpers;               /* workers that ran an item of the last job */
+    long long caller_waited_ns;        /* the caller's waits for others' items, this job */
+    _Atomic long long quiet_again_ns;  /* jobs run on their callers alone until then */
+    long long backoff_ns;              /* the next wait after a late job */
+    _Atomic int workers_away;          /* tests: workers take no items, as if the OS never
+                                          scheduled them */
+} fbn_pool = {.busy = PTHREAD_MUTEX_INITIALIZER, .spin_ns = FBN_SPIN_NS_DEFAULT,
+             .backoff_ns = FBN_BACKOFF_MIN_NS};
+
+static long long fbn_clock_ns(clockid_t clock)
+{
+    struct timespec t;
+    clock_gettime(clock, &t);
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static long long fbn_now_ns(void) { return fbn_clock_ns(CLOCK_MONOTONIC); }
+
+/* This thread's CPU time: a system call, unlike fbn_now_ns, so only long jobs read it. */
+static long long fbn_cpu_ns(void) { return fbn_clock_ns(CLOCK_THREAD_CPUTIME_ID); }
+
+/* Wait until at least `count` items are done. The items waited for are claimed, so their
+ * threads are running, or were: poll, and yield the core now and then in case one of them
+ * waits for it. Returns the nanoseconds waited (0 when nothing was left to wait for). */
+static long long fbn_wait_done(ptrdiff_t count)
+{
+    if (atomic_load_explicit(&fbn_pool.done, memory_order_acquire) >= count)
+        return 0;
+    long long start = fbn_now_ns();
+    for (unsigned polls = 1; atomic_load_explicit(&fbn_pool.done, memory_order_acquire) < count;
+         polls++) {
+        if (polls % 64 == 0)
+            sched_yield();
+        else
+            fbn_cpu_relax();
+    }
+    return fbn_now_ns() - start;
+}
+
+/* Claim and run items of job `generation` until none is left. Returns whether it ran any. */
+static int fbn_take_items(uint32_t generation, int who)
+{
+    int ran = 0;
+    for (;;) {
+        uint64_t ticket = atomic_load_explicit(&fbn_pool.ticket, memory_order_acquire);
+        uint64_t total = atomic_load_explicit(&fbn_pool.total, memory_order_acquire);
+        if ((uint32_t)(ticket >> 32) != generation || (uint32_t)(total >> 32) != generation)
+            return ran;                               /* that job is over */
+        ptrdiff_t item = (ptrdiff_t)(uint32_t)ticket;
+        if (item >= (ptrdiff_t)(uint32_t)total)
+            return ran;                               /* all claimed */
+        if (!atomic_compare_exchange_weak_explicit(&fbn_pool.ticket, &ticket, ticket + 1,
+                                                   memory_order_acq_rel, memory_order_relaxed))
+            continue;
+        /* The item is ours, so the job is not over and its stages are still this job's */
+        if (!ran && who > 0)
+            atomic_fetch_add_explicit(&fbn_pool.helpers, 1, memory_order_relaxed);
+        int s = 0;
+        while (item >= fbn_pool.stage_end[s])
+            s++;
+        ptrdiff_t first = s == 0 ? 0 : fbn_pool.stage_end[s - 1];
+        long long waited = fbn_wait_done(first);      /* the barrier before stage s */
+        if (who == 0)
+            fbn_pool.caller_waited_ns += waited;
+        fbn_pool.stages[s].run(fbn_pool.ctx, item - first, who);
+        atomic_fetch_add_explicit(&fbn_pool.done, 1, memory_order_release);
+        ran = 1;
+    }
+}
+
+static void *fbn_worker_main(void *arg)
+{
+    fbn_worker *self = (fbn_worker *)arg;
+    uint32_t seen = atomic_load(&self->job);
+    for (;;) {
+        long long spin_ns = fbn_pool.spin_ns;
+        long long give_up = spin_ns < 0 ? 0 : fbn_now_ns() + spin_ns;
+        for (unsigned polls = 1; atomic_load_explicit(&self->job, memory_order_acquire) == seen;
+             polls++) {
+            fbn_cpu_relax();
+            if (polls % 256 == 0 && spin_ns >= 0 && fbn_now_ns() > give_up) {
+                pthread_mutex_lock(&self->lock);
+                atomic_store(&self->sleeping, 1);     /* seq_cst: see fbn_pool_run */
+                while (atomic_load(&self->job) == seen)
+                    pthread_cond_wait(&self->wake, &self->lock);
+                atomic_store(&self->sleeping, 0);
+                pthread_mutex_unlock(&self->lock);
+            }
+        }
+        seen = atomic_load_explicit(&self->job, memory_order_acquire);
+        if (!atomic_load_explicit(&fbn_pool.workers_away, memory_order_relaxed))
+            fbn_take_items(seen, self->index);
+    }
+    return NULL;
+}
+
+static void fbn_pool_after_fork(void);
+
+/* Start workers until there are n (fewer if the OS refuses). */
+static void fbn_start_workers(int n)
+{
+    static int fork_handler;
+    if (!fork_handler)
+        fork_handler = pthread_atfork(NULL, NULL, fbn_pool_after_fork) == 0;
+    while (fbn_pool.nworkers < n && fbn_pool.nworkers < FBN_MAX_WORKERS) {
+        fbn_worker *w = &fbn_pool.workers[fbn_pool.nworkers];
+        pthread_mutex_init(&w->lock, NULL);
+        pthread_cond_init(&w->wake, NULL);
+        atomic_store(&w->job, fbn_pool.generation);
+        atomic_store(&w->sleeping, 0);
+        w->index = fbn_pool.nworkers + 1;
+        if (pthread_create(&w->thread, NULL, fbn_worker_main, w) != 0)
+            return;
+        fbn_pool.nworkers++;
+    }
+}
+
+/* Run the stages on the caller and up to nthreads - 1 workers. A worker asleep takes tens of
+ * microseconds to wake, and waking it costs the caller a system call: with wake 0 (a short
+ * call) only workers awake now are asked. Returns the number of workers that ran an item. */
+static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nthreads, int wake)
+{
+    ptrdiff_t total = 0;
+    for (int s = 0; s < nstages; s++)
+        total += stages[s].nitems;
+    long long start = fbn_now_ns();
+    if (nthreads < 2 || total < 2 || nstages > FBN_MAX_STAGES || total >= UINT32_MAX
+        || start < atomic_load_explicit(&fbn_pool.quiet_again_ns, memory_order_relaxed) || pthread_mutex_trylock(&fbn_pool.busy) != 0) {
+        fbn_run_serial(stages, nstages, ctx);
+        return 0;
+    }
+    long long start_cpu = wake ? fbn_cpu_ns() : 0;
+    if (wake)
+        fbn_start_workers(nthreads - 1);
+    int nasked = nthreads - 1 < fbn_pool.nworkers ? nthreads - 1 : fbn_pool.nworkers;
+    int awake = 0;
+    for (int k = 0; k < nasked; k++)
+        awake += !atomic_load(&fbn_pool.workers[k].sleeping);
+    if (!wake && awake == 0) {
+        pthread_mutex_unlock(&fbn_pool.busy);
+        fbn_run_serial(stages, nstages, ctx);
+        return 0;
+    }
+
+    uint32_t generation = ++fbn_pool.generation;
+    for (int s = 0; s < nstages; s++) {
+        fbn_pool.stages[s] = stages[s];
+        fbn_pool.stage_end[s] = (s == 0 ? 0 : fbn_pool.stage_end[s - 1]) + stages[s].nitems;
+    }
+    fbn_pool.nstages = nstages;
+    fbn_pool.ctx = ctx;
+    atomic_store_explicit(&fbn_pool.done, 0, memory_order_relaxed);
+    atomic_store_explicit(&fbn_pool.helpers, 0, memory_order_relaxed);
+    fbn_pool.caller_waited_ns = 0;
+    atomic_store_explicit(&fbn_pool.total, (uint64_t)generation << 32 | (uint64_t)total,
+                          memory_order_release);
+    atomic_store_explicit(&fbn_pool.ticket, (uint64_t)generation << 32, memory_order_release);
+
+    for (int k = 0; k < nasked; k++) {
+        fbn_worker *w = &fbn_pool.workers[k];
+        if (!wake && atomic_load(&w->sleeping))
+            continue;
+        atomic_store(&w->job, generation);            /* seq_cst, then read `sleeping`: */
+        if (wake && atomic_load(&w->sleeping)) {      /* either this sees it asleep, or */
+            pthread_mutex_lock(&w->lock);             /* it sees the new job (Dekker) */
+            pthread_cond_signal(&w->wake);
+            pthread_mutex_unlock(&w->lock);
+        }
+    }
+    fbn_take_items(generation, 0);
+    long long waited = fbn_pool.caller_waited_ns + fbn_wait_done(total);
+    int helped = atomic_load_explicit(&fbn_pool.helpers, memory_order_relaxed);
+
+    long long now = fbn_now_ns(), elapsed = now - start;
+    long long off_cpu = wake ? elapsed - (fbn_cpu_ns() - start_cpu) : 0;
+    if (4 * (waited + off_cpu) >= elapsed || (helped == 0 && elapsed > FBN_LONG_JOB_NS)) {
+        atomic_store_explicit(&fbn_pool.quiet_again_ns, now + fbn_pool.backoff_ns,
+                              memory_order_relaxed);
+        fbn_pool.backoff_ns = 2 * fbn_pool.backoff_ns < FBN_BACKOFF_MAX_NS
+                              ? 2 * fbn_pool.backoff_ns : FBN_BACKOFF_MAX_NS;
+    } else if (wake) {
+        fbn_pool.backoff_ns = FBN_BACKOFF_MIN_NS;
+    }
+    pthread_mutex_unlock(&fbn_pool.busy);
+    return helped;
+}
+
+/* How long idle workers poll before they sleep (ns; -1: forever, 0: sleep at once). */
+static void fbn_pool_set_spin(long long ns) { fbn_pool.spin_ns = ns; }
+
+static int fbn_pool_workers(void) { return fbn_pool.nworkers; }
+
+/* Nanoseconds from now during which jobs run on their callers alone (0: none). */
+static long long fbn_pool_backing_off(void)
+{
+    long long left = atomic_load(&fbn_pool.quiet_again_ns) - fbn_now_ns();
+    return left > 0 ? left : 0;
+}
+
+static void fbn_pool_set_workers_away(int away) { atomic_store(&fbn_pool.workers_away, away); }
+
+/* In a forked child (a pthread_atfork handler): the parent's workers do not exist here, and
+ * a lock the parent's other threads held may be taken. Start again from nothing. */
+static void fbn_pool_after_fork(void)
+{
+    pthread_mutex_t unlocked = PTHREAD_MUTEX_INITIALIZER;
+    fbn_pool.busy = unlocked;
+    fbn_pool.nworkers = 0;
+    atomic_store(&fbn_pool.quiet_again_ns, 0);
+    fbn_pool.backoff_ns = FBN_BACKOFF_MIN_NS;
+}
+
+#else   /* the caller runs everything */
+
+static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nthreads, int wake)
+{
+    (void)nthreads;
+    (void)wake;
+    fbn_run_serial(stages, nstages, ctx);
+    return 0;
+}
+static void fbn_pool_set_spin(long long ns) { (void)ns; }
+static int fbn_pool_workers(void) { return 0; }
+static long long fbn_pool_backing_off(void) { return 0; }
+static void fbn_pool_set_workers_away(int away) { (void)away; }
+
+#endif
+
+#endif /* FASTBN_POOL_H */
