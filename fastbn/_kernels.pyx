@@ -25,6 +25,7 @@ thread runs an item, gives the same bits.
 """
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
+import os
 import numpy as np
 cimport numpy as cnp
 
@@ -224,9 +225,11 @@ cdef extern from "fastbn/pool.h" nogil:
         Py_ssize_t nitems
     int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nthreads, int wake)
     void fbn_pool_set_spin(long long ns)
+    long long FBN_SPIN_NS_DEFAULT
     int fbn_pool_workers()
     long long fbn_pool_backing_off()
     void fbn_pool_set_workers_away(int away)
+    void fbn_pool_set_backoff(int on)
 
 
 cdef int _last_helpers = 0
@@ -781,9 +784,25 @@ def pool_info():
             "serial_for_s": fbn_pool_backing_off() * 1e-9}
 
 
-def _set_pool_spin(long long ns):
-    """How long idle workers poll for the next job before sleeping (ns; -1: never sleep)."""
-    fbn_pool_set_spin(ns)
+def _default_spin_ns():
+    """How long idle workers poll before they sleep: OMP_WAIT_POLICY's choice where the user
+    made one (passive: sleep at once; active: never sleep), else FBN_SPIN_NS_DEFAULT."""
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().lower()
+    return {"passive": 0, "active": -1}.get(policy, FBN_SPIN_NS_DEFAULT)
+
+
+def _set_pool_spin(ns=None):
+    """How long idle workers poll for the next job before sleeping (ns; -1: never sleep;
+    None: the default)."""
+    fbn_pool_set_spin(_default_spin_ns() if ns is None else ns)
+
+
+_set_pool_spin()
+
+
+def _set_pool_backoff(bint on):
+    """Tests: whether a call the machine slowed sends the next calls to one thread."""
+    fbn_pool_set_backoff(on)
 
 
 def _set_workers_away(bint away):

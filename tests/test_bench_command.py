@@ -169,6 +169,7 @@ def test_missing_peers_are_named_with_the_command_that_adds_them(tmp_path):
     (["--no-reference", "--reference-all"], "exclude each other"),
     (["--json", "no/such/folder/bench.json"], "--json: no such folder"),
     (["--fused", "--plot", "fused.png"], "--fused has no plot"),
+    (["--contention", "--fused"], "--contention runs on its own"),
 ])
 def test_bench_argument_errors(args, message, tmp_path):
     run = bench(*args, cwd=tmp_path)
@@ -182,3 +183,23 @@ def test_plot_without_matplotlib_fails_before_timing(tmp_path):
     assert run.stderr.splitlines() == [
         "python -m fastbn bench: error: --plot needs matplotlib, which is not installed: "
         "pip install matplotlib (--help lists the options)"]
+
+
+def test_bench_contention(tmp_path):
+    """The busy processes start and stop, every cell has both ratios, the summary names the
+    worst cell; without torch, fastbn's column alone."""
+    out_json = tmp_path / "contention.json"
+    run = bench("--contention", "--quick", "--shapes", "4x8x16x16", "--threads", "2",
+                "--json", str(out_json), cwd=tmp_path, block=["torch"])
+    assert run.returncode == 0, run.stderr
+    assert "busy process(es) on" in run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("| op | layout | shape | gap | fastbn 1 thread |")
+    assert "torch" not in lines[0]
+    assert sum(line.startswith("| ") for line in lines) == 1 + 3 * 2 * 2   # ops x layouts x gaps
+    summary = [line for line in lines if line.startswith("fastbn: time(default threads)")]
+    assert len(summary) == 1 and "worst x" in summary[0]
+    rows = json.loads(out_json.read_text())["contention"]
+    assert len(rows) == 12
+    for r in rows:
+        assert r["gap_ms"] in (1.0, 2.0) and min(r["fastbn"]) > 0

@@ -128,17 +128,24 @@ def test_caller_finishes_alone_when_no_worker_comes(shape, axis, rng, threads):
 
 
 @pool_only
-def test_workers_take_part_on_a_quiet_machine(rng, threads):
-    """Some call of a few dozen has a worker run part of it (a busy machine may keep the
-    workers away from any one call: that is allowed, and not what this checks)."""
+def test_workers_take_part(rng, threads):
+    """Some call of many has a worker run part of it. A busy machine may keep the workers away
+    from any one call, and then sends calls to one thread for a while: that is allowed, and
+    not what this checks, so the back-off is off and the workers never sleep here."""
+    import time
     threads(2)
     x = rng.standard_normal((32, 64, 32, 32)).astype(np.float32)
     helped = 0
-    for _ in range(60):
-        fastbn.batch_norm_train(x)
-        helped += fastbn._kernels.pool_info()["last_helpers"]
-        if helped:
-            break
+    fastbn._kernels._set_pool_backoff(False)
+    fastbn._kernels._set_pool_spin(-1)
+    try:
+        deadline = time.monotonic() + 20
+        while not helped and time.monotonic() < deadline:
+            fastbn.batch_norm_train(x)
+            helped = fastbn._kernels.pool_info()["last_helpers"]
+    finally:
+        fastbn._kernels._set_pool_spin()
+        fastbn._kernels._set_pool_backoff(True)
     assert helped >= 1
     assert fastbn._kernels.pool_info()["workers"] >= 1
 
@@ -237,3 +244,11 @@ def test_omp_num_threads_keeps_priority_over_the_cpus_found():
     out = _threads_in_subprocess(code, OMP_NUM_THREADS="3")
     if fastbn._kernels.build_info()["openmp"]:
         assert out == "3 OMP_NUM_THREADS=3"
+
+
+def test_omp_wait_policy_is_honoured(monkeypatch):
+    """OMP_WAIT_POLICY, where the user set it, decides how the pool's idle workers wait."""
+    from fastbn import _kernels
+    for policy, spin in (("PASSIVE", 0), ("active", -1), ("", 50000)):
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+        assert _kernels._default_spin_ns() == spin

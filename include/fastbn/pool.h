@@ -89,7 +89,7 @@ static struct {
     pthread_mutex_t busy;              /* one job at a time; a second caller runs alone */
     fbn_worker workers[FBN_MAX_WORKERS];
     int nworkers;                      /* started */
-    long long spin_ns;
+    _Atomic long long spin_ns;
     uint32_t generation;
     fbn_stage stages[FBN_MAX_STAGES];
     ptrdiff_t stage_end[FBN_MAX_STAGES];   /* items before the end of each stage */
@@ -104,6 +104,7 @@ static struct {
     long long backoff_ns;              /* the next wait after a late job */
     _Atomic int workers_away;          /* tests: workers take no items, as if the OS never
                                           scheduled them */
+    int no_backoff;                    /* tests: never back off to one thread */
 } fbn_pool = {.busy = PTHREAD_MUTEX_INITIALIZER, .spin_ns = FBN_SPIN_NS_DEFAULT,
              .backoff_ns = FBN_BACKOFF_MIN_NS};
 
@@ -173,12 +174,14 @@ static void *fbn_worker_main(void *arg)
     fbn_worker *self = (fbn_worker *)arg;
     uint32_t seen = atomic_load(&self->job);
     for (;;) {
-        long long spin_ns = fbn_pool.spin_ns;
-        long long give_up = spin_ns < 0 ? 0 : fbn_now_ns() + spin_ns;
+        long long idle_since = fbn_now_ns();
         for (unsigned polls = 1; atomic_load_explicit(&self->job, memory_order_acquire) == seen;
              polls++) {
             fbn_cpu_relax();
-            if (polls % 256 == 0 && spin_ns >= 0 && fbn_now_ns() > give_up) {
+            if (polls % 256 != 0)
+                continue;
+            long long spin_ns = atomic_load_explicit(&fbn_pool.spin_ns, memory_order_relaxed);
+            if (spin_ns >= 0 && fbn_now_ns() - idle_since > spin_ns) {
                 pthread_mutex_lock(&self->lock);
                 atomic_store(&self->sleeping, 1);     /* seq_cst: see fbn_pool_run */
                 while (atomic_load(&self->job) == seen)
@@ -273,7 +276,9 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
 
     long long now = fbn_now_ns(), elapsed = now - start;
     long long off_cpu = wake ? elapsed - (fbn_cpu_ns() - start_cpu) : 0;
-    if (4 * (waited + off_cpu) >= elapsed || (helped == 0 && elapsed > FBN_LONG_JOB_NS)) {
+    if (fbn_pool.no_backoff) {
+    } else if (4 * (waited + off_cpu) >= elapsed
+               || (helped == 0 && elapsed > FBN_LONG_JOB_NS)) {
         atomic_store_explicit(&fbn_pool.quiet_again_ns, now + fbn_pool.backoff_ns,
                               memory_order_relaxed);
         fbn_pool.backoff_ns = 2 * fbn_pool.backoff_ns < FBN_BACKOFF_MAX_NS
@@ -286,7 +291,7 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
 }
 
 /* How long idle workers poll before they sleep (ns; -1: forever, 0: sleep at once). */
-static void fbn_pool_set_spin(long long ns) { fbn_pool.spin_ns = ns; }
+static void fbn_pool_set_spin(long long ns) { atomic_store(&fbn_pool.spin_ns, ns); }
 
 static int fbn_pool_workers(void) { return fbn_pool.nworkers; }
 
@@ -298,6 +303,13 @@ static long long fbn_pool_backing_off(void)
 }
 
 static void fbn_pool_set_workers_away(int away) { atomic_store(&fbn_pool.workers_away, away); }
+
+static void fbn_pool_set_backoff(int on)
+{
+    fbn_pool.no_backoff = !on;
+    if (!on)
+        atomic_store(&fbn_pool.quiet_again_ns, 0);
+}
 
 /* In a forked child (a pthread_atfork handler): the parent's workers do not exist here, and
  * a lock the parent's other threads held may be taken. Start again from nothing. */
@@ -323,6 +335,7 @@ static void fbn_pool_set_spin(long long ns) { (void)ns; }
 static int fbn_pool_workers(void) { return 0; }
 static long long fbn_pool_backing_off(void) { return 0; }
 static void fbn_pool_set_workers_away(int away) { (void)away; }
+static void fbn_pool_set_backoff(int on) { (void)on; }
 
 #endif
 
