@@ -106,8 +106,8 @@ def sync_batch_norm_train(x, weight=None, bias=None, *, comm, eps=1e-5, axis=1,
         saved and running statistics on the way."""
         merged = _merge_all_ranks(comm, ranks, local)
         count = _global_count(merged)
-        check_train_count(count, f"{count} over all {ranks} ranks' batches (this rank's x has "
-                                 f"shape {x.shape}, channels on axis {a.axis})")
+        # the same message on every rank
+        check_train_count(count, f"{count} in the global batch of {ranks} ranks")
         if count == 0:      # as one process with an empty batch: nothing is updated
             mean.fill(np.nan)
             invstd.fill(np.nan)
