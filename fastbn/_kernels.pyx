@@ -495,6 +495,8 @@ cpdef backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, 
 # The same stage functions as the ops above, each called on its own: (outer, C, inner) arrays
 # as the entries take them; partials in the partial format, float64 arrays of shape
 # (fields, C) for a problem and (K, fields, C) for its K chunks (include/fastbn/moments.h).
+# The passes over the data run on the op's threads, split as the op splits them (the same
+# bits for any thread count): synchronized batch norm runs on these entries.
 
 def statistics_stage(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner):
     """The moments of each of the training plan's chunks: (K, 4, C) float64. Channels-first
@@ -569,13 +571,25 @@ def normalize_stage(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C
     cdef const fbn_kernel_table *kern = table_of(x)
     cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_TRAIN)
     cdef Epilogue ep = make_epilogue(residual, activation, negative_slope)
-    if inner > 1 and p.nchunks == 1:
-        kern.normalize_channels(cnp.PyArray_DATA(x), ep.residual, cnp.PyArray_DATA(y), C, inner,
-                                p.count, 0, C, cnp.PyArray_DATA(coef), activation,
-                                negative_slope, p.stream)
-        return
-    normalize_part(kern, cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), &p, cnp.PyArray_DATA(coef),
-                   &ep, 0, 1)
+    cdef const void *xp = cnp.PyArray_DATA(x)
+    cdef void *yp = cnp.PyArray_DATA(y)
+    cdef const void *cp = cnp.PyArray_DATA(coef)
+    cdef Py_ssize_t i, t
+    cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
+    try:
+        with nogil:
+            if inner > 1 and p.nchunks == 1:
+                for i in prange(ceil_div(C, p.group), schedule='static', num_threads=nthreads,
+                                use_threads_if=nthreads > 1):
+                    kern.normalize_channels(xp, ep.residual, yp, C, inner, p.count, i * p.group,
+                                            min(C, (i + 1) * p.group), cp, activation,
+                                            negative_slope, p.stream)
+            else:
+                for t in prange(nthreads, schedule='static', num_threads=nthreads,
+                                use_threads_if=nthreads > 1):
+                    normalize_part(kern, xp, yp, &p, cp, &ep, t, nthreads)
+    finally:
+        release_threads(nthreads)
 
 
 def grad_shifts_stage(cnp.ndarray dy, Py_ssize_t C, Py_ssize_t inner, cnp.ndarray like_mean,
@@ -605,12 +619,18 @@ def grad_sums_stage(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t outer, Py_ssize_t 
     cdef const void *dyp = cnp.PyArray_DATA(dy)
     cdef const void *xp = cnp.PyArray_DATA(x)
     cdef Work w
+    cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
     a.shift = cnp.PyArray_DATA(shift)
-    if alloc_work(&w, &p, 1, 0, 0):
-        raise MemoryError("fastbn: out of memory for the gradient sums' scratch")
-    for i in range(nitems):
-        chunk_grad_sums(kern, dyp, xp, &p, i, &a, pp, w.scratch)
-    free_work(&w)
+    try:
+        if alloc_work(&w, &p, nthreads, 0, 0):
+            raise MemoryError("fastbn: out of memory for the gradient sums' scratch")
+        with nogil:
+            for i in prange(nitems, schedule='static', num_threads=nthreads,
+                            use_threads_if=nthreads > 1):
+                chunk_grad_sums(kern, dyp, xp, &p, i, &a, pp, thread_scratch(&w))
+        free_work(&w)
+    finally:
+        release_threads(nthreads)
     return parts
 
 
@@ -636,12 +656,25 @@ def grad_input_stage(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t ou
     applies them (by whole channels where its plan groups them)."""
     cdef const fbn_kernel_table *kern = table_of(x)
     cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_BACKWARD)
-    if inner > 1 and p.nchunks == 1:
-        kern.grad_input_channels(cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), cnp.PyArray_DATA(dx),
-                                 C, inner, p.count, 0, C, cnp.PyArray_DATA(coef), p.stream)
-        return
-    grad_input_part(kern, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), cnp.PyArray_DATA(dx), &p,
-                    cnp.PyArray_DATA(coef), 0, 1)
+    cdef const void *gp = cnp.PyArray_DATA(g)
+    cdef const void *xp = cnp.PyArray_DATA(x)
+    cdef void *dxp = cnp.PyArray_DATA(dx)
+    cdef const void *cp = cnp.PyArray_DATA(coef)
+    cdef Py_ssize_t i, t
+    cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
+    try:
+        with nogil:
+            if inner > 1 and p.nchunks == 1:
+                for i in prange(ceil_div(C, p.group), schedule='static', num_threads=nthreads,
+                                use_threads_if=nthreads > 1):
+                    kern.grad_input_channels(gp, xp, dxp, C, inner, p.count, i * p.group,
+                                             min(C, (i + 1) * p.group), cp, p.stream)
+            else:
+                for t in prange(nthreads, schedule='static', num_threads=nthreads,
+                                use_threads_if=nthreads > 1):
+                    grad_input_part(kern, gp, xp, dxp, &p, cp, t, nthreads)
+    finally:
+        release_threads(nthreads)
 
 
 # --------------------------------------------------------------------------------- helpers

@@ -172,3 +172,26 @@ def test_moments_checks_its_arguments():
         fastbn.Moments(np.zeros((3, 2)))
     with pytest.raises(ValueError, match="eps must be"):
         fastbn.moments(np.ones((2, 3))).finish(eps=-1.0)
+
+
+@pytest.mark.parametrize("shape,axis", PARALLEL_CASES[:4])
+def test_stages_give_the_same_bits_on_any_thread_count(shape, axis, threads, rng):
+    """The passes over the data (statistics, apply, gradient sums, dx) split as the ops do."""
+    x, dy, outer, C, inner = contiguous_case(shape, axis, np.float32, rng)
+    _, mean, invstd = fastbn.batch_norm_train(x)
+    results = []
+    for n in (1, 2, 3):
+        threads(n)
+        merged = _kernels.merge_stage(_kernels.statistics_stage(x, outer, C, inner))
+        coef = _kernels.finish_train_stage(merged, x, None, None, 1e-5, None, None, 0.1,
+                                           np.empty(C, np.float32), np.empty(C, np.float32))
+        y = np.empty_like(x)
+        _kernels.normalize_stage(x, y, outer, C, inner, coef)
+        shift = _kernels.grad_shifts_stage(dy, C, inner, mean)
+        sums = _kernels.merge_stage(_kernels.grad_sums_stage(dy, x, outer, C, inner, mean, shift))
+        grad_coef = _kernels.finish_grad_stage(sums, x, invstd, None, np.empty(C, np.float32),
+                                               np.empty(C, np.float32))
+        dx = np.empty_like(x)
+        _kernels.grad_input_stage(dy, x, dx, outer, C, inner, grad_coef)
+        results.append(b"".join(a.tobytes() for a in (merged, y, sums, dx)))
+    assert results[0] == results[1] == results[2]
