@@ -12,9 +12,13 @@ split_every, then groups of groups, in the order of their blocks; chunks split a
 channel axis are merged per channel range and the ranges put side by side. The result agrees
 with fastbn.moments of the whole array in memory to rounding (the merge order differs).
 """
-import dask
-import dask.array as da
 import numpy as np
+
+try:
+    import dask
+    import dask.array as da
+except ImportError as e:
+    raise ImportError("fastbn.dask needs Dask's arrays: pip install 'fastbn[dask]'") from e
 
 from . import _rules
 from .statistics import Moments, merge_moments, moments as _moments
