@@ -3,6 +3,9 @@ results equal the single-process call on the concatenated batch and are the same
 rank, for uneven, empty and one-value local batches, both layouts, both dtypes, fused
 activation and residual; the count error is raised on every rank; SyncBatchNorm. The same
 checks over real MPI processes: tests/test_mpi.py."""
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -253,3 +256,12 @@ def test_sync_layer_arguments():
         SyncBatchNorm.keras(3)
     comm, = ThreadComm.group(1)
     assert repr(SyncBatchNorm(3, comm=comm)).startswith("SyncBatchNorm(3, eps=1e-05")
+
+
+def test_import_fastbn_imports_neither_mpi4py_nor_dask():
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fastbn.__file__)))
+    code = ("import sys, fastbn; fastbn.distributed.SyncBatchNorm; "
+            "print(sorted({'mpi4py', 'dask'} & set(sys.modules)))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env, timeout=60)
+    assert run.stdout.strip() == "[]"
