@@ -300,8 +300,9 @@ class BatchNorm:
                     f"epsilon={self.eps!r}, center={self.bias is not None}, "
                     f"scale={self.weight is not None}, axis={self.axis}, "
                     f"dtype='{self.dtype.name}')")
-        return (f"{type(self).__name__}({self.num_features}, eps={self.eps!r}, momentum={self.momentum!r}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps!r}, "
+                f"momentum={self.momentum!r}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, "
                 f"axis={self.axis}, dtype='{self.dtype.name}'"
                 + (f", window={self.window}" if self.window else "")
                 + (f", activation={self.activation!r}" if self.activation else "")

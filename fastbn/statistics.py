@@ -129,7 +129,8 @@ def recalibrate(layer, batches):
     variance of the batch means), torch.optim.swa_utils.update_bn takes the cumulative average
     of the batches' statistics (each batch weighs the same, so an uneven last batch is
     overweighted, and the same term is left out). num_batches_tracked is left as it was; the
-    running statistics are written only once every batch has been read.
+    running statistics are written only once every batch has been read. (A SyncBatchNorm is
+    recalibrated with this process's batches only: give every rank all of them.)
     """
     if not isinstance(layer, BatchNorm):
         raise TypeError(f"layer must be a fastbn.BatchNorm, got {type(layer).__name__}")
