@@ -9,8 +9,10 @@ merged as a tree with the same Chan merge (fastbn.statistics), one pass over the
 Dask is an optional dependency (pip install "fastbn[dask]"). Each chunk's partial is 4 float64
 values per channel of the chunk; the chunks that hold the same channels are merged in groups of
 split_every, then groups of groups, in the order of their blocks; chunks split along the
-channel axis are merged per channel range and the ranges put side by side. The result agrees
-with fastbn.moments of the whole array in memory to rounding (the merge order differs).
+channel axis are merged per channel range and the ranges put side by side. The tree is built
+of delayed calls on the partials as they are (the tree dask.array.reduction builds, without
+its array bookkeeping: a partial is not a block of the array). The result agrees with
+fastbn.moments of the whole array in memory to rounding (the merge order differs).
 """
 import numpy as np
 
