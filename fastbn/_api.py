@@ -13,6 +13,7 @@ NHWC, a transposed or reversed view of either) is used where it lies, by permuti
 its axes; anything else is copied once. Outputs take the input's memory layout.
 """
 import math
+from collections import namedtuple
 
 import numpy as np
 
@@ -149,6 +150,94 @@ def _required_pair(a, b, names, C, dtype, missing):
     return channel_vector(a, names[0], C, dtype), channel_vector(b, names[1], C, dtype)
 
 
+
+# ------------------------------------------------------------------ arguments, checked once
+# The checked arguments of the training forward and of the backward, shared by their
+# synchronized versions (fastbn.distributed), which differ only in where statistics come from.
+
+TrainArgs = namedtuple("TrainArgs", "x axis C stat_dtype weight bias eps momentum residual act "
+                                    "slope running_mean running_var out arrays")
+BackwardArgs = namedtuple("BackwardArgs", "dy x axis C stat_dtype mean invstd weight y act "
+                                          "slope fused out outs arrays")
+
+# outputs that may be exactly one of the inputs (_run): dx may be dy, x or y (each is read
+# before it is written), out_residual dy or y
+BACKWARD_IN_PLACE = [(0, 1, 2), (1, 2)]
+
+
+def _train_args(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
+                residual, activation, negative_slope):
+    """batch_norm_train's arguments, checked (all but the count of values per channel)."""
+    x, axis = x_and_axis(x, axis)
+    C = x.shape[axis]
+    stat_dtype = compute_dtype(x.dtype)
+    weight = channel_vector(weight, "weight", C, stat_dtype)
+    bias = channel_vector(bias, "bias", C, stat_dtype)
+    eps = real(eps, EPS)
+    momentum = real(momentum, MOMENTUM)
+    residual = companion(residual, "residual", x)
+    act, slope = _rules.activation(activation, negative_slope)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if running_mean is not None:
+        running_mean = running_stat(running_mean, "running_mean", C, stat_dtype)
+        running_var = running_stat(running_var, "running_var", C, stat_dtype)
+    out = out_array(out, x)
+    arrays = [x] if residual is None else [x, residual]
+    return TrainArgs(x, axis, C, stat_dtype, weight, bias, eps, momentum, residual, act, slope,
+                     running_mean, running_var, out, arrays)
+
+
+def _backward_args(dy, x, mean, invstd, weight, axis, y, activation, negative_slope, out,
+                   out_residual):
+    """batch_norm_backward's arguments, checked."""
+    x, axis = x_and_axis(x, axis)
+    dy = data(dy, "dy")
+    like_x(dy, "dy", x)
+    C = x.shape[axis]
+    stat_dtype = compute_dtype(x.dtype)
+    mean, invstd = _required_pair(
+        mean, invstd, ("mean", "invstd"), C, stat_dtype,
+        TypeError("mean and invstd are required: pass what batch_norm_train returned"))
+    weight = channel_vector(weight, "weight", C, stat_dtype)
+    act, slope = _rules.activation(activation, negative_slope)
+    y = companion(y, "y", x)
+    if activation is not None and y is None:
+        raise ValueError(f"y, the fused forward's output, is required with "
+                         f"activation={activation!r}")
+    if activation is None and y is not None:
+        raise ValueError("y is used only with an activation: pass activation= as in the forward")
+    if activation == "leaky_relu" and not slope >= NEGATIVE_SLOPE_BACKWARD.low:
+        raise ValueError(f"negative_slope must be >= 0 for the backward (the derivative is "
+                         f"recovered from the sign of y), got {slope}")
+    out = out_array(out, x)
+    if out_residual is not None:
+        out_residual = out_array(out_residual, x, "out_residual")
+        if out is not None and np.may_share_memory(out, out_residual):
+            raise ValueError("out and out_residual must not overlap")
+    fused = activation is not None or out_residual is not None
+    outs = [out] if out_residual is None else [out, out_residual]
+    arrays = [x, dy] if y is None else [x, dy, y]
+    return BackwardArgs(dy, x, axis, C, stat_dtype, mean, invstd, weight, y, act, slope, fused,
+                        out, outs, arrays)
+
+
+def _fused_y(v, a):
+    """The view of the fused forward's y (None without it) among the backward's inputs."""
+    return v.inputs[1] if a.y is not None else None
+
+
+def _grad_buffer(v, a):
+    """Where the fused backward writes g = dy * act'(y) (None unfused): out_residual, or dx's
+    memory (the dx pass then runs in place) unless that is x's, which the sums still read."""
+    if not a.fused:
+        return None
+    grad = v.outputs[1] if len(v.outputs) > 1 else v.outputs[0]
+    if _kernels.address(grad) == _kernels.address(v.x):
+        grad = _outputs.empty(v.x.shape, v.x.dtype)
+    return grad
+
+
 # ------------------------------------------------------------------------------- functions
 
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
@@ -172,34 +261,21 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
                                    momentum, out, residual, activation, negative_slope)
     if result is not None:
         return result
-    x, axis = x_and_axis(x, axis)
-    C = x.shape[axis]
-    stat_dtype = compute_dtype(x.dtype)
-    weight = channel_vector(weight, "weight", C, stat_dtype)
-    bias = channel_vector(bias, "bias", C, stat_dtype)
-    eps = real(eps, EPS)
-    momentum = real(momentum, MOMENTUM)
-    residual = companion(residual, "residual", x)
-    act, slope = _rules.activation(activation, negative_slope)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    if running_mean is not None:
-        running_mean = running_stat(running_mean, "running_mean", C, stat_dtype)
-        running_var = running_stat(running_var, "running_var", C, stat_dtype)
-    out = out_array(out, x)
-    train_count(x, axis, C)
+    a = _train_args(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
+                    residual, activation, negative_slope)
+    x, C = a.x, a.C
+    train_count(x, a.axis, C)
 
-    mean = np.empty(C, stat_dtype)
-    invstd = np.empty(C, stat_dtype)
+    mean = np.empty(C, a.stat_dtype)
+    invstd = np.empty(C, a.stat_dtype)
     if x.size == 0:     # nothing to take statistics of: running statistics stay as they are
         mean.fill(np.nan)
         invstd.fill(np.nan)
-        return (np.empty_like(x) if out is None else out), mean, invstd
-    arrays = [x] if residual is None else [x, residual]
+        return (np.empty_like(x) if a.out is None else a.out), mean, invstd
     y, = _run(lambda v: _kernels.forward_train(
-        v.x, v.outputs[0], v.outer, C, v.inner, weight, bias, eps, running_mean, running_var,
-        momentum, mean, invstd, v.inputs[0] if v.inputs else None, act, slope),
-        arrays, axis, [out], in_place=[(0,)])
+        v.x, v.outputs[0], v.outer, C, v.inner, a.weight, a.bias, a.eps, a.running_mean,
+        a.running_var, a.momentum, mean, invstd, v.inputs[0] if v.inputs else None, a.act,
+        a.slope), a.arrays, a.axis, [a.out], in_place=[(0,)])
     return y, mean, invstd
 
 
@@ -254,52 +330,21 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, y=None, act
         result = _fastpath.backward_common(dy, x, mean, invstd, weight, axis, out)
         if result is not None:
             return result
-    x, axis = x_and_axis(x, axis)
-    dy = data(dy, "dy")
-    like_x(dy, "dy", x)
-    C = x.shape[axis]
-    stat_dtype = compute_dtype(x.dtype)
-    mean, invstd = _required_pair(
-        mean, invstd, ("mean", "invstd"), C, stat_dtype,
-        TypeError("mean and invstd are required: pass what batch_norm_train returned"))
-    weight = channel_vector(weight, "weight", C, stat_dtype)
-    act, slope = _rules.activation(activation, negative_slope)
-    y = companion(y, "y", x)
-    if activation is not None and y is None:
-        raise ValueError(f"y, the fused forward's output, is required with "
-                         f"activation={activation!r}")
-    if activation is None and y is not None:
-        raise ValueError("y is used only with an activation: pass activation= as in the forward")
-    if activation == "leaky_relu" and not slope >= NEGATIVE_SLOPE_BACKWARD.low:
-        raise ValueError(f"negative_slope must be >= 0 for the backward (the derivative is "
-                         f"recovered from the sign of y), got {slope}")
-    out = out_array(out, x)
-    if out_residual is not None:
-        out_residual = out_array(out_residual, x, "out_residual")
-        if out is not None and np.may_share_memory(out, out_residual):
-            raise ValueError("out and out_residual must not overlap")
+    a = _backward_args(dy, x, mean, invstd, weight, axis, y, activation, negative_slope, out,
+                       out_residual)
+    x, C = a.x, a.C
 
-    dweight = np.zeros(C, stat_dtype)
-    dbias = np.zeros(C, stat_dtype)
+    dweight = np.zeros(C, a.stat_dtype)
+    dbias = np.zeros(C, a.stat_dtype)
     if x.size == 0:
-        return (np.empty_like(x) if out is None else out), dweight, dbias
-    arrays = [x, dy] if y is None else [x, dy, y]
-    outs = [out] if out_residual is None else [out, out_residual]
+        return (np.empty_like(x) if a.out is None else a.out), dweight, dbias
 
     def kernel(v):
-        dx = v.outputs[0]
-        grad = None
-        if fused:
-            # g goes to out_residual, or to dx's memory (the dx pass then runs in place)
-            # unless that is x's, which the sums still read
-            grad = v.outputs[1] if len(v.outputs) > 1 else dx
-            if _kernels.address(grad) == _kernels.address(v.x):
-                grad = _outputs.empty(v.x.shape, v.x.dtype)
-        _kernels.backward(v.inputs[0], v.x, dx, v.outer, C, v.inner, mean, invstd, weight,
-                          dweight, dbias, v.inputs[1] if y is not None else None, grad, act,
-                          slope)
+        _kernels.backward(v.inputs[0], v.x, v.outputs[0], v.outer, C, v.inner, a.mean,
+                          a.invstd, a.weight, dweight, dbias, _fused_y(v, a), _grad_buffer(v, a),
+                          a.act, a.slope)
 
-    results = _run(kernel, arrays, axis, outs, in_place=[(0, 1, 2), (1, 2)])
+    results = _run(kernel, a.arrays, a.axis, a.outs, in_place=BACKWARD_IN_PLACE)
     return results[0], dweight, dbias
 
 

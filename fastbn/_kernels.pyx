@@ -340,6 +340,23 @@ cdef void normalize_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
     normalize_part(j.kern, j.x, j.out, j.p, j.coef, j.ep, i, j.napply)
 
 
+cdef void normalize_group_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
+    # the apply stage alone, by whole channel groups (the staged path of the fused one)
+    cdef Job *j = <Job *>ctx
+    cdef const Plan *p = j.p
+    j.kern.normalize_channels(j.x, j.ep.residual, j.out, p.C, p.inner, p.count, i * p.group,
+                              min(p.C, (i + 1) * p.group), j.coef, j.ep.activation,
+                              j.ep.negative_slope, p.stream)
+
+
+cdef void grad_input_group_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
+    # the dx stage alone, by whole channel groups (the staged path of the fused one)
+    cdef Job *j = <Job *>ctx
+    cdef const Plan *p = j.p
+    j.kern.grad_input_channels(j.g, j.x, j.out, p.C, p.inner, p.count, i * p.group,
+                               min(p.C, (i + 1) * p.group), j.coef, p.stream)
+
+
 cdef void backward_group_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
     # one group of channels: their sums, their coefficients, then their dx while in cache
     cdef Job *j = <Job *>ctx
@@ -589,6 +606,8 @@ cpdef backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, 
 # The same stage functions as the ops above, each called on its own: (outer, C, inner) arrays
 # as the entries take them; partials in the partial format, float64 arrays of shape
 # (fields, C) for a problem and (K, fields, C) for its K chunks (include/fastbn/moments.h).
+# The passes over the data run on the op's threads, split as the op splits them (the same
+# bits for any thread count): synchronized batch norm runs on these entries.
 
 def statistics_stage(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner):
     """The moments of each of the training plan's chunks: (K, 4, C) float64. Channels-first
@@ -661,16 +680,23 @@ def normalize_stage(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C
                     int activation=FBN_ACT_NONE, double negative_slope=0.0):
     """y = act(normalize(x) + residual) from the coefficients, as the training forward applies
     them (by whole channels where its plan groups them)."""
-    cdef const fbn_kernel_table *kern = table_of(x)
     cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_TRAIN)
     cdef Epilogue ep = make_epilogue(residual, activation, negative_slope)
+    cdef Job j
+    cdef fbn_stage apply
+    cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
+    j.kern, j.p, j.x, j.out, j.ep = table_of(x), &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), &ep
+    j.coef = cnp.PyArray_DATA(coef)
+    j.napply = apply_items(&p, nthreads)
     if inner > 1 and p.nchunks == 1:
-        kern.normalize_channels(cnp.PyArray_DATA(x), ep.residual, cnp.PyArray_DATA(y), C, inner,
-                                p.count, 0, C, cnp.PyArray_DATA(coef), activation,
-                                negative_slope, p.stream)
-        return
-    normalize_part(kern, cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), &p, cnp.PyArray_DATA(coef),
-                   &ep, 0, 1)
+        apply = stage(normalize_group_item, ceil_div(C, p.group))
+    else:
+        apply = stage(normalize_item, j.napply)
+    try:
+        with nogil:
+            pool_run(&apply, 1, &j, nthreads, p.count * C)
+    finally:
+        release_threads(nthreads)
 
 
 def grad_shifts_stage(cnp.ndarray dy, Py_ssize_t C, Py_ssize_t inner, cnp.ndarray like_mean,
@@ -694,18 +720,25 @@ def grad_sums_stage(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t outer, Py_ssize_t 
     cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_BACKWARD)
     cdef fbn_grad_args a = grad_args(mean, mean, None, None, None, y, grad, activation,
                                      negative_slope)
-    cdef Py_ssize_t nitems = C * p.nchunks if inner > 1 else p.nchunks, i
     cdef cnp.ndarray parts = np.zeros((p.nchunks, FBN_GRAD_FIELDS, C))
-    cdef double *pp = <double *>cnp.PyArray_DATA(parts)
-    cdef const void *dyp = cnp.PyArray_DATA(dy)
-    cdef const void *xp = cnp.PyArray_DATA(x)
     cdef Work w
+    cdef Job j
+    cdef fbn_stage sums = stage(grad_sums_item, statistics_items(&p))
+    cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
     a.shift = cnp.PyArray_DATA(shift)
-    if alloc_work(&w, &p, 1, 0, 0):
-        raise MemoryError("fastbn: out of memory for the gradient sums' scratch")
-    for i in range(nitems):
-        chunk_grad_sums(kern, dyp, xp, &p, i, &a, pp, w.scratch)
-    free_work(&w)
+    try:
+        if alloc_work(&w, &p, nthreads, 0, 0):
+            raise MemoryError("fastbn: out of memory for the gradient sums' scratch")
+        j.kern, j.p, j.x, j.dy, j.grad, j.w = table_of(x), &p, cnp.PyArray_DATA(x), \
+            cnp.PyArray_DATA(dy), &a, &w
+        free(w.parts)                   # the chunks' sums go straight to `parts`
+        w.parts = <double *>cnp.PyArray_DATA(parts)
+        with nogil:
+            pool_run(&sums, 1, &j, nthreads, p.count * C)
+        w.parts = NULL
+        free_work(&w)
+    finally:
+        release_threads(nthreads)
     return parts
 
 
@@ -729,14 +762,23 @@ def grad_input_stage(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t ou
                      Py_ssize_t C, Py_ssize_t inner, cnp.ndarray coef):
     """dx from g (dy, or the fused g) and x, and the gradient coefficients, as the backward
     applies them (by whole channels where its plan groups them)."""
-    cdef const fbn_kernel_table *kern = table_of(x)
     cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_BACKWARD)
+    cdef Job j
+    cdef fbn_stage apply
+    cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
+    j.kern, j.p, j.x, j.g, j.out = table_of(x), &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(g), \
+        cnp.PyArray_DATA(dx)
+    j.coef = cnp.PyArray_DATA(coef)
+    j.napply = apply_items(&p, nthreads)
     if inner > 1 and p.nchunks == 1:
-        kern.grad_input_channels(cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), cnp.PyArray_DATA(dx),
-                                 C, inner, p.count, 0, C, cnp.PyArray_DATA(coef), p.stream)
-        return
-    grad_input_part(kern, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), cnp.PyArray_DATA(dx), &p,
-                    cnp.PyArray_DATA(coef), 0, 1)
+        apply = stage(grad_input_group_item, ceil_div(C, p.group))
+    else:
+        apply = stage(grad_input_item, j.napply)
+    try:
+        with nogil:
+            pool_run(&apply, 1, &j, nthreads, p.count * C)
+    finally:
+        release_threads(nthreads)
 
 
 # --------------------------------------------------------------------------------- helpers

@@ -165,7 +165,11 @@ def activation(name, negative_slope):
 def train_count(x, axis_value, C):
     """Values per channel, which training needs more than one of."""
     count = x.size // C if C else 0
-    if 0 < count < MIN_TRAIN_COUNT:
-        raise ValueError(f"Expected more than 1 value per channel when training, "
-                         f"got x of shape {x.shape} with channels on axis {axis_value}")
+    check_train_count(count, f"x of shape {x.shape} with channels on axis {axis_value}")
     return count
+
+
+def check_train_count(count, what):
+    """count values per channel (none, or more than one) are enough for training."""
+    if 0 < count < MIN_TRAIN_COUNT:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {what}")

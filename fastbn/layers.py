@@ -118,31 +118,36 @@ class BatchNorm:
             self._saved = ("running", x, y, residual is not None)
             return y
         update = self.training and self.track_running_stats
+        train, backward = self._batch_ops()
         if update and (self.window or self._keras):
-            y, mean, invstd = self._forward_own_update(x, fuse)
+            y, mean, invstd = self._forward_own_update(x, fuse, train)
         else:
             momentum = 0.0
             if update:  # momentum=None: the cumulative average over the batches seen
                 momentum = (1.0 / (self.num_batches_tracked + 1) if self.momentum is None
                             else float(self.momentum))
-            y, mean, invstd = batch_norm_train(
+            y, mean, invstd = train(
                 x, self.weight, self.bias, eps=self.eps, axis=self.axis, momentum=momentum,
                 running_mean=self.running_mean if update else None,
                 running_var=self.running_var if update else None, **fuse)
         if update:      # counted once the call has succeeded
             self.num_batches_tracked += 1
-        self._saved = ("batch", x, y, residual is not None, mean, invstd)
+        self._saved = ("batch", x, y, residual is not None, mean, invstd, backward)
         return y
 
-    def _forward_own_update(self, x, fuse):
+    def _batch_ops(self):
+        """The training forward and its backward that normalize with batch statistics: this
+        batch's (SyncBatchNorm: the global batch's, while training)."""
+        return batch_norm_train, batch_norm_backward
+
+    def _forward_own_update(self, x, fuse, train):
         """Training forward for the window and Keras rules: the kernel's update with
         momentum 1 gives the batch mean and unbiased variance exactly, the layer does the rest."""
         C = self.num_features
         batch_mean, batch_var = np.zeros(C, self.dtype), np.zeros(C, self.dtype)
-        y, mean, invstd = batch_norm_train(x, self.weight, self.bias, eps=self.eps,
-                                           axis=self.axis, momentum=1.0,
-                                           running_mean=batch_mean, running_var=batch_var,
-                                           **fuse)
+        y, mean, invstd = train(x, self.weight, self.bias, eps=self.eps, axis=self.axis,
+                                momentum=1.0, running_mean=batch_mean, running_var=batch_var,
+                                **fuse)
         batch_mean, batch_var = batch_mean.astype(np.float64), batch_var.astype(np.float64)
         if self._keras:
             # moving = moving * momentum + batch * (1 - momentum), population variance
@@ -213,8 +218,8 @@ class BatchNorm:
         mode, x, y, with_residual = self._saved[:4]
         grad_residual = np.empty_like(x) if with_residual else None
         if mode == "batch":
-            mean, invstd = self._saved[4:]
-            dx, dweight, dbias = batch_norm_backward(
+            mean, invstd, batch_backward = self._saved[4:]
+            dx, dweight, dbias = batch_backward(
                 dy, x, mean, invstd, self.weight, axis=self.axis,
                 y=y if self.activation else None, activation=self.activation,
                 negative_slope=self.negative_slope, out_residual=grad_residual)
@@ -295,8 +300,9 @@ class BatchNorm:
                     f"epsilon={self.eps!r}, center={self.bias is not None}, "
                     f"scale={self.weight is not None}, axis={self.axis}, "
                     f"dtype='{self.dtype.name}')")
-        return (f"BatchNorm({self.num_features}, eps={self.eps!r}, momentum={self.momentum!r}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps!r}, "
+                f"momentum={self.momentum!r}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, "
                 f"axis={self.axis}, dtype='{self.dtype.name}'"
                 + (f", window={self.window}" if self.window else "")
                 + (f", activation={self.activation!r}" if self.activation else "")

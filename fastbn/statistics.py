@@ -22,9 +22,10 @@ import numpy as np
 
 from . import _kernels
 from ._api import _Views
-from ._rules import EPS, real, x_and_axis
+from ._rules import EPS, MIN_TRAIN_COUNT, real, x_and_axis
+from .layers import BatchNorm
 
-__all__ = ["Moments", "Statistics", "moments", "merge_moments"]
+__all__ = ["Moments", "Statistics", "moments", "merge_moments", "recalibrate"]
 
 Statistics = namedtuple("Statistics", "mean var var_unbiased invstd")
 Statistics.__doc__ = """Finished per-channel statistics, float64 arrays: the mean, the biased
@@ -110,3 +111,40 @@ def merge_moments(parts):
     if len(channels) > 1:
         raise ValueError(f"parts must all have the same channels, got {sorted(channels)}")
     return Moments(_kernels.merge_stage(np.stack([p.data for p in parts])))
+
+
+def recalibrate(layer, batches):
+    """Precise BN: sets a BatchNorm layer's running statistics to the exact statistics of all
+    values in batches, an iterable of its inputs (arrays of the layer's channels, axis and
+    dtype), read once, one batch at a time. Returns the layer.
+
+    running_mean becomes the mean of every value of the channel over all batches, and
+    running_var their unbiased variance n / (n - 1) (the population variance for a Keras
+    convention layer, as its updates use): what one batch of all the data would give, each
+    value counted once whatever the sizes of the batches. Batches are merged as Moments
+    (count, shift, deviations), so the variance between the batches' means is included.
+
+    Other recipes average per-batch statistics: fvcore's update_bn_stats averages the
+    batches' means and variances (equal batches; the mean of the variances leaves out the
+    variance of the batch means), torch.optim.swa_utils.update_bn takes the cumulative average
+    of the batches' statistics (each batch weighs the same, so an uneven last batch is
+    overweighted, and the same term is left out). num_batches_tracked is left as it was; the
+    running statistics are written only once every batch has been read. (A SyncBatchNorm is
+    recalibrated with this process's batches only: give every rank all of them.)
+    """
+    if not isinstance(layer, BatchNorm):
+        raise TypeError(f"layer must be a fastbn.BatchNorm, got {type(layer).__name__}")
+    if not layer.track_running_stats:
+        raise ValueError("layer has no running statistics (track_running_stats=False)")
+    total = None
+    for x in batches:
+        layer._check_input(x)
+        part = moments(x, axis=layer.axis)
+        total = part if total is None else total.merge(part)
+    count = int(total.count[0]) if total is not None else 0
+    if count < MIN_TRAIN_COUNT:
+        raise ValueError(f"batches must hold more than 1 value per channel, got {count}")
+    s = total.finish(layer.eps)
+    layer.running_mean[...] = s.mean
+    layer.running_var[...] = s.var if layer._keras else s.var_unbiased
+    return layer

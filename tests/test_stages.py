@@ -109,14 +109,18 @@ def test_merging_in_any_grouping_equals_one_call(data, dtype, layout, offset):
     while len(tree) > 1:
         tree = [tree[i].merge(tree[i + 1]) if i + 1 < len(tree) else tree[i]
                 for i in range(0, len(tree), 2)]
+    eps = np.finfo(np.float64).eps
     for merged in (sequential, tree[0].finish()):
-        for name in ("mean", "var"):
-            a, b = getattr(merged, name), getattr(whole, name)
-            assert_rel(a, b, 64 * np.finfo(np.float64).eps, name)
-            # rounded to the data's type, the merged statistics are the one call's to 1 ulp
-            ulps = np.abs(a.astype(dtype).view(np.int32 if dtype == np.float32 else np.int64)
-                          - b.astype(dtype).view(np.int32 if dtype == np.float32 else np.int64))
-            assert ulps.max() <= (1 if dtype == np.float32 else 64)
+        # a merged mean's error scales with the values' spread, not with the mean itself
+        # (which may be near zero): 64 ulp of |mean| + std
+        scale = np.abs(whole.mean) + np.sqrt(whole.var)
+        assert (np.abs(merged.mean - whole.mean) <= 64 * eps * scale).all(), "mean"
+        assert_rel(merged.var, whole.var, 64 * eps, "var")
+        # rounded to the data's type, the merged statistics are the one call's to 1 ulp
+        if dtype == np.float32:
+            for a, b in ((merged.mean, whole.mean), (merged.var, whole.var)):
+                ulps = np.abs(a.astype(dtype).view(np.int32) - b.astype(dtype).view(np.int32))
+                assert ulps.max() <= 1
 
 
 def test_merge_with_empty_and_single_parts():
@@ -172,3 +176,26 @@ def test_moments_checks_its_arguments():
         fastbn.Moments(np.zeros((3, 2)))
     with pytest.raises(ValueError, match="eps must be"):
         fastbn.moments(np.ones((2, 3))).finish(eps=-1.0)
+
+
+@pytest.mark.parametrize("shape,axis", PARALLEL_CASES[:4])
+def test_stages_give_the_same_bits_on_any_thread_count(shape, axis, threads, rng):
+    """The passes over the data (statistics, apply, gradient sums, dx) split as the ops do."""
+    x, dy, outer, C, inner = contiguous_case(shape, axis, np.float32, rng)
+    _, mean, invstd = fastbn.batch_norm_train(x)
+    results = []
+    for n in (1, 2, 3):
+        threads(n)
+        merged = _kernels.merge_stage(_kernels.statistics_stage(x, outer, C, inner))
+        coef = _kernels.finish_train_stage(merged, x, None, None, 1e-5, None, None, 0.1,
+                                           np.empty(C, np.float32), np.empty(C, np.float32))
+        y = np.empty_like(x)
+        _kernels.normalize_stage(x, y, outer, C, inner, coef)
+        shift = _kernels.grad_shifts_stage(dy, C, inner, mean)
+        sums = _kernels.merge_stage(_kernels.grad_sums_stage(dy, x, outer, C, inner, mean, shift))
+        grad_coef = _kernels.finish_grad_stage(sums, x, invstd, None, np.empty(C, np.float32),
+                                               np.empty(C, np.float32))
+        dx = np.empty_like(x)
+        _kernels.grad_input_stage(dy, x, dx, outer, C, inner, grad_coef)
+        results.append(b"".join(a.tobytes() for a in (merged, y, sums, dx)))
+    assert results[0] == results[1] == results[2]
