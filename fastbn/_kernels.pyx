@@ -31,6 +31,7 @@ cimport numpy as cnp
 
 from fastbn._ckernels cimport *
 from fastbn._tables cimport storage_tables
+from fastbn._dtypes import available
 from fastbn._plan cimport (Plan, Op, OP_TRAIN, OP_INFER, OP_BACKWARD, make_plan, op_streams,
                            ceil_div, chunk_range, cl_chunk_rows, SERIAL_BELOW_STATS,
                            SERIAL_BELOW_PASS, MIN_CHUNK, WAKE_BELOW)
@@ -48,10 +49,12 @@ cdef int _ntables = 0
 cdef int _typenums[MAX_STORAGE_TYPES]
 cdef const fbn_kernel_table *_tables[MAX_STORAGE_TYPES]
 
+_dtypes_here = {t.dtype: dtype for t, dtype in available()}
 for _name, _address in storage_tables():
-    _typenums[_ntables] = np.dtype(_name).num
-    _tables[_ntables] = <const fbn_kernel_table *><size_t>_address
-    _ntables += 1
+    if _name in _dtypes_here:       # its dtype exists here (bfloat16: ml_dtypes installed)
+        _typenums[_ntables] = _dtypes_here[_name].num
+        _tables[_ntables] = <const fbn_kernel_table *><size_t>_address
+        _ntables += 1
 
 
 cdef inline const fbn_kernel_table *table_of(cnp.ndarray x) except NULL:
@@ -72,7 +75,7 @@ def build_info():
         "baseline_simd": fbn_baseline_simd().decode(),
         "dispatch_targets": fbn_dispatch_targets().decode(),
         "dispatch_selected": fbn_dispatch_selected().decode(),
-        "storage_types": [name for name, _ in storage_tables()],
+        "storage_types": [name for name, _ in storage_tables() if name in _dtypes_here],
     }
 
 

@@ -15,12 +15,12 @@ from collections import namedtuple
 import numpy as np
 
 from . import activations
-from ._dtypes import COMPUTE_DTYPES, STORAGE_TYPES
+from ._dtypes import COMPUTE_DTYPES, available
 
 # The storage dtypes (x, dy, residual, y, out) and, for each, the dtype of per-channel arrays
-DATA_DTYPES = tuple(np.dtype(t.dtype) for t in STORAGE_TYPES)
-_COMPUTE = {np.dtype(t.dtype): np.dtype(COMPUTE_DTYPES[t.compute]) for t in STORAGE_TYPES}
-_DTYPE_NAMES = " or ".join(str(d) for d in DATA_DTYPES)
+DATA_DTYPES = tuple(dtype for _, dtype in available())
+_COMPUTE = {dtype: np.dtype(COMPUTE_DTYPES[t.compute]) for t, dtype in available()}
+DTYPE_NAMES = ", ".join(str(d) for d in DATA_DTYPES[:-1]) + f" or {DATA_DTYPES[-1]}"
 
 Range = namedtuple("Range", "name low high")
 EPS = Range("eps", 0.0, math.inf)
@@ -57,7 +57,7 @@ def data(x, name):
         if isinstance(x, (np.ndarray, list, tuple)):
             x = np.asarray(x)
         else:
-            raise TypeError(f"{name} must be a numpy.ndarray of {_DTYPE_NAMES}, "
+            raise TypeError(f"{name} must be a numpy.ndarray of {DTYPE_NAMES}, "
                             f"got {type(x).__name__}")
     dtype = x.dtype
     if dtype in _COMPUTE:
@@ -66,7 +66,7 @@ def data(x, name):
     if native in _COMPUTE:
         return x.astype(native)
     hint = " (convert with .astype(np.float32))" if dtype.kind in "biuf" else ""
-    raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}, got {dtype}{hint}")
+    raise TypeError(f"{name} must have dtype {DTYPE_NAMES}, got {dtype}{hint}")
 
 
 def like_x(a, name, x):
@@ -126,7 +126,10 @@ def running_stat(v, name, C, dtype):
         raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
                         f"got {type(v).__name__}")
     if v.dtype != dtype:
-        raise TypeError(f"{name} must have the dtype of x ({dtype}), got {v.dtype}")
+        raise TypeError(f"{name} must have x's statistics dtype ({dtype}), got {v.dtype}"
+                        + (" (half-precision data keeps float32 running statistics: in "
+                           "float16 or bfloat16 the momentum's small updates would be lost)"
+                           if v.dtype.itemsize == 2 else ""))
     if v.shape != (C,):
         raise ValueError(per_channel_message(name, C, v.shape))
     if not v.flags.writeable:

@@ -30,11 +30,11 @@ __all__ = ["moments"]
 
 def moments(darr, *, axis=1, split_every=8):
     """The Moments of a Dask array's values per channel (over every axis but `axis`),
-    computed. darr: float32 or float64, any chunking; split_every: partials per merge."""
+    computed. darr: any of fastbn's storage dtypes, any chunking; split_every: partials per merge."""
     if not isinstance(darr, da.Array):
         raise TypeError(f"darr must be a dask.array.Array, got {type(darr).__name__}")
     if darr.dtype not in _rules.DATA_DTYPES:
-        raise TypeError(f"darr must have dtype float32 or float64, got {darr.dtype}")
+        raise TypeError(f"darr must have dtype {_rules.DTYPE_NAMES}, got {darr.dtype}")
     if darr.ndim < 2:
         raise ValueError(f"darr must have at least 2 dimensions (batch and channels), "
                          f"got shape {darr.shape}")

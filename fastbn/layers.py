@@ -8,7 +8,7 @@ from collections import deque
 
 import numpy as np
 
-from . import activations
+from . import _rules, activations
 from ._api import batch_norm_backward, batch_norm_infer, batch_norm_train
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -48,8 +48,8 @@ class BatchNorm:
         if not 0 <= eps < math.inf:
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         dtype = np.dtype(dtype)
-        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        if dtype not in _rules.DATA_DTYPES:
+            raise TypeError(f"dtype must be {_rules.DTYPE_NAMES}, got {dtype}")
         if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
             raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
         if window is not None and (isinstance(window, bool) or not isinstance(window, int)
@@ -67,7 +67,8 @@ class BatchNorm:
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.axis = axis
-        self.dtype = dtype
+        self.dtype = dtype             # of x
+        self.param_dtype = _rules.compute_dtype(dtype)   # of the parameters and statistics
         self.training = True
         self.window = window
         self.activation = activation
@@ -75,14 +76,15 @@ class BatchNorm:
         self._history = deque(maxlen=window) if window else None   # (mean, var) per batch
         self._keras = False         # running statistics as Keras updates them
         C = self.num_features
-        self.weight = np.ones(C, dtype) if affine else None
-        self.bias = np.zeros(C, dtype) if affine else None
+        param = self.param_dtype
+        self.weight = np.ones(C, param) if affine else None
+        self.bias = np.zeros(C, param) if affine else None
         self.grad_weight = None
         self.grad_bias = None
         self.grad_residual = None
         if track_running_stats:
-            self.running_mean = np.zeros(C, dtype)
-            self.running_var = np.ones(C, dtype)
+            self.running_mean = np.zeros(C, param)
+            self.running_var = np.ones(C, param)
             self.num_batches_tracked = 0
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
@@ -144,7 +146,7 @@ class BatchNorm:
         """Training forward for the window and Keras rules: the kernel's update with
         momentum 1 gives the batch mean and unbiased variance exactly, the layer does the rest."""
         C = self.num_features
-        batch_mean, batch_var = np.zeros(C, self.dtype), np.zeros(C, self.dtype)
+        batch_mean, batch_var = np.zeros(C, self.param_dtype), np.zeros(C, self.param_dtype)
         y, mean, invstd = train(x, self.weight, self.bias, eps=self.eps, axis=self.axis,
                                 momentum=1.0, running_mean=batch_mean, running_var=batch_var,
                                 **fuse)
@@ -234,8 +236,8 @@ class BatchNorm:
             xhat = batch_norm_infer(x, self.running_mean, self.running_var, None, None,
                                     eps=self.eps, axis=self.axis)
             reduce = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
-            dweight = (np.asarray(dy, np.float64) * xhat).sum(axis=reduce).astype(self.dtype)
-            dbias = np.asarray(dy, np.float64).sum(axis=reduce).astype(self.dtype)
+            dweight = (np.asarray(dy, np.float64) * xhat).sum(axis=reduce).astype(self.param_dtype)
+            dbias = np.asarray(dy, np.float64).sum(axis=reduce).astype(self.param_dtype)
         self.grad_weight = dweight if self.weight is not None else None
         self.grad_bias = dbias if self.bias is not None else None
         self.grad_residual = grad_residual
@@ -278,7 +280,7 @@ class BatchNorm:
             if v.shape != (self.num_features,) or v.dtype.kind != "f":
                 raise ValueError(f"{k} must be a float array of shape ({self.num_features},), "
                                  f"got {v.dtype} {v.shape}")
-            values[k] = v.astype(self.dtype)
+            values[k] = v.astype(self.param_dtype)
         for k, v in values.items():
             setattr(self, k, v)
 

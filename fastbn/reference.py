@@ -4,7 +4,8 @@ Written for clarity, not speed, with the same signatures as the fast functions. 
 computed in extended precision (``numpy.longdouble``: a 64-bit mantissa on x86 Linux) on
 values centred on their channel's first value. Centring is exact, so errors scale with the
 spread of the data, not with how far its mean sits from zero. Results are then rounded to
-x's dtype. Never imported by the fast path.
+x's dtype, once; statistics to x's statistics dtype (float32 for half-precision x, whose
+values are first widened to float32, exactly). Never imported by the fast path.
 """
 import numpy as np
 
@@ -13,9 +14,23 @@ from . import activations
 EXTENDED = np.longdouble
 
 
+def _extended(a):
+    """a in extended precision (half precision through float32, exactly: not every NumPy
+    build casts bfloat16 to longdouble)."""
+    a = np.asarray(a)
+    if a.dtype.itemsize < 4:
+        a = a.astype(np.float32)
+    return a.astype(EXTENDED)
+
+
+def _stat_dtype(dtype):
+    """The dtype of a statistic of data of dtype: its own, float32 for half precision."""
+    return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
+
+
 def _channel_rows(x, axis):
     """x as a (C, values per channel) matrix in extended precision."""
-    return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1).astype(EXTENDED)
+    return _extended(np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1))
 
 
 def _from_channel_rows(rows, x, axis):
@@ -25,13 +40,20 @@ def _from_channel_rows(rows, x, axis):
 
 
 def _column(v):
-    return np.asarray(v).astype(EXTENDED)[:, None]
+    return _extended(v)[:, None]
+
+
+def _rounded(result, dtype):
+    """result rounded to dtype (half precision through float64: every NumPy build casts that)"""
+    if dtype.itemsize < 4:
+        return np.asarray(result).astype(np.float64).astype(dtype)
+    return np.asarray(result).astype(dtype)
 
 
 def _store(result, x, out):
     if out is None:
-        return result.astype(x.dtype)
-    out[...] = result
+        return _rounded(result, x.dtype)
+    out[...] = _rounded(result, out.dtype)
     return out
 
 
@@ -43,7 +65,7 @@ def _activate(z, activation, negative_slope):
 def _activation_grad(dy, y, activation, negative_slope):
     """dy * act'(z), from y = act(z) (the derivative needs only the output), the registry's
     in extended precision."""
-    return activations.get(activation).grad_from_y(dy.astype(EXTENDED), y.astype(EXTENDED)
+    return activations.get(activation).grad_from_y(_extended(dy), _extended(y)
                                                    if y is not None else None,
                                                    EXTENDED(negative_slope))
 
@@ -51,7 +73,7 @@ def _activation_grad(dy, y, activation, negative_slope):
 def _fuse(y, residual, activation, negative_slope):
     """act(y + residual) for a normalized y of x's shape (extended precision)."""
     if residual is not None:
-        y = y + residual.astype(EXTENDED)
+        y = y + _extended(residual)
     return _activate(y, activation, negative_slope)
 
 
@@ -95,11 +117,12 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
         y = y + _column(bias)
     batch_mean = rows[:, 0] + mean[:, 0]
     if running_mean is not None:
-        running_mean[...] = (1 - momentum) * running_mean.astype(EXTENDED) + momentum * batch_mean
-        running_var[...] = ((1 - momentum) * running_var.astype(EXTENDED)
+        running_mean[...] = (1 - momentum) * _extended(running_mean) + momentum * batch_mean
+        running_var[...] = ((1 - momentum) * _extended(running_var)
                             + momentum * var * count / (count - 1))
     y = _fuse(_from_channel_rows(y, x, axis), residual, activation, negative_slope)
-    return _store(y, x, out), batch_mean.astype(x.dtype), invstd.astype(x.dtype)
+    stat = _stat_dtype(x.dtype)
+    return _store(y, x, out), batch_mean.astype(stat), invstd.astype(stat)
 
 
 def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5, axis=1,
@@ -140,7 +163,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, y=None, act
     invstd = _column(invstd)
     g_full = _activation_grad(dy, y, activation, negative_slope)
     if out_residual is not None:
-        out_residual[...] = g_full
+        out_residual[...] = _rounded(g_full, out_residual.dtype)
     g = _channel_rows(g_full, axis)
     xhat = (centred - mu) * invstd
     dbias = g.sum(axis=1)
@@ -148,7 +171,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, y=None, act
     gamma = 1 if weight is None else _column(weight)
     dx = gamma * invstd * (g - dbias[:, None] / count - xhat * dweight[:, None] / count)
     dx = _from_channel_rows(dx, x, axis)
-    return _store(dx, x, out), dweight.astype(x.dtype), dbias.astype(x.dtype)
+    stat = _stat_dtype(x.dtype)
+    return _store(dx, x, out), dweight.astype(stat), dbias.astype(stat)
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,

@@ -20,8 +20,8 @@ def assert_untouched(a):
 
 BAD_TRAIN = [
     (dict(x=np.zeros(5)), ValueError, "at least 2 dimensions"),
-    (dict(x=np.zeros((4, 3), np.int64)), TypeError, "x must have dtype float32 or float64"),
-    (dict(x=np.zeros((4, 3), np.float16)), TypeError, "float16"),
+    (dict(x=np.zeros((4, 3), np.int64)), TypeError, "x must have dtype float32, float64"),
+    (dict(x=np.zeros((4, 3), np.int16)), TypeError, "int16"),
     (dict(x=np.zeros((4, 3), np.complex128)), TypeError, "complex128"),
     (dict(x="abc"), TypeError, "x must be a numpy.ndarray"),
     (dict(axis=3), np.exceptions.AxisError, r"^axis 3 is out of bounds for array of dimension 3$"),
@@ -36,7 +36,7 @@ BAD_TRAIN = [
     (dict(momentum=1.5), ValueError, "momentum must be in"),
     (dict(momentum=None), TypeError, "momentum must be a real number"),
     (dict(running_var=None), ValueError, "running_mean and running_var must be given together"),
-    (dict(running_mean=np.zeros(3, np.float32)), TypeError, "running_mean must have the dtype of x"),
+    (dict(running_mean=np.zeros(3, np.float32)), TypeError, "running_mean must have x's statistics dtype"),
     (dict(running_var=np.ones(4)), ValueError, r"running_var must have shape \(3,\)"),
     (dict(running_mean=[0.0, 0.0, 0.0]), TypeError, "running_mean must be a numpy.ndarray"),
     (dict(out=np.zeros((4, 3, 6))), ValueError, "out must have the shape of x"),
@@ -142,7 +142,7 @@ def test_infer_rejects_bad_arguments_before_writing(arrays, change, error, messa
 BAD_BACKWARD = [
     (dict(dy=np.zeros((4, 3, 6))), ValueError, "dy must have the shape of x"),
     (dict(dy=np.zeros((4, 3, 5), np.float32)), TypeError, "dy must have the dtype of x"),
-    (dict(dy=np.zeros((4, 3, 5), np.int64)), TypeError, "dy must have dtype float32 or float64"),
+    (dict(dy=np.zeros((4, 3, 5), np.int64)), TypeError, "dy must have dtype float32, float64"),
     (dict(dy="dy"), TypeError, "dy must be a numpy.ndarray"),
     (dict(mean=np.zeros(2)), ValueError, r"mean must have shape \(3,\)"),
     (dict(invstd=np.ones((3, 1))), ValueError, r"invstd must have shape \(3,\)"),
@@ -165,12 +165,12 @@ def test_backward_rejects_bad_arguments_before_writing(arrays, change, error, me
 
 
 @pytest.mark.parametrize("x", [np.zeros((4, 3), bool), np.zeros((4, 3), object),
-                               np.zeros((4, 3), np.float16), np.zeros((4, 3), np.uint8),
+                               np.zeros((4, 3), np.int16), np.zeros((4, 3), np.uint8),
                                np.zeros((4, 3), np.complex64), np.zeros((4, 3), np.longdouble)])
 def test_unsupported_dtypes_are_rejected(x):
-    with pytest.raises(TypeError, match="x must have dtype float32 or float64"):
+    with pytest.raises(TypeError, match="x must have dtype float32, float64, float16"):
         fastbn.batch_norm_train(x)
-    with pytest.raises(TypeError, match="x must have dtype float32 or float64"):
+    with pytest.raises(TypeError, match="x must have dtype float32, float64, float16"):
         fastbn.batch_norm_infer(x, np.zeros(3), np.ones(3))
 
 

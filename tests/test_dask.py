@@ -40,7 +40,7 @@ def test_data_larger_than_one_chunk_is_never_materialized():
 def test_arguments_are_checked():
     with pytest.raises(TypeError, match="dask.array.Array"):
         fastbn.dask.moments(np.ones((3, 2)))
-    with pytest.raises(TypeError, match="float32 or float64"):
+    with pytest.raises(TypeError, match="float32, float64"):
         fastbn.dask.moments(da.ones((3, 2), dtype=np.int32))
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         fastbn.dask.moments(da.ones(3))

@@ -22,6 +22,8 @@
 #define FBN_COMPUTE_IS_f32 float
 #define FBN_COMPUTE_IS_f64 double
 #define T FBN_PASTE(FBN_COMPUTE_IS_, FBN_COMPUTE_SUFFIX)
+/* 1 where a store rounds (half precision): a value is stored once, when it is final */
+#define FBN_ROUNDS_ON_STORE (!FBN_PASTE(FBN_STORAGE_IS_COMPUTE_, FBN_SUFFIX))
 
 /* ------------------------------------------------------------------------------------------
  * Segments: the math, over n contiguous values of one channel
@@ -319,6 +321,53 @@ FBN_SEGMENT void FBN_FN(act_grad_loop)(const S *dy, const S *y, S *g, fbn_index 
         g[i] = STORE(FBN_FN(act_grad_value)(LOAD(dy[i]), LOAD(y[i]), act, slope));
 }
 
+/* y = act(normalize(x) + r) in one expression per value, stored once: for storage that rounds
+ * on store, where storing normalize(x) and reading it back would round twice. Coefficients
+ * at hi[i * cs] (cs 0: one channel's segment; 1: a channels-last row); r may be NULL; act a
+ * literal. */
+FBN_SEGMENT void FBN_FN(normalize_act_loop)(const S *x, const S *r, S *y, fbn_index n,
+                                            const T *FBN_RESTRICT hi,
+                                            const T *FBN_RESTRICT scale,
+                                            const T *FBN_RESTRICT offset, fbn_index cs,
+                                            int act, T slope)
+{
+    if (r != NULL) {
+#pragma omp simd
+        for (fbn_index i = 0; i < n; ++i) {
+            const T z = FBN_FN(normalize_value)(LOAD(x[i]), hi[i * cs], scale[i * cs],
+                                                offset[i * cs]);
+            y[i] = STORE(FBN_FN(act_value)(z + LOAD(r[i]), act, slope));
+        }
+    } else {
+#pragma omp simd
+        for (fbn_index i = 0; i < n; ++i) {
+            const T z = FBN_FN(normalize_value)(LOAD(x[i]), hi[i * cs], scale[i * cs],
+                                                offset[i * cs]);
+            y[i] = STORE(FBN_FN(act_value)(z, act, slope));
+        }
+    }
+}
+
+FBN_SEGMENT void FBN_FN(normalize_act)(const S *x, const S *r, S *y, fbn_index n, const T *hi,
+                                       const T *scale, const T *offset, fbn_index cs, int act,
+                                       T slope)
+{
+    switch (act) {
+    case FBN_ACT_RELU:
+        FBN_FN(normalize_act_loop)(x, r, y, n, hi, scale, offset, cs, FBN_ACT_RELU, slope);
+        break;
+    case FBN_ACT_LEAKY_RELU:
+        FBN_FN(normalize_act_loop)(x, r, y, n, hi, scale, offset, cs, FBN_ACT_LEAKY_RELU, slope);
+        break;
+    case FBN_ACT_TANH:
+        FBN_FN(normalize_act_loop)(x, r, y, n, hi, scale, offset, cs, FBN_ACT_TANH, slope);
+        break;
+    default:
+        FBN_FN(normalize_act_loop)(x, r, y, n, hi, scale, offset, cs, FBN_ACT_NONE, slope);
+        break;
+    }
+}
+
 /* g = dy * act'(z) over n values; g may be dy or y (in place) */
 FBN_SEGMENT void FBN_FN(act_grad_segment)(const S *dy, const S *y, S *g, fbn_index n, int act,
                                           T slope)
@@ -337,6 +386,10 @@ FBN_SEGMENT void FBN_FN(act_grad_segment)(const S *dy, const S *y, S *g, fbn_ind
 FBN_SEGMENT void FBN_FN(normalize_fused_segment)(const S *x, const S *r, S *y, fbn_index n,
                                                  T hi, T scale, T offset, int act, T slope)
 {
+    if (FBN_ROUNDS_ON_STORE) {
+        FBN_FN(normalize_act)(x, r, y, n, &hi, &scale, &offset, 0, act, slope);
+        return;
+    }
     for (fbn_index b = 0; b < n; b += FBN_FUSED_BLOCK) {
         const fbn_index m = n - b < FBN_FUSED_BLOCK ? n - b : FBN_FUSED_BLOCK;
         FBN_FN(normalize_segment)(x + b, y + b, m, hi, scale, offset);
@@ -640,6 +693,13 @@ FBN_DISPATCH static void FBN_FN(normalize_span_kernel)(const S *x, const S *r, S
         FBN_FN(normalize_span_plain)(x, y, C, len, p0, p1, stream, hi, scale, offset);
         return;
     }
+    if (FBN_ROUNDS_ON_STORE) {
+        for (fbn_span_walk w = fbn_span_walk_begin(p0, p1, C, len); fbn_span_walk_next(&w);)
+            FBN_FN(normalize_act)(x + w.first, r != NULL ? r + w.first : NULL, y + w.first, w.n,
+                                  hi + w.channel, scale + w.channel, offset + w.channel, 0,
+                                  act, slope);
+        return;
+    }
     for (fbn_index b = p0; b < p1; b += FBN_FUSED_BLOCK) {
         const fbn_index end = p1 - b < FBN_FUSED_BLOCK ? p1 : b + FBN_FUSED_BLOCK;
         FBN_FN(normalize_span_plain)(x, y, C, len, b, end, 0, hi, scale, offset);
@@ -811,6 +871,12 @@ FBN_DISPATCH static void FBN_FN(normalize_rows_kernel)(const S *x, const S *r, S
 {
     if (r == NULL && act == FBN_ACT_NONE) {
         FBN_FN(normalize_rows_plain)(x, y, nrows, C, step, stream, hi, scale, offset);
+        return;
+    }
+    if (FBN_ROUNDS_ON_STORE) {
+        for (fbn_index row = 0; row < nrows; ++row)
+            FBN_FN(normalize_act)(x + row * C, r != NULL ? r + row * C : NULL, y + row * C, C,
+                                  hi, scale, offset, 1, act, slope);
         return;
     }
     const fbn_index block = C < FBN_FUSED_BLOCK ? FBN_FUSED_BLOCK / C : 1;    /* rows */
@@ -1347,6 +1413,7 @@ static const fbn_kernel_table FBN_FN(kernels) = {
 };
 
 #undef S
+#undef FBN_ROUNDS_ON_STORE
 #undef T
 #undef LOAD
 #undef STORE
