@@ -82,6 +82,23 @@ def parse_shapes(text):
     return shapes
 
 
+def parse_dtypes(text):
+    """'float16,bfloat16' -> [dtype('float16'), dtype(bfloat16)], each one fastbn computes on."""
+    from . import _rules
+    dtypes = []
+    for name in text.split(","):
+        name = name.strip()
+        match = [d for d in _rules.DATA_DTYPES if d.name == name]
+        if not match:
+            hint = (" (bfloat16 needs ml_dtypes: pip install ml_dtypes)"
+                    if name == "bfloat16" else "")
+            raise argparse.ArgumentTypeError(
+                f"not a dtype fastbn computes on: {name!r}; it takes "
+                f"{', '.join(d.name for d in _rules.DATA_DTYPES)}{hint}")
+        dtypes.append(match[0])
+    return dtypes
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Argument errors as one line (no usage block): 'python -m fastbn bench: error: ...'."""
 
@@ -138,6 +155,8 @@ def main(argv=None):
                             "and the full matrix several minutes more)")
     bench.add_argument("--shapes", metavar="NxCxHxW,...", type=parse_shapes,
                        help="shapes to time instead of the default matrix, e.g. 8x32x16x16,256x1024")
+    bench.add_argument("--dtypes", metavar="DTYPE,...", type=parse_dtypes,
+                       help="dtypes to time instead of float32,float64, e.g. float16,bfloat16")
     bench.add_argument("--fused", action="store_true",
                        help="time the fused y = act(bn(x) + residual) ops against the unfused "
                             "composite instead")

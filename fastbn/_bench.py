@@ -28,7 +28,8 @@ import time
 
 import numpy as np
 
-from . import __version__, _kernels, batch_norm_backward, batch_norm_infer, batch_norm_train
+from . import __version__, _kernels, _rules, batch_norm_backward, batch_norm_infer
+from . import batch_norm_train
 from . import get_num_threads, reference, set_num_threads
 
 SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (1, 64, 112, 112), (1, 512, 7, 7),
@@ -60,18 +61,19 @@ class Case:
     def __init__(self, op, layout, dtype, shape, rng):
         self.op, self.layout, self.dtype, self.shape = op, layout, np.dtype(dtype), shape
         C = shape[1]
-        nchw = rng.standard_normal(shape).astype(dtype)
+        param = _rules.compute_dtype(self.dtype)     # float32 for half-precision data
+        nchw = rng.standard_normal(shape).astype(np.float32).astype(dtype)
         if layout == "NHWC":
             self.x = np.ascontiguousarray(np.moveaxis(nchw, 1, -1))
             self.axis = -1
         else:
             self.x = nchw
             self.axis = 1
-        self.dy = rng.standard_normal(self.x.shape).astype(dtype)
-        self.weight = rng.uniform(0.5, 1.5, C).astype(dtype)
-        self.bias = rng.standard_normal(C).astype(dtype)
-        self.running_mean = rng.standard_normal(C).astype(dtype) * 0.1
-        self.running_var = rng.uniform(0.5, 1.5, C).astype(dtype)
+        self.dy = rng.standard_normal(self.x.shape).astype(np.float32).astype(dtype)
+        self.weight = rng.uniform(0.5, 1.5, C).astype(param)
+        self.bias = rng.standard_normal(C).astype(param)
+        self.running_mean = rng.standard_normal(C).astype(param) * 0.1
+        self.running_var = rng.uniform(0.5, 1.5, C).astype(param)
         _, self.mean, self.invstd = batch_norm_train(self.x, axis=self.axis)
         self.out = np.empty_like(self.x)
         self.copy_dst = np.empty_like(self.x)
@@ -171,12 +173,18 @@ class TorchArrays:
         self.mean, self.invstd = torch.from_numpy(case.mean), torch.from_numpy(case.invstd)
 
     def tensor(self, a):
-        t = self.torch.from_numpy(a)
+        if a.dtype.name == "bfloat16":       # ml_dtypes' bfloat16: the same bits
+            t = self.torch.from_numpy(a.view(np.int16)).view(self.torch.bfloat16)
+        else:
+            t = self.torch.from_numpy(a)
         return t.permute(0, 3, 1, 2) if self.nhwc else t
 
     def back(self, t):
         """A result as a NumPy array in the case's layout."""
-        return (t.permute(0, 2, 3, 1) if self.nhwc else t).numpy()
+        t = t.permute(0, 2, 3, 1) if self.nhwc else t
+        if t.dtype == self.torch.bfloat16:
+            return t.float().numpy()
+        return t.numpy()
 
     def forward(self, training):
         """native_batch_norm's y (running statistics updated when training)."""
@@ -208,8 +216,11 @@ def onnxruntime_impl(case, ort, onnx, threads):
     if c.op != "infer" or c.layout == "NHWC":
         return None
     from onnx import TensorProto, helper, numpy_helper
-    elem = TensorProto.FLOAT if c.dtype == np.float32 else TensorProto.DOUBLE
-    inits = [numpy_helper.from_array(a, name) for a, name in
+    elem = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE,
+            "float16": TensorProto.FLOAT16}.get(c.dtype.name)
+    if elem is None:        # no bfloat16 BatchNormalization on ONNX Runtime's CPU
+        return None
+    inits = [numpy_helper.from_array(a.astype(c.dtype), name) for a, name in
              ((c.weight, "scale"), (c.bias, "B"), (c.running_mean, "mean"), (c.running_var, "var"))]
     node = helper.make_node("BatchNormalization", ["X", "scale", "B", "mean", "var"], ["Y"],
                             epsilon=EPS)
@@ -266,8 +277,9 @@ def interleaved_medians(fns, seconds, first=None):
 
 
 def close_enough(a, b, dtype):
-    tol = 1e-3 if dtype == np.float32 else 1e-9
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) <= tol * max(1.0, float(np.max(np.abs(b))))
+    tol = {2: 3e-2, 4: 1e-3}.get(np.dtype(dtype).itemsize, 1e-9)   # half, float32, float64
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b))) <= tol * max(1.0, float(np.max(np.abs(b))))
 
 
 # ----------------------------------------------------------------------------------- run
@@ -314,10 +326,10 @@ def time_once(fn):
     return time.perf_counter() - start, result
 
 
-def cells_of(shapes):
+def cells_of(shapes, dtypes=DTYPES):
     """(op, layout, dtype, shape) in the order they run: the ops of one data set together."""
     return [(op, layout, dtype, shape) for shape in shapes for layout in layouts_of(shape)
-            for dtype in DTYPES for op in OPS]
+            for dtype in dtypes for op in OPS]
 
 
 def with_reference(shape, reference):
@@ -384,13 +396,13 @@ class Progress:
         return f"[{self.done + 1:{width}}/{len(self.cells)} {clock(elapsed)}{left}]"
 
 
-def run(shapes, threads, seconds, reference="cheap", progress=sys.stderr):
+def run(shapes, threads, seconds, reference="cheap", progress=sys.stderr, dtypes=DTYPES):
     """Times the matrix; reference is 'cheap' (the reference on cells of up to
     REFERENCE_MAX_VALUES values), 'all' or 'none'. Progress lines go to `progress`."""
     set_num_threads(threads)
     peers = load_peers(threads)
     rng = np.random.default_rng(0)
-    cells = cells_of(shapes)
+    cells = cells_of(shapes, dtypes)
     clock_ = Progress(cells, seconds, reference)
     results = []
     data = None
@@ -547,8 +559,9 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     peers = [p for p in PEERS if any(p in r["speedup"] for r in results)]
-    labels = [f"{r['op']} {r['layout']} f{r['dtype'][5:]} {'x'.join(map(str, r['shape']))}"
-              for r in results]
+    short = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
+    labels = [f"{r['op']} {r['layout']} {short.get(r['dtype'], r['dtype'])} "
+              f"{'x'.join(map(str, r['shape']))}" for r in results]
     fig, ax = plt.subplots(figsize=(10, 0.22 * len(results) + 1.5))
     height = 0.8 / max(1, len(peers))
     for k, p in enumerate(peers):
@@ -655,7 +668,7 @@ def torch_composite(case, torch):
     return lambda: t.back(t.backward(act_backward()))
 
 
-def fused_run(shapes, threads, seconds, progress=sys.stderr):
+def fused_run(shapes, threads, seconds, progress=sys.stderr, dtypes=DTYPES):
     set_num_threads(threads)
     try:
         import torch
@@ -664,7 +677,7 @@ def fused_run(shapes, threads, seconds, progress=sys.stderr):
         torch = None
     rng = np.random.default_rng(0)
     cells = [(op, layout, dtype, shape, act) for shape in shapes for layout in layouts_of(shape)
-             for dtype in DTYPES for act in FUSED_ACTIVATIONS for op in OPS]
+             for dtype in dtypes for act in FUSED_ACTIVATIONS for op in OPS]
     clock_ = Progress([cell[:4] for cell in cells], seconds, reference="none")
     results = []
     for op, layout, dtype, shape, activation in cells:
@@ -753,6 +766,7 @@ def main(args):
     seconds = args.seconds or (QUICK_SECONDS if args.quick else SECONDS)
     style = "markdown" if args.markdown else "wide" if args.wide else "compact"
     reference = "none" if args.no_reference else "all" if args.reference_all else "cheap"
+    dtypes = args.dtypes or DTYPES
     info = machine()
     if args.contention:
         from . import _contention
@@ -768,20 +782,20 @@ def main(args):
         print(line, file=sys.stderr)
     if args.fused:
         shapes = args.shapes or (QUICK_FUSED_SHAPES if args.quick else FUSED_SHAPES)
-        cells = [cell for cell in cells_of(shapes) for _ in FUSED_ACTIVATIONS]
+        cells = [cell for cell in cells_of(shapes, dtypes) for _ in FUSED_ACTIVATIONS]
         estimate = Progress(cells, seconds, "none").estimate()
         print(f"{len(cells)} cells, about {clock(estimate)}", file=sys.stderr, flush=True)
-        results = fused_run(shapes, threads, seconds)
+        results = fused_run(shapes, threads, seconds, dtypes=dtypes)
         print(fused_table(results, style))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"machine": info, "threads": threads, "fused": results}, f, indent=1)
         return 0
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
-    cells = cells_of(shapes)
+    cells = cells_of(shapes, dtypes)
     estimate = Progress(cells, seconds, reference).estimate()
     print(f"{len(cells)} cells, about {clock(estimate)}", file=sys.stderr, flush=True)
-    results = run(shapes, threads, seconds, reference)
+    results = run(shapes, threads, seconds, reference, dtypes=dtypes)
     print(table(results, style))
     if args.json:
         with open(args.json, "w") as f:

@@ -235,3 +235,22 @@ def test_layer_with_half_data(dtype, rng):
                 what="eval")
     with pytest.raises(TypeError, match="x must have the layer's dtype"):
         layer(x.astype(np.float32))
+
+
+def test_stores_round_to_nearest_even(dtype, rng):
+    """y = x * w with the running statistics at 0 and 1 and eps 0: the float32 product,
+    stored. Over every finite float16 value (bfloat16: a sample of them) but zeros (the
+    kernels add an offset of +0, which makes -0 +0), subnormals and the largest values
+    (whose products overflow to inf) included: the same bits as NumPy's (ml_dtypes') rounding
+    of the same float32 product."""
+    if dtype == np.float16:
+        x = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    else:
+        x = rng.integers(0, 1 << 16, 1 << 16, dtype=np.uint16).view(dtype)
+    x = x[np.isfinite(x.astype(np.float32)) & (x.astype(np.float32) != 0)].copy()
+    x = x[: len(x) // 4 * 4].reshape(-1, 4)
+    w = np.array([1.0, 0.7071067, 1.9999999, 3.3e-5], np.float32)
+    y = fastbn.batch_norm_infer(x, np.zeros(4, STAT), np.ones(4, STAT), w, eps=0.0)
+    with np.errstate(over="ignore"):
+        want = (x.astype(np.float32) * w).astype(dtype)
+    assert (y.view(np.uint16) == want.view(np.uint16)).all()

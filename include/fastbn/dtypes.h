@@ -9,86 +9,96 @@
 #ifndef FASTBN_DTYPES_H
 #define FASTBN_DTYPES_H
 
+#include "fastbn/platform.h"
+
+/* Loads and stores are inlined into each kernel (FBN_SEGMENT), so that they are compiled for
+ * the kernel's instruction set: a float16 conversion left out of line is the baseline's
+ * library call, 25x slower than F16C's vcvtph2ps. */
+
 /* A row's FBN_STORAGE_IS_COMPUTE_<suffix> is 1 when values are stored as they are computed
  * (no conversion: the streaming stores' vector path applies) */
 
 /* float32 storage, float32 compute */
 #define FBN_STORAGE_IS_COMPUTE_f32 1
-static inline float fbn_load_f32(float v) { return v; }
-static inline float fbn_store_f32(float v) { return v; }
+FBN_SEGMENT float fbn_load_f32(float v) { return v; }
+FBN_SEGMENT float fbn_store_f32(float v) { return v; }
 
 /* float64 storage, float64 compute */
 #define FBN_STORAGE_IS_COMPUTE_f64 1
-static inline double fbn_load_f64(double v) { return v; }
-static inline double fbn_store_f64(double v) { return v; }
+FBN_SEGMENT double fbn_load_f64(double v) { return v; }
+FBN_SEGMENT double fbn_store_f64(double v) { return v; }
 
-/* float16 storage, float32 compute. GCC >= 12 and clang have _Float16 on x86-64 and aarch64:
- * its conversions are the hardware's where the kernel's instruction set has them (F16C in
- * the x86-64-v3 and v4 clones: vcvtph2ps / vcvtps2ph; aarch64: fcvtl / fcvtn) and exact
- * library calls elsewhere. Other compilers get the same conversions in portable C. Both
- * round to nearest even, once. */
+/* float16 storage, float32 compute. Loads and stores convert the bits with integer operations
+ * and one float operation, which vectorize in every kernel and on every CPU: GCC 12 leaves
+ * loops of _Float16 conversions scalar (one vcvtph2ps per value, 5-10x slower than these),
+ * and folds (double)(float)h into a library call per value. A store rounds to nearest even,
+ * once. _Float16, where the compiler has it, is only the storage type's name. */
+#include <stdint.h>
+#include <string.h>
 #define FBN_STORAGE_IS_COMPUTE_f16 0
 #if defined(__FLT16_MAX__)
 typedef _Float16 fbn_f16;
-static inline float fbn_load_f16(fbn_f16 v) { return (float)v; }
-static inline fbn_f16 fbn_store_f16(float v) { return (fbn_f16)v; }
 #else
-#include <stdint.h>
-#include <string.h>
 typedef uint16_t fbn_f16;
-static inline float fbn_load_f16(fbn_f16 h)
-{
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f,
-                   mant = h & 0x3ffu;
-    float f;
-    if (exp == 0x1f) {                                    /* inf, nan */
-        const uint32_t bits = sign | 0x7f800000u | (mant << 13);
-        memcpy(&f, &bits, sizeof f);
-        return f;
-    }
-    f = exp == 0 ? (float)mant * 0x1p-24f                 /* subnormal, zero */
-                 : (float)(mant | 0x400u) * ((float)(1u << exp) * 0x1p-25f);
-    return sign ? -f : f;
-}
-static inline fbn_f16 fbn_store_f16(float v)
-{
-    uint32_t bits;
-    memcpy(&bits, &v, sizeof bits);
-    const uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
-    const uint32_t abs = bits & 0x7fffffffu;
-    if (abs >= 0x7f800000u)                               /* inf, nan (kept quiet) */
-        return sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u | (uint16_t)((abs >> 13) & 0x3ffu) : 0);
-    if (abs >= 0x477ff000u)                               /* rounds past 65504 */
-        return sign | 0x7c00u;
-    if (abs < 0x38800000u) {                              /* half subnormal or zero */
-        float a;
-        memcpy(&a, &abs, sizeof a);
-        /* a * 2^24 rounded to an integer, to nearest even: that many units of 2^-24 */
-        const float scaled = a * 0x1p24f, base = (float)(uint32_t)scaled, frac = scaled - base;
-        uint32_t m = (uint32_t)base;
-        if (frac > 0.5f || (frac == 0.5f && (m & 1u))) m++;
-        return sign | (uint16_t)m;
-    }
-    /* normal: drop 13 mantissa bits, to nearest even (a carry may step the exponent) */
-    const uint32_t rounded = abs + 0xfffu + ((abs >> 13) & 1u);
-    return sign | (uint16_t)((rounded - 0x38000000u) >> 13);
-}
 #endif
+
+FBN_SEGMENT float fbn_load_f16(fbn_f16 v)
+{
+    uint16_t h;
+    memcpy(&h, &v, sizeof h);
+    /* exponent and mantissa at float's places: the value times 2^-112 (a subnormal half
+     * lands on a subnormal float), so one multiply rebiases normal and subnormal alike */
+    const uint32_t magnitude = (uint32_t)(h & 0x7fffu) << 13;
+    float f;
+    memcpy(&f, &magnitude, sizeof f);
+    f *= 0x1p112f;
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((h & 0x7c00u) == 0x7c00u)                          /* inf, nan */
+        bits |= 0x7f800000u;
+    bits |= (uint32_t)(h & 0x8000u) << 16;                 /* sign */
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Rounds to nearest even in integer operations and one addition (vectorized, unlike a loop of
+ * _Float16 conversions): overflow to inf, nan to a quiet nan. */
+FBN_SEGMENT fbn_f16 fbn_store_f16(float v)
+{
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    u &= 0x7fffffffu;
+    /* normal: rebias the exponent (-112 << 23), drop 13 mantissa bits to nearest even (a
+     * carry may step the exponent, up to inf) */
+    const uint32_t normal = (u + 0xc8000fffu + ((u >> 13) & 1u)) >> 13;
+    /* under 2^-14, subnormal or zero: adding 0.5 puts the half's 10 mantissa bits at the
+     * bottom of the float's, rounded to nearest even by the addition */
+    float a;
+    memcpy(&a, &u, sizeof a);
+    a += 0.5f;
+    uint32_t aligned;
+    memcpy(&aligned, &a, sizeof aligned);
+    uint32_t h = u < 0x38800000u ? aligned - 0x3f000000u : normal;
+    h = u >= 0x47800000u ? (u > 0x7f800000u ? 0x7e00u : 0x7c00u) : h;   /* >= 65536, nan */
+    const uint16_t bits = (uint16_t)(h | sign);
+    fbn_f16 out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
 
 /* bfloat16 storage (ml_dtypes' NumPy dtype), float32 compute: the upper half of a float32's
  * bits, so a load is a shift and a store rounds away the lower half, to nearest even. */
-#include <stdint.h>
-#include <string.h>
 #define FBN_STORAGE_IS_COMPUTE_bf16 0
 typedef uint16_t fbn_bf16;
-static inline float fbn_load_bf16(fbn_bf16 v)
+FBN_SEGMENT float fbn_load_bf16(fbn_bf16 v)
 {
     const uint32_t bits = (uint32_t)v << 16;
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
 }
-static inline fbn_bf16 fbn_store_bf16(float v)
+FBN_SEGMENT fbn_bf16 fbn_store_bf16(float v)
 {
     uint32_t bits;
     memcpy(&bits, &v, sizeof bits);

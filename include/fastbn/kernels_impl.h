@@ -230,8 +230,10 @@ FBN_SEGMENT void FBN_FN(normalize_row_stream)(const S *x, S *y, fbn_index C,
         FBN_FN(vec_stream)(y + c, (FBN_FN(vec_load)(x + c) - FBN_FN(vec_load)(hi + c))
                                   * FBN_FN(vec_load)(scale + c) + FBN_FN(vec_load)(offset + c));
 #endif
-    for (; c < C; ++c)
-        y[c] = STORE(FBN_FN(normalize_value)(LOAD(x[c]), hi[c], scale[c], offset[c]));
+    /* the row's tail, or all of it where stores convert (half precision) */
+#pragma omp simd
+    for (fbn_index k = c; k < C; ++k)
+        y[k] = STORE(FBN_FN(normalize_value)(LOAD(x[k]), hi[k], scale[k], offset[k]));
 }
 
 FBN_SEGMENT void FBN_FN(grad_input_row_stream)(const S *dy, const S *x, S *dx, fbn_index C,
@@ -251,9 +253,10 @@ FBN_SEGMENT void FBN_FN(grad_input_row_stream)(const S *dy, const S *x, S *dx, f
                            + FBN_FN(vec_load)(k_xc + c) * (FBN_FN(vec_load)(x + c) - FBN_FN(vec_load)(h + c))
                            + FBN_FN(vec_load)(k_0 + c));
 #endif
-    for (; c < C; ++c)
-        dx[c] = STORE(FBN_FN(grad_input_value)(LOAD(dy[c]), LOAD(x[c]), h[c], g[c], k_dy[c],
-                                               k_xc[c], k_0[c]));
+#pragma omp simd
+    for (fbn_index k = c; k < C; ++k)
+        dx[k] = STORE(FBN_FN(grad_input_value)(LOAD(dy[k]), LOAD(x[k]), h[k], g[k], k_dy[k],
+                                               k_xc[k], k_0[k]));
 }
 #undef FBN_VEC
 
@@ -832,6 +835,8 @@ FBN_SEGMENT void FBN_FN(normalize_rows_plain)(const S *x, S *y, fbn_index nrows,
                                               const T *FBN_RESTRICT offset)
 {
     fbn_index r;
+    if (FBN_ROUNDS_ON_STORE)
+        step = 4;       /* GCC 12 leaves the one-row loop of converting stores scalar */
     for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
         const S *x0 = x + r * C;
         S *y0 = y + r * C;
@@ -844,7 +849,7 @@ FBN_SEGMENT void FBN_FN(normalize_rows_plain)(const S *x, S *y, fbn_index nrows,
             y0[3 * C + c] = STORE(FBN_FN(normalize_value)(LOAD(x0[3 * C + c]), h, s, o));
         }
     }
-    if (stream) {
+    if (stream && !FBN_ROUNDS_ON_STORE) {     /* converting stores have no streaming form */
         for (; r < nrows; ++r)
             FBN_FN(normalize_row_stream)(x + r * C, y + r * C, C, hi, scale, offset);
         fbn_stream_fence();
@@ -949,6 +954,8 @@ FBN_DISPATCH static void FBN_FN(grad_input_rows_kernel)(const S *dy, const S *x,
                                                         const T *FBN_RESTRICT k_0, int stream)
 {
     fbn_index r;
+    if (FBN_ROUNDS_ON_STORE)
+        step = 4;       /* as in normalize_rows_plain */
     for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
         const S *x0 = x + r * C, *g0 = dy + r * C;
         S *d0 = dx + r * C;
@@ -964,7 +971,7 @@ FBN_DISPATCH static void FBN_FN(grad_input_rows_kernel)(const S *dy, const S *x,
                                                            LOAD(x0[3 * C + c]), hc, gc, a, b, z));
         }
     }
-    if (stream) {
+    if (stream && !FBN_ROUNDS_ON_STORE) {
         for (; r < nrows; ++r)
             FBN_FN(grad_input_row_stream)(dy + r * C, x + r * C, dx + r * C, C, h, g, k_dy, k_xc,
                                           k_0);
