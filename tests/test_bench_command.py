@@ -170,6 +170,7 @@ def test_missing_peers_are_named_with_the_command_that_adds_them(tmp_path):
     (["--json", "no/such/folder/bench.json"], "--json: no such folder"),
     (["--fused", "--plot", "fused.png"], "--fused has no plot"),
     (["--contention", "--fused"], "--contention runs on its own"),
+    (["--dtypes", "int8"], "not a dtype fastbn computes on: 'int8'"),
 ])
 def test_bench_argument_errors(args, message, tmp_path):
     run = bench(*args, cwd=tmp_path)
@@ -203,3 +204,12 @@ def test_bench_contention(tmp_path):
     assert len(rows) == 12
     for r in rows:
         assert r["gap_ms"] in (1.0, 2.0) and min(r["fastbn"]) > 0
+
+
+def test_bench_half_precision_dtypes(tmp_path):
+    run = bench("--shapes", "4x3x5x5", "--dtypes", "float16", "--threads", "1", "--seconds",
+                "0.02", "--no-reference", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith(("train", "infer",
+                                                                          "backward"))]
+    assert len(rows) == 6 and all(" float16 " in line for line in rows)
