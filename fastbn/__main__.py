@@ -99,6 +99,8 @@ def check_bench_args(parser, args):
         parser.error("--no-reference and --reference-all exclude each other")
     if args.wide and args.markdown:
         parser.error("--wide and --markdown exclude each other")
+    if args.edge and (args.fused or args.contention or args.plot or args.shapes):
+        parser.error("--edge runs on its own: not with --fused, --contention, --plot or --shapes")
     if args.contention and (args.fused or args.plot):
         parser.error("--contention runs on its own: not with --fused or --plot")
     if args.plot:
@@ -168,6 +170,10 @@ def main(argv=None):
                        help="time each call with the default threads against one thread, with "
                             "a busy process on every core but one and 1-2 ms of NumPy work "
                             "between calls (a pipeline on a busy machine)")
+    bench.add_argument("--edge", action="store_true",
+                       help="batch-1 latency (median, p99) of inference on edge shapes, "
+                            "float32 and float16, fused and folded, with ONNX Runtime and "
+                            "PyTorch")
     bench.add_argument("--seconds", type=float, default=None,
                        help="timing budget per cell (default 0.5, 0.2 with --quick)")
     bench.add_argument("--wide", action="store_true",
@@ -188,6 +194,9 @@ def main(argv=None):
     if args.command == "fold":
         return fold_command(fold, args)
     check_bench_args(bench, args)
+    if args.edge:
+        from . import _edge
+        return _edge.main(args)
     from . import _bench
     return _bench.main(args)
 

@@ -203,3 +203,30 @@ def test_bench_contention(tmp_path):
     assert len(rows) == 12
     for r in rows:
         assert r["gap_ms"] in (1.0, 2.0) and min(r["fastbn"]) > 0
+
+
+def test_bench_edge(tmp_path):
+    """--edge --quick end to end: every row has a median and a p99; float16 rows are there,
+    timed or skipped with the reason."""
+    out_json = tmp_path / "edge.json"
+    run = bench("--edge", "--quick", "--threads", "1", "--json", str(out_json), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0].split() == ["shape", "dtype", "implementation",
+                                                  "median", "us", "p99", "us"]
+    rows = json.loads(out_json.read_text())["edge"]
+    assert [(r["shape"], r["dtype"]) for r in rows] == [
+        ([1, 512, 7, 7], "float32"), ([1, 512, 7, 7], "float16"),
+        ([1, 1280], "float32"), ([1, 1280], "float16")]
+    for r in rows:
+        assert r["median_us"] and all(0 < r["median_us"][n] <= r["p99_us"][n]
+                                      for n in r["median_us"])
+        if r["dtype"] == "float32":
+            assert "fastbn" in r["median_us"] and "fastbn+relu" in r["median_us"]
+        elif "fastbn" not in r["median_us"]:
+            assert "fastbn: float16 not supported by this build" in r["notes"]
+    assert "ort folded" in run.stdout
+
+
+def test_bench_edge_runs_alone(tmp_path):
+    run = bench("--edge", "--fused", cwd=tmp_path)
+    assert run.returncode == 2 and "--edge runs on its own" in run.stderr
