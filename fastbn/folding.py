@@ -2,7 +2,8 @@
 y = a * x + b, which a preceding convolution or linear layer can absorb.
 
 Computed in float64 and rounded once, at the end, to the dtype of the weights they fold into
-(torch computes in that dtype): any float dtype, float16 and ml_dtypes' bfloat16 included. fastbn's own inference keeps y = (x - running_mean) * a + beta, as fast (the
+(torch computes in that dtype): any float dtype, float16 and ml_dtypes' bfloat16 included.
+fastbn's own inference keeps y = (x - running_mean) * a + beta, as fast (the
 pass is bound by memory) and exact near the mean for data far from zero.
 """
 import numpy as np
