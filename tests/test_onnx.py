@@ -180,3 +180,23 @@ def test_fold_command(tmp_path, rng):
                           "-o", str(dst)], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
     assert "no such file" in bad.stderr
+
+
+def test_shared_weights_and_training_mode(rng):
+    """Two convolutions reading one weight initializer, each with its BN: each gets folded
+    weights of its own; a BN in training mode stays."""
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "W")]
+    nodes = [helper.make_node("Conv", ["X", "W"], ["T1"], name="conv1", pads=[1, 1, 1, 1]),
+             bn_node(rng, "bn1", "T1", "U1", 4, np.float32, inits),
+             helper.make_node("Conv", ["U1", "W"], ["T2"], name="conv2", pads=[1, 1, 1, 1]),
+             bn_node(rng, "bn2", "T2", "Y", 4, np.float32, inits)]
+    model = model_of(nodes, inits, (2, 4, 7, 7))
+    folded = fastbn.onnx.fold_batch_norm(model)
+    assert ops(folded) == ["Conv", "Conv"]
+    # conv1's are new ("W" had two readers), conv2's are written into "W" (then its only one)
+    assert [n.input[1] for n in folded.graph.node] == ["W_folded", "W"]
+    check_same_outputs(model, folded, rng.standard_normal((2, 4, 7, 7)).astype(np.float32), 1e-5)
+    training = conv_bn(rng)
+    training.graph.node[1].attribute.append(helper.make_attribute("training_mode", 1))
+    _, report = fastbn.onnx.fold_batch_norm(training, report=True)
+    assert "training_mode=1" in report.left[0][1]
