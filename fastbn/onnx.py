@@ -53,8 +53,9 @@ class FoldReport:
 
 
 def _label(node):
-    return f"{node.op_type} {node.name!r}" if node.name else \
-        f"{node.op_type} (unnamed, output {node.output[0]!r})"
+    if node.name:
+        return f"{node.op_type} {node.name!r}"
+    return f"{node.op_type} (unnamed, output {node.output[0]!r})"
 
 
 def _subgraph_inputs(node):
@@ -146,8 +147,7 @@ def _fold_one(g, bn, eps, shapes):
     if not g.sole_consumer(x, bn):
         return None, (f"the output of {_label(layer)} also feeds other nodes or is a graph "
                       f"output: folding would change what they see")
-    stats = [g.array(name) for name in bn.input[1:]]
-    scale, shift, mean, var = stats
+    scale, shift, mean, var = (g.array(name) for name in bn.input[1:])
     if layer.op_type in ("Conv", "ConvTranspose"):
         w = g.array(layer.input[1])
         b = g.array(layer.input[2]) if len(layer.input) > 2 and layer.input[2] else None
@@ -199,8 +199,8 @@ def _fold_one(g, bn, eps, shapes):
         g.set_array(layer, bias_index, fb, f"{bn.input[2]}_folded")
         into = matmul
     else:
-        return None, f"it follows {_label(layer)}: only Conv, ConvTranspose, Gemm and " \
-                     f"MatMul + Add fold"
+        return None, (f"it follows {_label(layer)}: only Conv, ConvTranspose, Gemm and "
+                      f"MatMul + Add fold")
     # the layer now writes the BN's output: rename, then the BN goes
     layer.output[0] = bn.output[0]
     return into, None
@@ -209,8 +209,8 @@ def _fold_one(g, bn, eps, shapes):
 def _channel_bias(c, channels):
     """A bias as a (channels,) array, from shapes (), (1,), (channels,) or (1, channels); None
     if absent or not per channel."""
-    if c is None or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1) or \
-            c.shape[-1:] not in ((), (1,), (channels,)):
+    if (c is None or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1)
+            or c.shape[-1:] not in ((), (1,), (channels,))):
         return None
     return np.broadcast_to(c.reshape(-1), (channels,)).copy()
 
