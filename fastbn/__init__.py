@@ -38,12 +38,13 @@ from ._api import (
     set_output_cache,
 )
 from ._version import __version__
-from .folding import fold_conv, fold_linear, scale_shift
+from .folding import fold_conv, fold_conv_transpose, fold_linear, scale_shift
 from .layers import BatchNorm
 from .statistics import Moments, Statistics, merge_moments, moments, recalibrate
 from . import distributed, reference   # distributed imports mpi4py only when it needs it
 
-__all__ = ["BatchNorm", "fold_conv", "fold_linear", "scale_shift", "batch_norm_train",
-           "batch_norm_infer", "batch_norm_backward", "batch_norm", "moments", "merge_moments",
+__all__ = ["BatchNorm", "fold_conv", "fold_conv_transpose", "fold_linear", "scale_shift",
+           "batch_norm_train", "batch_norm_infer", "batch_norm_backward", "batch_norm", "moments",
+           "merge_moments",
            "Moments", "Statistics", "recalibrate", "set_num_threads", "get_num_threads",
            "set_output_cache", "get_output_cache", "reference", "distributed", "__version__"]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastbn info`` and ``python -m fastbn bench``."""
+"""Command line: ``python -m fastbn info``, ``bench`` and ``fold``."""
 import argparse
 import math
 import os
@@ -116,6 +116,8 @@ def check_bench_args(parser, args):
         parser.error("--no-reference and --reference-all exclude each other")
     if args.wide and args.markdown:
         parser.error("--wide and --markdown exclude each other")
+    if args.edge and (args.fused or args.contention or args.plot or args.shapes):
+        parser.error("--edge runs on its own: not with --fused, --contention, --plot or --shapes")
     if args.contention and (args.fused or args.plot):
         parser.error("--contention runs on its own: not with --fused or --plot")
     if args.plot:
@@ -130,6 +132,29 @@ def check_bench_args(parser, args):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
             parser.error(f"{option}: no such folder: {folder}")
+
+
+def fold_command(parser, args):
+    """python -m fastbn fold model.onnx -o folded.onnx"""
+    if not os.path.isfile(args.model):
+        parser.error(f"no such file: {args.model}")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        parser.error(f"-o: no such folder: {folder}")
+    try:
+        import onnx
+    except ImportError:
+        parser.error("fold needs onnx, which is not installed: pip install onnx")
+    from . import onnx as fastbn_onnx
+    try:
+        model = onnx.load(args.model)
+    except Exception as e:          # not a model: protobuf's DecodeError and others
+        parser.error(f"{args.model} is not an ONNX model: {e}")
+    folded, report = fastbn_onnx.fold_batch_norm(model, report=True)
+    onnx.save(folded, args.output)
+    print(report)
+    print(f"wrote {args.output}")
+    return 0
 
 
 def main(argv=None):
@@ -164,17 +189,33 @@ def main(argv=None):
                        help="time each call with the default threads against one thread, with "
                             "a busy process on every core but one and 1-2 ms of NumPy work "
                             "between calls (a pipeline on a busy machine)")
+    bench.add_argument("--edge", action="store_true",
+                       help="batch-1 latency (median, p99) of inference on edge shapes, "
+                            "float32 and float16, fused and folded, with ONNX Runtime and "
+                            "PyTorch")
     bench.add_argument("--seconds", type=float, default=None,
                        help="timing budget per cell (default 0.5, 0.2 with --quick)")
     bench.add_argument("--wide", action="store_true",
                        help="the full table (every time, GB/s), wider than 100 columns")
     bench.add_argument("--markdown", action="store_true",
                        help="the full table as Markdown (as in the README)")
+    fold = commands.add_parser(
+        "fold", help="fold BatchNormalization into the layer before it in an ONNX model",
+        description="Fold every BatchNormalization that follows a Conv, ConvTranspose, Gemm or "
+                    "MatMul + Add into that layer's weights; print what was folded and what "
+                    "was left, and why (needs onnx).")
+    fold.add_argument("model", help="the ONNX model to read")
+    fold.add_argument("-o", "--output", required=True, help="where to write the folded model")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
         return 0
+    if args.command == "fold":
+        return fold_command(fold, args)
     check_bench_args(bench, args)
+    if args.edge:
+        from . import _edge
+        return _edge.main(args)
     from . import _bench
     return _bench.main(args)
 

@@ -1,20 +1,26 @@
 """Inference folding: batch norm with running statistics is an affine map per channel,
 y = a * x + b, which a preceding convolution or linear layer can absorb.
 
-Computed in float64 and returned in the dtype of the weights they fold into (torch computes
-in that dtype). fastbn's own inference keeps y = (x - running_mean) * a + beta, as fast (the
+Computed in float64 and rounded once, at the end, to the dtype of the weights they fold into
+(torch computes in that dtype): any float dtype, float16 and ml_dtypes' bfloat16 included.
+fastbn's own inference keeps y = (x - running_mean) * a + beta, as fast (the
 pass is bound by memory) and exact near the mean for data far from zero.
 """
 import numpy as np
 
-__all__ = ["scale_shift", "fold_conv", "fold_linear"]
+__all__ = ["scale_shift", "fold_conv", "fold_conv_transpose", "fold_linear"]
+
+
+def _is_float(dtype):
+    """NumPy's float kinds, and ml_dtypes' bfloat16 (a kind 'V' dtype to NumPy)."""
+    return dtype.kind == "f" or dtype.name == "bfloat16"
 
 
 def _vector(v, name, C, default):
     if v is None:
         return np.full(C, default, np.float64)
     v = np.asarray(v)
-    if v.dtype.kind not in "fiu" or v.dtype == bool:
+    if not (v.dtype.kind in "iu" or _is_float(v.dtype)):
         raise TypeError(f"{name} must be a real array, got dtype {v.dtype}")
     if v.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},), got {v.shape}")
@@ -43,21 +49,36 @@ def scale_shift(running_mean, running_var, weight=None, bias=None, eps=1e-5):
     b = bias - running_mean * a. Returned in running_mean's float dtype (float64 otherwise)."""
     C, mean, a, beta = _affine(running_mean, running_var, weight, bias, eps)
     dtype = np.asarray(running_mean).dtype
-    dtype = dtype if dtype.kind == "f" else np.dtype(np.float64)
+    dtype = dtype if _is_float(dtype) else np.dtype(np.float64)
     return a.astype(dtype), (beta - mean * a).astype(dtype)
 
 
-def _fold(w, b, running_mean, running_var, weight, bias, eps, name, min_ndim):
+def _fold(w, b, running_mean, running_var, weight, bias, eps, name, min_ndim, groups=None):
+    """The folded (w, b); groups=None: w is (out, ...), else a transposed convolution's
+    (Cin, Cout / groups, ...)."""
     w = np.asarray(w)
-    if w.dtype.kind != "f":
+    if not _is_float(w.dtype):
         raise TypeError(f"{name}_weight must be a float array, got dtype {w.dtype}")
     if w.ndim < min_ndim:
         raise ValueError(f"{name}_weight must have at least {min_ndim} dimensions, got {w.shape}")
     C, mean, a, beta = _affine(running_mean, running_var, weight, bias, eps)
-    if w.shape[0] != C:
-        raise ValueError(f"{name}_weight has {w.shape[0]} output channels, the batch norm {C}")
+    w64 = w.astype(np.float64)
+    if groups is None:
+        if w.shape[0] != C:
+            raise ValueError(f"{name}_weight has {w.shape[0]} output channels, the batch norm {C}")
+        folded_w = w64 * a.reshape((C,) + (1,) * (w.ndim - 1))
+    else:
+        if w.shape[0] % groups:
+            raise ValueError(f"{name}_weight has {w.shape[0]} input channels, not a multiple "
+                             f"of groups={groups}")
+        if groups * w.shape[1] != C:
+            raise ValueError(f"{name}_weight has {groups} x {w.shape[1]} output channels, the "
+                             f"batch norm {C}")
+        # output channel g * (Cout / groups) + j is w[g * Cin / groups:(g + 1) * Cin / groups, j]
+        grouped = w64.reshape((groups, w.shape[0] // groups) + w.shape[1:])
+        per_channel = a.reshape((groups, 1, w.shape[1]) + (1,) * (w.ndim - 2))
+        folded_w = (grouped * per_channel).reshape(w.shape)
     b = _vector(b, f"{name}_bias", C, 0.0)
-    folded_w = w.astype(np.float64) * a.reshape((C,) + (1,) * (w.ndim - 1))
     folded_b = (b - mean) * a + beta
     return folded_w.astype(w.dtype), folded_b.astype(w.dtype)
 
@@ -68,6 +89,17 @@ def fold_conv(conv_weight, conv_bias, running_mean, running_var, weight=None, bi
     conv_weight is (Cout, Cin / groups, *kernel), conv_bias (Cout,) or None.
     As torch.nn.utils.fusion.fuse_conv_bn_weights."""
     return _fold(conv_weight, conv_bias, running_mean, running_var, weight, bias, eps, "conv", 3)
+
+
+def fold_conv_transpose(conv_weight, conv_bias, running_mean, running_var, weight=None,
+                        bias=None, eps=1e-5, *, groups=1):
+    """(w, b) of the transposed convolution that computes itself followed by batch norm
+    (inference): conv_weight is (Cin, Cout / groups, *kernel), as torch.nn.ConvTranspose and
+    ONNX ConvTranspose hold it, conv_bias (Cout,) or None."""
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"groups must be a positive integer, got {groups!r}")
+    return _fold(conv_weight, conv_bias, running_mean, running_var, weight, bias, eps, "conv", 3,
+                 groups=int(groups))
 
 
 def fold_linear(linear_weight, linear_bias, running_mean, running_var, weight=None, bias=None,

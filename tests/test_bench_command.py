@@ -213,3 +213,27 @@ def test_bench_half_precision_dtypes(tmp_path):
     rows = [line for line in run.stdout.splitlines() if line.startswith(("train", "infer",
                                                                           "backward"))]
     assert len(rows) == 6 and all(" float16 " in line for line in rows)
+
+
+def test_bench_edge(tmp_path):
+    """--edge --quick end to end: every row has a median and a p99; fastbn's float16 rows are
+    timed too."""
+    out_json = tmp_path / "edge.json"
+    run = bench("--edge", "--quick", "--threads", "1", "--json", str(out_json), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0].split() == ["shape", "dtype", "implementation",
+                                                  "median", "us", "p99", "us"]
+    rows = json.loads(out_json.read_text())["edge"]
+    assert [(r["shape"], r["dtype"]) for r in rows] == [
+        ([1, 512, 7, 7], "float32"), ([1, 512, 7, 7], "float16"),
+        ([1, 1280], "float32"), ([1, 1280], "float16")]
+    for r in rows:
+        assert r["median_us"] and all(0 < r["median_us"][n] <= r["p99_us"][n]
+                                      for n in r["median_us"])
+        assert "fastbn" in r["median_us"] and "fastbn+relu" in r["median_us"]
+    assert "ort folded" in run.stdout
+
+
+def test_bench_edge_runs_alone(tmp_path):
+    run = bench("--edge", "--fused", cwd=tmp_path)
+    assert run.returncode == 2 and "--edge runs on its own" in run.stderr
