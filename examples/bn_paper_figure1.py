@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 
 import fastbn  # noqa: E402
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "images")
+DEFAULT_OUT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                           "docs", "images"))
 HIDDEN = 100
 WATCHED_UNIT = 0            # the sigmoid of the last hidden layer whose input is followed
 PERCENTILES = (15, 50, 85)

@@ -31,7 +31,8 @@ from numpy.lib.stride_tricks import sliding_window_view  # noqa: E402
 import fastbn  # noqa: E402
 
 LAYOUTS = ("NCHW", "NHWC")
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "images")
+DEFAULT_OUT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                           "docs", "images"))
 
 
 def load_digits_split(seed=0):
