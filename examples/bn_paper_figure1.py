@@ -196,7 +196,7 @@ def main(argv=None):
     print(f"3 x 100 sigmoid units, SGD lr {args.lr}, batches of 60, {steps} steps")
     for name, r in records.items():
         checkpoints = "  ".join(f"{s}: {100 * a:.1f}%" for s, a in
-                                zip(r["step"], r["test_accuracy"]) if s % (steps // 4) == 0)
+                                zip(r["step"], r["test_accuracy"]) if s % max(1, steps // 4) == 0)
         print(f"(a) {name:<10} test accuracy at steps {checkpoints}")
     for threshold in (0.5, 0.9):
         found = {name: steps_to(r, threshold) for name, r in records.items()}
