@@ -9,8 +9,8 @@ momentum=None, track_running_stats=False, train/eval all behave as torch's), so 
 checks isinstance(m, nn.BatchNorm2d) still finds them. fastbn works on the tensors' memory
 through zero-copy NumPy views: contiguous and channels_last tensors are used where they lie,
 other strides are copied once; the output has the input's memory format, as torch's.
-Tensors fastbn does not take (not on the CPU, not float32/float64, parameters or buffers of
-another dtype) go to torch's own op.
+Tensors fastbn does not take (not on the CPU, not float32/float64, not strided, parameters or
+buffers of another dtype) go to torch's own op.
 
 torch is not a dependency of fastbn: this module is imported only when used
 (`import fastbn.torch`, or the attribute `fastbn.torch` on first access).
@@ -97,8 +97,8 @@ class _FastBatchNorm(nn.modules.batchnorm._BatchNorm):
     def _fastbn_takes(self, x):
         tensors = [t for t in (x, self.weight, self.bias, self.running_mean, self.running_var)
                    if t is not None]
-        return (x.dtype in _DTYPES and all(t.device.type == "cpu" for t in tensors)
-                and all(t.dtype == x.dtype for t in tensors)
+        return (x.dtype in _DTYPES and x.layout == torch.strided
+                and all(t.device.type == "cpu" and t.dtype == x.dtype for t in tensors)
                 and not torch.jit.is_scripting() and not torch.jit.is_tracing())
 
     def forward(self, input):
