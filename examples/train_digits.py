@@ -104,10 +104,8 @@ class Conv3x3:
             grad_w = dy.T @ self.patches
             grad_patches = dy @ w                                           # (N*H*W, Cin*9)
         self.grad_weight = grad_w.reshape(self.weight.shape)
-        if self.bias is not None:
-            reduce = tuple(i for i in range(dy.ndim) if i != (1 if self.layout == "NCHW"
-                                                              else dy.ndim - 1))
-            self.grad_bias = dy.sum(axis=reduce)
+        if self.bias is not None:       # summed over every axis but the channels'
+            self.grad_bias = dy.sum(axis=(0, 2) if self.layout == "NCHW" else 0)
         return self._col2im(grad_patches)
 
     def _im2col(self, x):
@@ -165,8 +163,10 @@ class MaxPool2x2:
             windows = x.reshape(n, h // 2, 2, w // 2, 2, c)
             self.reduce = (2, 4)
         y = windows.max(axis=self.reduce, keepdims=True)
-        self.x_shape, self.argmax = x.shape, windows == y     # ties (all-zero windows after
-        return y.squeeze(self.reduce)                       # ReLU) get a zero gradient there
+        # where the maximum was: the gradient goes there (a window of ties, all zeros after
+        # the ReLU, passes it to each, and the ReLU's backward zeroes it)
+        self.x_shape, self.argmax = x.shape, windows == y
+        return y.squeeze(self.reduce)
 
     def backward(self, dy):
         dy = np.expand_dims(dy, self.reduce)
