@@ -48,3 +48,11 @@ __all__ = ["BatchNorm", "fold_conv", "fold_conv_transpose", "fold_linear", "scal
            "merge_moments",
            "Moments", "Statistics", "recalibrate", "set_num_threads", "get_num_threads",
            "set_output_cache", "get_output_cache", "reference", "distributed", "__version__"]
+
+
+def __getattr__(name):
+    # fastbn.torch needs PyTorch, which fastbn does not depend on: imported on first use
+    if name == "torch":
+        import importlib
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
