@@ -18,7 +18,7 @@ cdef enum:
     SERIAL_BELOW_PASS = 32768    # inference
     # Values under which a call hands work only to workers awake now: waking one takes longer
     # than such a call lasts (docs/tuning.md, "Threads under contention")
-    WAKE_BELOW = 1 << 19
+    WAKE_BELOW = 1 << 17
 
 
 cdef enum Op:

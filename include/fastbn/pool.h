@@ -66,13 +66,16 @@ static void fbn_run_serial(const fbn_stage *stages, int nstages, void *ctx)
 #define FBN_SPIN_NS_DEFAULT 50000
 
 /* After a job that the machine's other work slowed down (the caller waited for workers, or
- * the OS ran something else in its place, a quarter of the job's time or more; or workers
- * never came to a long job), jobs run on their callers alone for a while: the machine is busy,
- * and one thread is what this process gets. The while doubles as long as the next job is slow
- * in the same way. */
-#define FBN_BACKOFF_MIN_NS 10000000LL       /* 10 ms */
-#define FBN_BACKOFF_MAX_NS 500000000LL      /* 0.5 s */
+ * the OS ran something else in its place, for half the job's time and 50 us or more; or
+ * workers never came to a long job), jobs run on their callers alone for a while: the machine
+ * is busy, and one thread is what this process gets. The while doubles as long as the next
+ * job is slow in the same way. (A worker waking from sleep is no sign: it comes within tens of
+ * microseconds, and the caller does not wait for it meanwhile.) */
+#define FBN_BACKOFF_MIN_NS 2000000LL        /* 2 ms */
+#define FBN_BACKOFF_MAX_NS 100000000LL      /* 0.1 s */
 #define FBN_LONG_JOB_NS 200000LL            /* a worker that slept wakes well within this */
+#define FBN_LATE_NS 50000LL                 /* a wait this long is the OS's doing, not the
+                                               last item's: items are shorter */
 
 typedef struct {
     pthread_t thread;
@@ -233,8 +236,10 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
         return 0;
     }
     long long start_cpu = wake ? fbn_cpu_ns() : 0;
+    const int started = fbn_pool.nworkers;
     if (wake)
         fbn_start_workers(nthreads - 1);
+    const int judge = fbn_pool.nworkers == started;   /* new threads start slowly: no sign */
     int nasked = nthreads - 1 < fbn_pool.nworkers ? nthreads - 1 : fbn_pool.nworkers;
     int awake = 0;
     for (int k = 0; k < nasked; k++)
@@ -276,8 +281,9 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
 
     long long now = fbn_now_ns(), elapsed = now - start;
     long long off_cpu = wake ? elapsed - (fbn_cpu_ns() - start_cpu) : 0;
-    if (fbn_pool.no_backoff) {
-    } else if (4 * (waited + off_cpu) >= elapsed
+    const long long lost = waited > off_cpu ? waited : off_cpu;
+    if (fbn_pool.no_backoff || !judge) {
+    } else if ((2 * lost >= elapsed && lost >= FBN_LATE_NS)
                || (helped == 0 && elapsed > FBN_LONG_JOB_NS)) {
         atomic_store_explicit(&fbn_pool.quiet_again_ns, now + fbn_pool.backoff_ns,
                               memory_order_relaxed);
