@@ -824,9 +824,9 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst):
 
 def pool_info():
     """The thread pool: workers started, how many ran part of the last parallel call, and the
-    seconds for which calls run on their callers alone (workers came late: a busy machine)."""
+    seconds for which no sleeping worker is woken (workers came late: a busy machine)."""
     return {"workers": fbn_pool_workers(), "last_helpers": _last_helpers,
-            "serial_for_s": fbn_pool_backing_off() * 1e-9}
+            "no_wake_for_s": fbn_pool_backing_off() * 1e-9}
 
 
 def _default_spin_ns():

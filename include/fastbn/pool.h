@@ -44,6 +44,11 @@ static void fbn_run_serial(const fbn_stage *stages, int nstages, void *ctx)
             stages[s].run(ctx, i, 0);
 }
 
+/* How long an idle worker polls for the next job before it sleeps: long enough that calls in
+ * a loop find their workers awake, short enough that a worker gives its core back to the
+ * caller's work between calls (docs/tuning.md). -1: never sleep (OMP_WAIT_POLICY=active). */
+#define FBN_SPIN_NS_DEFAULT 50000
+
 #if defined(_OPENMP) && !defined(_WIN32)
 #define FBN_POOL 1
 #include <pthread.h>
@@ -60,15 +65,12 @@ static void fbn_run_serial(const fbn_stage *stages, int nstages, void *ctx)
 #  define fbn_cpu_relax() ((void)0)
 #endif
 
-/* How long an idle worker polls for the next job before it sleeps: long enough that calls in
- * a loop find their workers awake, short enough that a worker gives its core back to the
- * caller's work between calls (docs/tuning.md). -1: never sleep (OMP_WAIT_POLICY=active). */
-#define FBN_SPIN_NS_DEFAULT 50000
 
 /* After a job that the machine's other work slowed down (the caller waited for workers, or
  * the OS ran something else in its place, for half the job's time and 50 us or more; or
- * workers never came to a long job), jobs run on their callers alone for a while: the machine
- * is busy, and one thread is what this process gets. The while doubles as long as the next
+ * workers never came to a long job), no sleeping worker is woken for a while: the machine is
+ * busy, and one thread is what this process gets (calls back to back still find their
+ * workers polling, and use them). The while doubles as long as the next
  * job is slow in the same way. (A worker waking from sleep is no sign: it comes within tens of
  * microseconds, and the caller does not wait for it meanwhile.) */
 #define FBN_BACKOFF_MIN_NS 2000000LL        /* 2 ms */
@@ -103,7 +105,7 @@ static struct {
     _Atomic ptrdiff_t done;            /* items finished */
     _Atomic int helpers;               /* workers that ran an item of the last job */
     long long caller_waited_ns;        /* the caller's waits for others' items, this job */
-    _Atomic long long quiet_again_ns;  /* jobs run on their callers alone until then */
+    _Atomic long long quiet_again_ns;  /* no sleeping worker is woken before then */
     long long backoff_ns;              /* the next wait after a late job */
     _Atomic int workers_away;          /* tests: workers take no items, as if the OS never
                                           scheduled them */
@@ -124,20 +126,16 @@ static long long fbn_now_ns(void) { return fbn_clock_ns(CLOCK_MONOTONIC); }
 static long long fbn_cpu_ns(void) { return fbn_clock_ns(CLOCK_THREAD_CPUTIME_ID); }
 
 /* Wait until at least `count` items are done. The items waited for are claimed, so their
- * threads are running, or were: poll, and yield the core now and then in case one of them
- * waits for it. Returns the nanoseconds waited (0 when nothing was left to wait for). */
+ * threads are running, or were: poll. (Not sched_yield: the core would go to whatever else is
+ * runnable, such as another library's spinning OpenMP workers, for a whole time slice.)
+ * Returns the nanoseconds waited (0 when nothing was left to wait for). */
 static long long fbn_wait_done(ptrdiff_t count)
 {
     if (atomic_load_explicit(&fbn_pool.done, memory_order_acquire) >= count)
         return 0;
     long long start = fbn_now_ns();
-    for (unsigned polls = 1; atomic_load_explicit(&fbn_pool.done, memory_order_acquire) < count;
-         polls++) {
-        if (polls % 64 == 0)
-            sched_yield();
-        else
-            fbn_cpu_relax();
-    }
+    while (atomic_load_explicit(&fbn_pool.done, memory_order_acquire) < count)
+        fbn_cpu_relax();
     return fbn_now_ns() - start;
 }
 
@@ -231,10 +229,13 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
         total += stages[s].nitems;
     long long start = fbn_now_ns();
     if (nthreads < 2 || total < 2 || nstages > FBN_MAX_STAGES || total >= UINT32_MAX
-        || start < atomic_load_explicit(&fbn_pool.quiet_again_ns, memory_order_relaxed) || pthread_mutex_trylock(&fbn_pool.busy) != 0) {
+        || pthread_mutex_trylock(&fbn_pool.busy) != 0) {
         fbn_run_serial(stages, nstages, ctx);
         return 0;
     }
+    /* backing off: no sleeping worker is woken (awake ones, polling, still take items) */
+    if (start < atomic_load_explicit(&fbn_pool.quiet_again_ns, memory_order_relaxed))
+        wake = 0;
     long long start_cpu = wake ? fbn_cpu_ns() : 0;
     const int started = fbn_pool.nworkers;
     if (wake)
