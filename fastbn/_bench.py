@@ -28,8 +28,8 @@ import time
 
 import numpy as np
 
-from . import __version__, _kernels, _rules, batch_norm_backward, batch_norm_infer
-from . import batch_norm_train
+from . import (__version__, _kernels, _rules, batch_norm_backward, batch_norm_infer,
+               batch_norm_train)
 from . import get_num_threads, reference, set_num_threads
 
 SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (1, 64, 112, 112), (1, 512, 7, 7),

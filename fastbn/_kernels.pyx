@@ -846,7 +846,7 @@ _set_pool_spin()
 
 
 def _set_pool_backoff(bint on):
-    """Tests: whether a call the machine slowed sends the next calls to one thread."""
+    """Tests: whether a call the machine slowed stops the next calls waking workers."""
     fbn_pool_set_backoff(on)
 
 

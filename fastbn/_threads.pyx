@@ -82,7 +82,7 @@ def threads_source():
     if _openmp_env:
         return f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}"
     if openmp != _openmp_at_import:
-        return f"OpenMP's setting, changed since import (threadpoolctl or omp_set_num_threads)"
+        return "OpenMP's setting, changed since import (threadpoolctl or omp_set_num_threads)"
     n = pool_threads()
     found = [what for count, what in [(openmp, f"OpenMP's count ({openmp})")] + _limits
              if count == n]

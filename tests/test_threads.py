@@ -130,7 +130,7 @@ def test_caller_finishes_alone_when_no_worker_comes(shape, axis, rng, threads):
 @pool_only
 def test_workers_take_part(rng, threads):
     """Some call of many has a worker run part of it. A busy machine may keep the workers away
-    from any one call, and then sends calls to one thread for a while: that is allowed, and
+    from any one call, and then stops waking workers for a while: that is allowed, and
     not what this checks, so the back-off is off and the workers never sleep here."""
     import time
     threads(2)

@@ -230,7 +230,7 @@ FBN_SEGMENT void FBN_FN(normalize_row_stream)(const S *x, S *y, fbn_index C,
         FBN_FN(vec_stream)(y + c, (FBN_FN(vec_load)(x + c) - FBN_FN(vec_load)(hi + c))
                                   * FBN_FN(vec_load)(scale + c) + FBN_FN(vec_load)(offset + c));
 #endif
-    /* the row's tail, or all of it where stores convert (half precision) */
+    /* the row's tail */
 #pragma omp simd
     for (fbn_index k = c; k < C; ++k)
         y[k] = STORE(FBN_FN(normalize_value)(LOAD(x[k]), hi[k], scale[k], offset[k]));

@@ -52,7 +52,6 @@ static void fbn_run_serial(const fbn_stage *stages, int nstages, void *ctx)
 #if defined(_OPENMP) && !defined(_WIN32)
 #define FBN_POOL 1
 #include <pthread.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <time.h>
 
@@ -69,10 +68,10 @@ static void fbn_run_serial(const fbn_stage *stages, int nstages, void *ctx)
 /* After a job that the machine's other work slowed down (the caller waited for workers, or
  * the OS ran something else in its place, for half the job's time and 50 us or more; or
  * workers never came to a long job), no sleeping worker is woken for a while: the machine is
- * busy, and one thread is what this process gets (calls back to back still find their
- * workers polling, and use them). The while doubles as long as the next
- * job is slow in the same way. (A worker waking from sleep is no sign: it comes within tens of
- * microseconds, and the caller does not wait for it meanwhile.) */
+ * busy, and one thread is what this process gets (calls back to back still find their workers
+ * polling, and use them). The while doubles as long as the next job is slow in the same way.
+ * (A worker waking from sleep is no sign: it comes within tens of microseconds, and the caller
+ * does not wait for it meanwhile.) */
 #define FBN_BACKOFF_MIN_NS 2000000LL        /* 2 ms */
 #define FBN_BACKOFF_MAX_NS 100000000LL      /* 0.1 s */
 #define FBN_LONG_JOB_NS 200000LL            /* a worker that slept wakes well within this */
@@ -98,7 +97,6 @@ static struct {
     uint32_t generation;
     fbn_stage stages[FBN_MAX_STAGES];
     ptrdiff_t stage_end[FBN_MAX_STAGES];   /* items before the end of each stage */
-    int nstages;
     void *ctx;
     _Atomic uint64_t total;            /* generation << 32 | items of all stages */
     _Atomic uint64_t ticket;           /* generation << 32 | next unclaimed item */
@@ -109,7 +107,7 @@ static struct {
     long long backoff_ns;              /* the next wait after a late job */
     _Atomic int workers_away;          /* tests: workers take no items, as if the OS never
                                           scheduled them */
-    int no_backoff;                    /* tests: never back off to one thread */
+    int no_backoff;                    /* tests: never stop waking workers */
 } fbn_pool = {.busy = PTHREAD_MUTEX_INITIALIZER, .spin_ns = FBN_SPIN_NS_DEFAULT,
              .backoff_ns = FBN_BACKOFF_MIN_NS};
 
@@ -241,14 +239,16 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
     if (wake)
         fbn_start_workers(nthreads - 1);
     const int judge = fbn_pool.nworkers == started;   /* new threads start slowly: no sign */
-    int nasked = nthreads - 1 < fbn_pool.nworkers ? nthreads - 1 : fbn_pool.nworkers;
-    int awake = 0;
-    for (int k = 0; k < nasked; k++)
-        awake += !atomic_load(&fbn_pool.workers[k].sleeping);
-    if (!wake && awake == 0) {
-        pthread_mutex_unlock(&fbn_pool.busy);
-        fbn_run_serial(stages, nstages, ctx);
-        return 0;
+    const int nasked = nthreads - 1 < fbn_pool.nworkers ? nthreads - 1 : fbn_pool.nworkers;
+    if (!wake) {
+        int awake = 0;
+        for (int k = 0; k < nasked; k++)
+            awake += !atomic_load(&fbn_pool.workers[k].sleeping);
+        if (awake == 0) {
+            pthread_mutex_unlock(&fbn_pool.busy);
+            fbn_run_serial(stages, nstages, ctx);
+            return 0;
+        }
     }
 
     uint32_t generation = ++fbn_pool.generation;
@@ -256,7 +256,6 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
         fbn_pool.stages[s] = stages[s];
         fbn_pool.stage_end[s] = (s == 0 ? 0 : fbn_pool.stage_end[s - 1]) + stages[s].nitems;
     }
-    fbn_pool.nstages = nstages;
     fbn_pool.ctx = ctx;
     atomic_store_explicit(&fbn_pool.done, 0, memory_order_relaxed);
     atomic_store_explicit(&fbn_pool.helpers, 0, memory_order_relaxed);
@@ -280,18 +279,19 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
     long long waited = fbn_pool.caller_waited_ns + fbn_wait_done(total);
     int helped = atomic_load_explicit(&fbn_pool.helpers, memory_order_relaxed);
 
-    long long now = fbn_now_ns(), elapsed = now - start;
-    long long off_cpu = wake ? elapsed - (fbn_cpu_ns() - start_cpu) : 0;
-    const long long lost = waited > off_cpu ? waited : off_cpu;
-    if (fbn_pool.no_backoff || !judge) {
-    } else if ((2 * lost >= elapsed && lost >= FBN_LATE_NS)
-               || (helped == 0 && elapsed > FBN_LONG_JOB_NS)) {
-        atomic_store_explicit(&fbn_pool.quiet_again_ns, now + fbn_pool.backoff_ns,
-                              memory_order_relaxed);
-        fbn_pool.backoff_ns = 2 * fbn_pool.backoff_ns < FBN_BACKOFF_MAX_NS
-                              ? 2 * fbn_pool.backoff_ns : FBN_BACKOFF_MAX_NS;
-    } else if (wake) {
-        fbn_pool.backoff_ns = FBN_BACKOFF_MIN_NS;
+    if (judge && !fbn_pool.no_backoff) {
+        const long long now = fbn_now_ns(), elapsed = now - start;
+        const long long off_cpu = wake ? elapsed - (fbn_cpu_ns() - start_cpu) : 0;
+        const long long lost = waited > off_cpu ? waited : off_cpu;
+        if ((2 * lost >= elapsed && lost >= FBN_LATE_NS)
+            || (helped == 0 && elapsed > FBN_LONG_JOB_NS)) {
+            atomic_store_explicit(&fbn_pool.quiet_again_ns, now + fbn_pool.backoff_ns,
+                                  memory_order_relaxed);
+            fbn_pool.backoff_ns = 2 * fbn_pool.backoff_ns < FBN_BACKOFF_MAX_NS
+                                  ? 2 * fbn_pool.backoff_ns : FBN_BACKOFF_MAX_NS;
+        } else if (wake) {
+            fbn_pool.backoff_ns = FBN_BACKOFF_MIN_NS;
+        }
     }
     pthread_mutex_unlock(&fbn_pool.busy);
     return helped;
@@ -302,7 +302,7 @@ static void fbn_pool_set_spin(long long ns) { atomic_store(&fbn_pool.spin_ns, ns
 
 static int fbn_pool_workers(void) { return fbn_pool.nworkers; }
 
-/* Nanoseconds from now during which jobs run on their callers alone (0: none). */
+/* Nanoseconds from now during which no sleeping worker is woken (0: none). */
 static long long fbn_pool_backing_off(void)
 {
     long long left = atomic_load(&fbn_pool.quiet_again_ns) - fbn_now_ns();
