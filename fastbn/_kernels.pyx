@@ -232,6 +232,9 @@ cdef extern from "fastbn/pool.h" nogil:
     int fbn_pool_workers()
     long long fbn_pool_backing_off()
     void fbn_pool_set_workers_away(int away)
+    long long fbn_pool_openmp_for()
+    void fbn_pool_set_openmp_for(long long ns)
+    int fbn_others_running()
     void fbn_pool_set_backoff(int on)
 
 
@@ -823,10 +826,13 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst):
 
 
 def pool_info():
-    """The thread pool: workers started, how many ran part of the last parallel call, and the
-    seconds for which no sleeping worker is woken (workers came late: a busy machine)."""
+    """The thread pool: workers started, how many ran part of the last parallel call, the
+    seconds for which no sleeping worker is woken (workers came late: a busy machine), and
+    those for which calls run in an OpenMP region (another library's OpenMP workers spin in
+    this process)."""
     return {"workers": fbn_pool_workers(), "last_helpers": _last_helpers,
-            "no_wake_for_s": fbn_pool_backing_off() * 1e-9}
+            "no_wake_for_s": fbn_pool_backing_off() * 1e-9,
+            "openmp_for_s": fbn_pool_openmp_for() * 1e-9}
 
 
 def _default_spin_ns():
@@ -853,3 +859,14 @@ def _set_pool_backoff(bint on):
 def _set_workers_away(bint away):
     """Tests: workers take no items from now on, as if the OS never scheduled them."""
     fbn_pool_set_workers_away(away)
+
+
+def _set_openmp_for(double seconds):
+    """Tests: calls run in an OpenMP region for this long from now (never in a forked child)."""
+    fbn_pool_set_openmp_for(<long long>(seconds * 1e9))
+
+
+def _others_running():
+    """Tests: whether a thread of this process other than the caller and the pool's workers is
+    runnable now (what sends calls to an OpenMP region after a slow one)."""
+    return bool(fbn_others_running())

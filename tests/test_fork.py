@@ -42,7 +42,8 @@ SCENARIO = textwrap.dedent("""
             fastbn.set_num_threads(child_threads)
         result = run_all()
         report = [result == expected, fastbn.get_num_threads(),
-                  fastbn._kernels.pool_info()["workers"], fastbn._threads.peak_workers()]
+                  fastbn._kernels.pool_info()["workers"], fastbn._threads.peak_workers(),
+                  fastbn._kernels.pool_info()["openmp_for_s"]]
         if depth > 1:                                   # a child of the child
             inner, outer = mp.get_context("fork").Pipe()
             p = mp.get_context("fork").Process(target=child, args=(outer, depth - 1, 0))
@@ -51,8 +52,10 @@ SCENARIO = textwrap.dedent("""
             p.join()
         conn.send(report)
 
-    parent_threads, child_threads, depth = map(int, sys.argv[1:4])
+    parent_threads, child_threads, depth, openmp = map(int, sys.argv[1:5])
     fastbn.set_num_threads(parent_threads)
+    if openmp:      # the parent's calls run in OpenMP regions, as next to PyTorch's workers
+        fastbn._kernels._set_openmp_for(600)
     expected = run_all()
     fastbn._threads.peak_workers(reset=True)
     inner, outer = mp.get_context("fork").Pipe()
@@ -63,12 +66,12 @@ SCENARIO = textwrap.dedent("""
 """)
 
 
-def scenario(parent_threads, child_threads=0, depth=1):
+def scenario(parent_threads, child_threads=0, depth=1, openmp=0):
     """The child's report: [same bits, its threads, its pool's workers, its peak reserved
-    workers, (the grandchild's report)]."""
+    workers, its seconds of calls in OpenMP regions left, (the grandchild's report)]."""
     try:
         out = subprocess.run([sys.executable, "-c", SCENARIO, str(parent_threads),
-                              str(child_threads), str(depth)],
+                              str(child_threads), str(depth), str(openmp)],
                              capture_output=True, text=True, timeout=120,
                              env={**os.environ, "OMP_NUM_THREADS": "2"})
     except subprocess.TimeoutExpired:
@@ -79,7 +82,7 @@ def scenario(parent_threads, child_threads=0, depth=1):
 
 @pytest.mark.parametrize("parent_threads", [1, 2])
 def test_child_uses_threads_with_the_same_bits(parent_threads):
-    same, threads, workers, peak = scenario(parent_threads=parent_threads, child_threads=2)
+    same, threads, workers, peak, _ = scenario(parent_threads=parent_threads, child_threads=2)
     assert same
     assert threads == 2 and peak == 1
     assert workers == (0 if SERIAL_BUILD else 1)   # started afresh in the child
@@ -88,13 +91,23 @@ def test_child_uses_threads_with_the_same_bits(parent_threads):
 def test_child_of_a_child_after_a_parallel_parent():
     report = scenario(parent_threads=2, child_threads=2, depth=2)
     assert report[0]
-    grandchild = report[4]
+    grandchild = report[5]
     assert grandchild[0]
     assert grandchild[1] == 2
     assert grandchild[2] == (0 if SERIAL_BUILD else 1)
 
 
 def test_child_after_a_parallel_parent_follows_omp_num_threads():
-    same, threads, workers, peak = scenario(parent_threads=2)
+    same, threads, workers, peak, _ = scenario(parent_threads=2)
     assert same
     assert threads == (1 if SERIAL_BUILD else 2)
+
+
+def test_child_of_a_parent_whose_calls_ran_in_openmp_regions():
+    """GNU libgomp's threads do not survive fork: a child never runs a call in an OpenMP
+    region (it would hang), whatever the parent did; its pool runs them."""
+    same, threads, workers, peak, openmp_for_s = scenario(parent_threads=2, child_threads=2,
+                                                          openmp=1)
+    assert same
+    assert openmp_for_s == 0
+    assert workers == (0 if SERIAL_BUILD else 1)

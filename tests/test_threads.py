@@ -150,6 +150,80 @@ def test_workers_take_part(rng, threads):
     assert fastbn._kernels.pool_info()["workers"] >= 1
 
 
+@pool_only
+@pytest.mark.parametrize("shape,axis", [((16, 64, 48, 48), 1), ((4096, 96), 1),
+                                        ((16, 48, 48, 64), -1), ((8, 32, 16, 16), 1)])
+def test_calls_in_openmp_regions_give_the_same_bits(shape, axis, rng, threads):
+    """Next to another library's spinning OpenMP workers, calls run in OpenMP regions: the
+    same items, the same bits."""
+    x = make_input(shape, axis, np.float32, rng, offset=5.0)
+    weight, bias = make_params(shape[axis], x.dtype, rng)
+    dy = rng.standard_normal(shape).astype(x.dtype)
+    threads(1)
+    expected = run_all(x, axis, weight, bias, dy)
+    threads(2)
+    fastbn._kernels._set_openmp_for(60)
+    try:
+        assert fastbn._kernels.pool_info()["openmp_for_s"] > 0
+        got = run_all(x, axis, weight, bias, dy)
+    finally:
+        fastbn._kernels._set_openmp_for(0)
+    for a, b in zip(got, expected):
+        assert a.tobytes() == b.tobytes()
+
+
+@pool_only
+def test_another_threads_work_is_seen_and_the_pools_own_is_not(rng, threads):
+    """A thread of this process running C code (NumPy, without the GIL) is what a slow call
+    is blamed on before the machine; the pool's own workers, polling, are not."""
+    import threading
+    import time
+    threads(2)
+    fastbn._kernels._set_pool_spin(-1)          # the workers poll: runnable, and not others
+    try:
+        fastbn.batch_norm_train(rng.standard_normal((64, 64, 64)).astype(np.float32))
+        quiet = [fastbn._kernels._others_running() for _ in range(20) if not time.sleep(0.01)]
+        stop = threading.Event()
+        a = np.ones(1 << 22)
+
+        def numpy_work():
+            out = np.empty_like(a)
+            while not stop.is_set():
+                np.multiply(a, 1.5, out=out)
+        worker = threading.Thread(target=numpy_work)
+        worker.start()
+        try:
+            busy = [fastbn._kernels._others_running() for _ in range(200)
+                    if not time.sleep(0.005)]
+        finally:
+            stop.set()
+            worker.join()
+    finally:
+        fastbn._kernels._set_pool_spin()
+    assert not all(quiet)
+    assert any(busy)
+
+
+@pool_only
+def test_small_calls_back_to_back_wake_the_workers(rng, threads):
+    """Calls too short to wait for a sleeping worker, in a loop: the first ones run on the
+    caller and wake the workers, which then take part in later ones."""
+    import time
+    threads(2)
+    x = rng.standard_normal((8, 32, 16, 16)).astype(np.float32)
+    fastbn._kernels._set_pool_backoff(False)
+    try:
+        time.sleep(0.01)                            # the workers fall asleep
+        helped = 0
+        deadline = time.monotonic() + 20
+        while not helped and time.monotonic() < deadline:
+            fastbn.batch_norm_train(x)
+            helped = fastbn._kernels.pool_info()["last_helpers"]
+    finally:
+        fastbn._kernels._set_pool_backoff(True)
+    assert helped >= 1
+
+
 # ------------------------------------------------------------- CPUs: affinity and cgroups
 
 def _write(root, relative, text):

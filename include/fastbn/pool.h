@@ -51,9 +51,18 @@ static void fbn_run_serial(const fbn_stage *stages, int nstages, void *ctx)
 
 #if defined(_OPENMP) && !defined(_WIN32)
 #define FBN_POOL 1
+#include <omp.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <time.h>
+#if defined(__linux__)
+#  include <dirent.h>
+#  include <stdio.h>
+#  include <stdlib.h>
+#  include <string.h>
+#  include <sys/syscall.h>
+#  include <unistd.h>
+#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #  include <immintrin.h>
@@ -75,6 +84,8 @@ static void fbn_run_serial(const fbn_stage *stages, int nstages, void *ctx)
 #define FBN_BACKOFF_MIN_NS 2000000LL        /* 2 ms */
 #define FBN_BACKOFF_MAX_NS 100000000LL      /* 0.1 s */
 #define FBN_LONG_JOB_NS 200000LL            /* a worker that slept wakes well within this */
+#define FBN_CLAIMS_PER_THREAD 2             /* claims a stage's items are taken in */
+#define FBN_OMP_WINDOW_NS 20000000LL        /* 20 ms: see fbn_omp_run */
 #define FBN_LATE_NS 50000LL                 /* a wait this long is the OS's doing, not the
                                                last item's: items are shorter */
 
@@ -84,6 +95,8 @@ typedef struct {
     pthread_cond_t wake;
     _Atomic uint32_t job;       /* the job it is asked to help with (a generation) */
     _Atomic int sleeping;
+    _Atomic int poked;          /* woken to poll again, with no job (see fbn_pool_run) */
+    _Atomic long tid;           /* its Linux thread id (0 elsewhere) */
     int index;                  /* its `who`: 1.. */
 } fbn_worker;
 
@@ -97,6 +110,7 @@ static struct {
     uint32_t generation;
     fbn_stage stages[FBN_MAX_STAGES];
     ptrdiff_t stage_end[FBN_MAX_STAGES];   /* items before the end of each stage */
+    ptrdiff_t claim[FBN_MAX_STAGES];       /* items a claim takes in each stage */
     void *ctx;
     _Atomic uint64_t total;            /* generation << 32 | items of all stages */
     _Atomic uint64_t ticket;           /* generation << 32 | next unclaimed item */
@@ -104,6 +118,9 @@ static struct {
     _Atomic int helpers;               /* workers that ran an item of the last job */
     long long caller_waited_ns;        /* the caller's waits for others' items, this job */
     _Atomic long long quiet_again_ns;  /* no sleeping worker is woken before then */
+    _Atomic long long omp_until_ns;    /* jobs run in an OpenMP region until then */
+    int omp_broken;                    /* a forked child: GNU libgomp does not survive fork */
+    _Atomic long long last_end_ns;     /* when the last call ended */
     long long backoff_ns;              /* the next wait after a late job */
     _Atomic int workers_away;          /* tests: workers take no items, as if the OS never
                                           scheduled them */
@@ -137,7 +154,8 @@ static long long fbn_wait_done(ptrdiff_t count)
     return fbn_now_ns() - start;
 }
 
-/* Claim and run items of job `generation` until none is left. Returns whether it ran any. */
+/* Claim and run items of job `generation` until none is left: a few at a time where a stage
+ * has many (each claim is a cache line passed between cores). Returns whether it ran any. */
 static int fbn_take_items(uint32_t generation, int who)
 {
     int ran = 0;
@@ -149,28 +167,42 @@ static int fbn_take_items(uint32_t generation, int who)
         ptrdiff_t item = (ptrdiff_t)(uint32_t)ticket;
         if (item >= (ptrdiff_t)(uint32_t)total)
             return ran;                               /* all claimed */
-        if (!atomic_compare_exchange_weak_explicit(&fbn_pool.ticket, &ticket, ticket + 1,
-                                                   memory_order_acq_rel, memory_order_relaxed))
-            continue;
-        /* The item is ours, so the job is not over and its stages are still this job's */
-        if (!ran && who > 0)
-            atomic_fetch_add_explicit(&fbn_pool.helpers, 1, memory_order_relaxed);
-        int s = 0;
+        int s = 0;                     /* this job's stage while the claim below succeeds */
         while (item >= fbn_pool.stage_end[s])
             s++;
-        ptrdiff_t first = s == 0 ? 0 : fbn_pool.stage_end[s - 1];
+        const ptrdiff_t end = fbn_pool.stage_end[s];
+        const ptrdiff_t n = end - item < fbn_pool.claim[s] ? end - item : fbn_pool.claim[s];
+        if (!atomic_compare_exchange_weak_explicit(&fbn_pool.ticket, &ticket,
+                                                   ticket + (uint64_t)n,
+                                                   memory_order_acq_rel, memory_order_relaxed))
+            continue;
+        /* The items are ours, so the job is not over and its stages are still this job's */
+        if (!ran && who > 0)
+            atomic_fetch_add_explicit(&fbn_pool.helpers, 1, memory_order_relaxed);
+        const ptrdiff_t first = s == 0 ? 0 : fbn_pool.stage_end[s - 1];
         long long waited = fbn_wait_done(first);      /* the barrier before stage s */
         if (who == 0)
             fbn_pool.caller_waited_ns += waited;
-        fbn_pool.stages[s].run(fbn_pool.ctx, item - first, who);
-        atomic_fetch_add_explicit(&fbn_pool.done, 1, memory_order_release);
+        for (ptrdiff_t i = item; i < item + n; i++)
+            fbn_pool.stages[s].run(fbn_pool.ctx, i - first, who);
+        atomic_fetch_add_explicit(&fbn_pool.done, n, memory_order_release);
         ran = 1;
     }
+}
+
+static long fbn_thread_id(void)
+{
+#if defined(__linux__)
+    return (long)syscall(SYS_gettid);
+#else
+    return 0;
+#endif
 }
 
 static void *fbn_worker_main(void *arg)
 {
     fbn_worker *self = (fbn_worker *)arg;
+    atomic_store(&self->tid, fbn_thread_id());
     uint32_t seen = atomic_load(&self->job);
     for (;;) {
         long long idle_since = fbn_now_ns();
@@ -183,10 +215,12 @@ static void *fbn_worker_main(void *arg)
             if (spin_ns >= 0 && fbn_now_ns() - idle_since > spin_ns) {
                 pthread_mutex_lock(&self->lock);
                 atomic_store(&self->sleeping, 1);     /* seq_cst: see fbn_pool_run */
-                while (atomic_load(&self->job) == seen)
+                while (atomic_load(&self->job) == seen && !atomic_load(&self->poked))
                     pthread_cond_wait(&self->wake, &self->lock);
+                atomic_store(&self->poked, 0);
                 atomic_store(&self->sleeping, 0);
                 pthread_mutex_unlock(&self->lock);
+                idle_since = fbn_now_ns();            /* poked: poll for the next job */
             }
         }
         seen = atomic_load_explicit(&self->job, memory_order_acquire);
@@ -196,24 +230,121 @@ static void *fbn_worker_main(void *arg)
     return NULL;
 }
 
+/* Whether a thread of this process other than the caller and the pool's workers is runnable
+ * now: another library's OpenMP workers spinning after its call (PyTorch's, ONNX Runtime's),
+ * which stop by themselves within milliseconds. A late job with none of them was slowed by
+ * other processes. Linux (/proc); elsewhere, no. */
+static int fbn_others_running(void)
+{
+#if defined(__linux__)
+    DIR *tasks = opendir("/proc/self/task");
+    if (tasks == NULL)
+        return 0;
+    const long caller = fbn_thread_id();
+    int found = 0;
+    for (struct dirent *e; !found && (e = readdir(tasks)) != NULL;) {
+        const long tid = strtol(e->d_name, NULL, 10);
+        int ours = tid <= 0 || tid == caller;
+        for (int k = 0; !ours && k < fbn_pool.nworkers; k++)
+            ours = atomic_load(&fbn_pool.workers[k].tid) == tid;
+        if (ours)
+            continue;
+        char path[64], stat[512];
+        snprintf(path, sizeof path, "/proc/self/task/%ld/stat", tid);
+        FILE *f = fopen(path, "r");
+        if (f == NULL)
+            continue;
+        const size_t n = fread(stat, 1, sizeof stat - 1, f);
+        fclose(f);
+        stat[n] = '\0';
+        const char *state = strrchr(stat, ')');        /* "tid (name) S ...": after the name */
+        found = state != NULL && state[1] == ' ' && state[2] == 'R';
+    }
+    closedir(tasks);
+    return found;
+#else
+    return 0;
+#endif
+}
+
 static void fbn_pool_after_fork(void);
 
 /* Start workers until there are n (fewer if the OS refuses). */
-static void fbn_start_workers(int n)
+static void fbn_watch_fork(void)
 {
     static int fork_handler;
     if (!fork_handler)
         fork_handler = pthread_atfork(NULL, NULL, fbn_pool_after_fork) == 0;
+}
+
+static void fbn_start_workers(int n)
+{
+    fbn_watch_fork();
     while (fbn_pool.nworkers < n && fbn_pool.nworkers < FBN_MAX_WORKERS) {
         fbn_worker *w = &fbn_pool.workers[fbn_pool.nworkers];
         pthread_mutex_init(&w->lock, NULL);
         pthread_cond_init(&w->wake, NULL);
         atomic_store(&w->job, fbn_pool.generation);
         atomic_store(&w->sleeping, 0);
+        atomic_store(&w->poked, 0);
+        atomic_store(&w->tid, 0);
         w->index = fbn_pool.nworkers + 1;
         if (pthread_create(&w->thread, NULL, fbn_worker_main, w) != 0)
             return;
         fbn_pool.nworkers++;
+    }
+}
+
+/* Make the stages the current job, claimable from its first item: its generation. */
+static uint32_t fbn_publish(const fbn_stage *stages, int nstages, void *ctx, ptrdiff_t total,
+                            int nthreads)
+{
+    uint32_t generation = ++fbn_pool.generation;
+    for (int s = 0; s < nstages; s++) {
+        fbn_pool.stages[s] = stages[s];
+        fbn_pool.stage_end[s] = (s == 0 ? 0 : fbn_pool.stage_end[s - 1]) + stages[s].nitems;
+        const ptrdiff_t claim = stages[s].nitems / (FBN_CLAIMS_PER_THREAD * nthreads);
+        fbn_pool.claim[s] = claim > 1 ? claim : 1;
+    }
+    fbn_pool.ctx = ctx;
+    atomic_store_explicit(&fbn_pool.done, 0, memory_order_relaxed);
+    atomic_store_explicit(&fbn_pool.helpers, 0, memory_order_relaxed);
+    fbn_pool.caller_waited_ns = 0;
+    atomic_store_explicit(&fbn_pool.total, (uint64_t)generation << 32 | (uint64_t)total,
+                          memory_order_release);
+    atomic_store_explicit(&fbn_pool.ticket, (uint64_t)generation << 32, memory_order_release);
+    return generation;
+}
+
+/* While another library's OpenMP workers spin in this process (PyTorch's, after each of its
+ * calls, for milliseconds), this pool's workers would share cores with them: a job runs in an
+ * OpenMP region instead, on those same threads when the library is GNU libgomp as fastbn's is
+ * (one copy per process), as fastbn's jobs did before the pool. Items are claimed as in the
+ * pool. Returns the number of other threads that ran an item. */
+static int fbn_omp_run(const fbn_stage *stages, int nstages, void *ctx, int nthreads,
+                       ptrdiff_t total)
+{
+    fbn_watch_fork();
+    uint32_t generation = fbn_publish(stages, nstages, ctx, total, nthreads);
+    #pragma omp parallel num_threads(nthreads)
+    fbn_take_items(generation, omp_get_thread_num());
+    return atomic_load_explicit(&fbn_pool.helpers, memory_order_relaxed);
+}
+
+static void fbn_pool_ended(void)
+{
+    atomic_store_explicit(&fbn_pool.last_end_ns, fbn_now_ns(), memory_order_relaxed);
+}
+
+/* Wake the first n workers with no job: they poll for the next one (spin_ns), then sleep. */
+static void fbn_poke_workers(int n)
+{
+    for (int k = 0; k < n; k++) {
+        fbn_worker *w = &fbn_pool.workers[k];
+        pthread_mutex_lock(&w->lock);
+        atomic_store(&w->poked, 1);
+        pthread_cond_signal(&w->wake);
+        pthread_mutex_unlock(&w->lock);
     }
 }
 
@@ -229,14 +360,27 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
     if (nthreads < 2 || total < 2 || nstages > FBN_MAX_STAGES || total >= UINT32_MAX
         || pthread_mutex_trylock(&fbn_pool.busy) != 0) {
         fbn_run_serial(stages, nstages, ctx);
+        fbn_pool_ended();
         return 0;
     }
+    if (start < atomic_load_explicit(&fbn_pool.omp_until_ns, memory_order_relaxed)) {
+        const int helped = fbn_omp_run(stages, nstages, ctx, nthreads, total);
+        pthread_mutex_unlock(&fbn_pool.busy);
+        fbn_pool_ended();
+        return helped;
+    }
     /* backing off: no sleeping worker is woken (awake ones, polling, still take items) */
-    if (start < atomic_load_explicit(&fbn_pool.quiet_again_ns, memory_order_relaxed))
+    const int backing_off =
+        start < atomic_load_explicit(&fbn_pool.quiet_again_ns, memory_order_relaxed);
+    if (backing_off)
         wake = 0;
+    /* calls back to back (a loop of small calls) keep the workers awake for the next ones */
+    const long long spin_ns = atomic_load_explicit(&fbn_pool.spin_ns, memory_order_relaxed);
+    const int back_to_back = !backing_off && (spin_ns < 0 || start
+        - atomic_load_explicit(&fbn_pool.last_end_ns, memory_order_relaxed) < spin_ns);
     long long start_cpu = wake ? fbn_cpu_ns() : 0;
     const int started = fbn_pool.nworkers;
-    if (wake)
+    if (wake || back_to_back)
         fbn_start_workers(nthreads - 1);
     const int judge = fbn_pool.nworkers == started;   /* new threads start slowly: no sign */
     const int nasked = nthreads - 1 < fbn_pool.nworkers ? nthreads - 1 : fbn_pool.nworkers;
@@ -244,26 +388,17 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
         int awake = 0;
         for (int k = 0; k < nasked; k++)
             awake += !atomic_load(&fbn_pool.workers[k].sleeping);
-        if (awake == 0) {
+        if (awake == 0) {           /* wake them for the next call, not for this one */
+            if (back_to_back)
+                fbn_poke_workers(nasked);
             pthread_mutex_unlock(&fbn_pool.busy);
             fbn_run_serial(stages, nstages, ctx);
+            fbn_pool_ended();
             return 0;
         }
     }
 
-    uint32_t generation = ++fbn_pool.generation;
-    for (int s = 0; s < nstages; s++) {
-        fbn_pool.stages[s] = stages[s];
-        fbn_pool.stage_end[s] = (s == 0 ? 0 : fbn_pool.stage_end[s - 1]) + stages[s].nitems;
-    }
-    fbn_pool.ctx = ctx;
-    atomic_store_explicit(&fbn_pool.done, 0, memory_order_relaxed);
-    atomic_store_explicit(&fbn_pool.helpers, 0, memory_order_relaxed);
-    fbn_pool.caller_waited_ns = 0;
-    atomic_store_explicit(&fbn_pool.total, (uint64_t)generation << 32 | (uint64_t)total,
-                          memory_order_release);
-    atomic_store_explicit(&fbn_pool.ticket, (uint64_t)generation << 32, memory_order_release);
-
+    uint32_t generation = fbn_publish(stages, nstages, ctx, total, nthreads);
     for (int k = 0; k < nasked; k++) {
         fbn_worker *w = &fbn_pool.workers[k];
         if (!wake && atomic_load(&w->sleeping))
@@ -285,15 +420,21 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
         const long long lost = waited > off_cpu ? waited : off_cpu;
         if ((2 * lost >= elapsed && lost >= FBN_LATE_NS)
             || (helped == 0 && elapsed > FBN_LONG_JOB_NS)) {
-            atomic_store_explicit(&fbn_pool.quiet_again_ns, now + fbn_pool.backoff_ns,
-                                  memory_order_relaxed);
-            fbn_pool.backoff_ns = 2 * fbn_pool.backoff_ns < FBN_BACKOFF_MAX_NS
-                                  ? 2 * fbn_pool.backoff_ns : FBN_BACKOFF_MAX_NS;
+            if (!fbn_pool.omp_broken && fbn_others_running()) {
+                atomic_store_explicit(&fbn_pool.omp_until_ns, now + FBN_OMP_WINDOW_NS,
+                                      memory_order_relaxed);
+            } else {
+                atomic_store_explicit(&fbn_pool.quiet_again_ns, now + fbn_pool.backoff_ns,
+                                      memory_order_relaxed);
+                fbn_pool.backoff_ns = 2 * fbn_pool.backoff_ns < FBN_BACKOFF_MAX_NS
+                                      ? 2 * fbn_pool.backoff_ns : FBN_BACKOFF_MAX_NS;
+            }
         } else if (wake) {
             fbn_pool.backoff_ns = FBN_BACKOFF_MIN_NS;
         }
     }
     pthread_mutex_unlock(&fbn_pool.busy);
+    fbn_pool_ended();
     return helped;
 }
 
@@ -311,6 +452,18 @@ static long long fbn_pool_backing_off(void)
 
 static void fbn_pool_set_workers_away(int away) { atomic_store(&fbn_pool.workers_away, away); }
 
+/* Nanoseconds from now during which jobs run in an OpenMP region (0: none); tests set it. */
+static long long fbn_pool_openmp_for(void)
+{
+    long long left = atomic_load(&fbn_pool.omp_until_ns) - fbn_now_ns();
+    return left > 0 ? left : 0;
+}
+
+static void fbn_pool_set_openmp_for(long long ns)
+{
+    atomic_store(&fbn_pool.omp_until_ns, fbn_pool.omp_broken ? 0 : fbn_now_ns() + ns);
+}
+
 static void fbn_pool_set_backoff(int on)
 {
     fbn_pool.no_backoff = !on;
@@ -327,6 +480,8 @@ static void fbn_pool_after_fork(void)
     fbn_pool.nworkers = 0;
     atomic_store(&fbn_pool.quiet_again_ns, 0);
     fbn_pool.backoff_ns = FBN_BACKOFF_MIN_NS;
+    atomic_store(&fbn_pool.omp_until_ns, 0);
+    fbn_pool.omp_broken = 1;
 }
 
 #else   /* the caller runs everything */
@@ -342,6 +497,9 @@ static void fbn_pool_set_spin(long long ns) { (void)ns; }
 static int fbn_pool_workers(void) { return 0; }
 static long long fbn_pool_backing_off(void) { return 0; }
 static void fbn_pool_set_workers_away(int away) { (void)away; }
+static long long fbn_pool_openmp_for(void) { return 0; }
+static void fbn_pool_set_openmp_for(long long ns) { (void)ns; }
+static int fbn_others_running(void) { return 0; }
 static void fbn_pool_set_backoff(int on) { (void)on; }
 
 #endif
