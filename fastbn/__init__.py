@@ -56,3 +56,17 @@ def __getattr__(name):
         import importlib
         return importlib.import_module(".torch", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+# ====================================================================== GroupNorm, InstanceNorm
+# (the normalization family, issue 16)
+from ._groups import (  # noqa: E402
+    group_norm,
+    group_norm_backward,
+    group_norm_train,
+    instance_norm,
+    instance_norm_backward,
+    instance_norm_train,
+)
+
+__all__ += ["group_norm", "group_norm_train", "group_norm_backward", "instance_norm",
+            "instance_norm_train", "instance_norm_backward"]

@@ -183,3 +183,127 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                                 running_var=running_var, momentum=momentum, out=out)[0]
     return batch_norm_infer(x, running_mean, running_var, weight, bias, eps=eps, axis=axis,
                             out=out)
+
+
+# ====================================================================== GroupNorm, InstanceNorm
+# (the normalization family, issue 16: statistics per sample and group of channels)
+
+def _unit_rows(a, axis, num_groups):
+    """a (channels on axis 1 or -1) as (N, G, C/G, S) in extended precision: unit (n, g) is
+    a[n, g]."""
+    moved = np.moveaxis(np.asarray(a), axis % a.ndim, 1)
+    N, C = moved.shape[:2]
+    return _extended(moved.reshape(N, num_groups, C // num_groups, -1))
+
+
+def _from_unit_rows(rows, x, axis):
+    """The inverse of _unit_rows: back to x's shape."""
+    moved = np.moveaxis(np.empty(x.shape, dtype=np.bool_), axis % x.ndim, 1).shape
+    return np.moveaxis(rows.reshape(moved), 1, axis % x.ndim)
+
+
+def _unit_stats(rows):
+    """(values - shift, mean - shift, biased var) per unit of (N, G, C/G, S) rows, centred on
+    each unit's first value (_centred_stats over the unit's values)."""
+    N, G = rows.shape[:2]
+    centred, mean, var = _centred_stats(rows.reshape(N * G, -1))
+    return (centred.reshape(rows.shape), mean.reshape(N, G, 1, 1), var.reshape(N, G, 1, 1))
+
+
+def _affine_of_units(v, G):
+    """A (C,) per-channel vector shaped to multiply (N, G, C/G, S) rows."""
+    return _extended(v).reshape(1, G, -1, 1)
+
+
+def group_norm_train(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, residual=None,
+                     activation=None, negative_slope=0.01, out=None):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias with mean and biased var per sample
+    and group of C / num_groups consecutive channels, then act(y + residual) when fused.
+    Returns (y, mean, invstd), the statistics of shape (N, num_groups)."""
+    G = num_groups
+    rows = _unit_rows(x, axis, G)
+    centred, mean, var = _unit_stats(rows)
+    invstd = 1 / np.sqrt(var + EXTENDED(eps))
+    y = (centred - mean) * invstd
+    if weight is not None:
+        y = y * _affine_of_units(weight, G)
+    if bias is not None:
+        y = y + _affine_of_units(bias, G)
+    y = _fuse(_from_unit_rows(y, x, axis), residual, activation, negative_slope)
+    stat = _stat_dtype(x.dtype)
+    unit_mean = rows[:, :, :1, :1] + mean
+    return (_store(y, x, out), unit_mean[:, :, 0, 0].astype(stat),
+            invstd[:, :, 0, 0].astype(stat))
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, residual=None,
+               activation=None, negative_slope=0.01, out=None):
+    """group_norm_train's y (torch.nn.functional.group_norm)."""
+    return group_norm_train(x, num_groups, weight, bias, eps, axis=axis, residual=residual,
+                            activation=activation, negative_slope=negative_slope, out=out)[0]
+
+
+def group_norm_backward(dy, x, mean, invstd, weight=None, *, num_groups, axis=1, y=None,
+                        activation=None, negative_slope=0.01, out=None, out_residual=None):
+    """Gradients of group_norm_train's y. With g = dy (fused: dy * act'(y)), xhat =
+    (x - mu) * invstd and the means over each unit (a sample's group):
+        dbias_c   = sum over samples and positions of g
+        dweight_c = sum g * xhat
+        dx        = invstd * (w_c g - mean_unit(w g) - xhat * mean_unit(w g xhat))
+    mu is the unit's mean of x (the saved mean is not needed)."""
+    G = num_groups
+    rows = _unit_rows(x, axis, G)
+    centred, mu, _ = _unit_stats(rows)
+    invstd = _extended(invstd)[:, :, None, None]
+    g_full = _activation_grad(dy, y, activation, negative_slope)
+    if out_residual is not None:
+        out_residual[...] = _rounded(g_full, out_residual.dtype)
+    g = _unit_rows(g_full, axis, G)
+    xhat = (centred - mu) * invstd
+    w = 1 if weight is None else _affine_of_units(weight, G)
+    wg = w * g
+    dx = invstd * (wg - wg.mean(axis=(2, 3), keepdims=True)
+                   - xhat * (wg * xhat).mean(axis=(2, 3), keepdims=True))
+    dx = _from_unit_rows(dx, x, axis)
+    C = x.shape[axis]
+    dweight = (g * xhat).sum(axis=(0, 3)).reshape(C)
+    dbias = g.sum(axis=(0, 3)).reshape(C)
+    stat = _stat_dtype(x.dtype)
+    return _store(dx, x, out), dweight.astype(stat), dbias.astype(stat)
+
+
+def instance_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
+                        running_var=None, momentum=0.1, out=None, residual=None,
+                        activation=None, negative_slope=0.01):
+    """GroupNorm with one channel per group; running statistics, when given, updated in place
+    with the batch average of the per-instance mean and unbiased variance (torch)."""
+    C = x.shape[axis]
+    if running_mean is not None:
+        rows = _unit_rows(x, axis, C)
+        count = rows[0, 0].size
+        centred, mean, var = _unit_stats(rows)
+        batch_mean = (rows[:, :, :1, :1] + mean).mean(axis=0).reshape(C)
+        batch_var = (var * count / (count - 1)).mean(axis=0).reshape(C)
+        running_mean[...] = (1 - momentum) * _extended(running_mean) + momentum * batch_mean
+        running_var[...] = (1 - momentum) * _extended(running_var) + momentum * batch_var
+    return group_norm_train(x, C, weight, bias, eps, axis=axis, residual=residual,
+                            activation=activation, negative_slope=negative_slope, out=out)
+
+
+def instance_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, y=None,
+                           activation=None, negative_slope=0.01, out=None, out_residual=None):
+    """Gradients of instance_norm_train's y (group_norm_backward with G = C)."""
+    return group_norm_backward(dy, x, mean, invstd, weight, num_groups=x.shape[axis], axis=axis,
+                               y=y, activation=activation, negative_slope=negative_slope,
+                               out=out, out_residual=out_residual)
+
+
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, axis=1, out=None):
+    """torch.nn.functional.instance_norm's semantics."""
+    if use_input_stats:
+        return instance_norm_train(x, weight, bias, eps=eps, axis=axis,
+                                   running_mean=running_mean, running_var=running_var,
+                                   momentum=momentum, out=out)[0]
+    return batch_norm_infer(x, running_mean, running_var, weight, bias, eps=eps, axis=axis,
+                            out=out)
