@@ -67,6 +67,7 @@ from ._groups import (  # noqa: E402
     instance_norm_backward,
     instance_norm_train,
 )
+from .layers import GroupNorm, InstanceNorm  # noqa: E402
 
-__all__ += ["group_norm", "group_norm_train", "group_norm_backward", "instance_norm",
-            "instance_norm_train", "instance_norm_backward"]
+__all__ += ["GroupNorm", "InstanceNorm", "group_norm", "group_norm_train", "group_norm_backward",
+            "instance_norm", "instance_norm_train", "instance_norm_backward"]

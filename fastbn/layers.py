@@ -310,3 +310,121 @@ class BatchNorm:
                 + (f", activation={self.activation!r}" if self.activation else "")
                 + (f", negative_slope={self.negative_slope!r}"
                    if self.activation == "leaky_relu" else "") + ")")
+
+
+# ====================================================================== GroupNorm, InstanceNorm
+# (the normalization family, issue 16)
+from ._groups import (group_norm_backward, group_norm_train,  # noqa: E402
+                      instance_norm_backward, instance_norm_train)
+
+
+class InstanceNorm(BatchNorm):
+    """Instance normalization, as torch.nn.InstanceNorm1d/2d/3d: each sample's channel is
+    normalized with its own statistics (in training, and in evaluation unless
+    track_running_stats). With track_running_stats, training updates running_mean and
+    running_var with the batch average of the per-instance mean and unbiased variance, and
+    evaluation normalizes with them. axis is 1 (channels first) or -1 (channels last).
+
+    BatchNorm's interface otherwise (backward keeps grad_weight, grad_bias and grad_residual;
+    activation fusion; state_dict with torch's keys), with torch's InstanceNorm conventions:
+    affine and track_running_stats off by default, num_batches_tracked never counts, and
+    momentum=None is 0 (no update), as torch's functional call takes it.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
+                 track_running_stats=False, *, axis=1, dtype=np.float32, activation=None,
+                 negative_slope=0.01):
+        super().__init__(num_features, eps, 0.0 if momentum is None else momentum, affine,
+                         track_running_stats, axis=axis, dtype=dtype, activation=activation,
+                         negative_slope=negative_slope)
+
+    def _batch_ops(self):
+        return instance_norm_train, instance_norm_backward
+
+    def forward(self, x, residual=None):
+        counted = self.num_batches_tracked
+        y = super().forward(x, residual)
+        self.num_batches_tracked = counted      # torch's InstanceNorm keeps it at 0
+        return y
+
+    @classmethod
+    def keras(cls, *args, **kwargs):
+        """Not for InstanceNorm (Keras has no InstanceNormalization layer of its own)."""
+        raise TypeError("InstanceNorm has no Keras conventions; use InstanceNorm(...)")
+
+
+class GroupNorm:
+    """Group normalization, as torch.nn.GroupNorm: the num_channels channels (axis 1, or -1
+    for channels-last data) in num_groups groups of consecutive channels, each sample's group
+    normalized with its own statistics, then a per-channel affine (affine=True: weight ones,
+    bias zeros). The same in training and evaluation (no running statistics).
+
+    backward(dy) returns dx for the last forward and keeps grad_weight and grad_bias (when
+    affine); activation and forward(x, residual) fuse as in BatchNorm (grad_residual).
+    state_dict() has torch's keys (weight, bias).
+    """
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, axis=1,
+                 dtype=np.float32, activation=None, negative_slope=0.01):
+        # BatchNorm's checks of the shared arguments (num_channels as num_features)
+        checked = BatchNorm(num_channels, eps, affine=affine, track_running_stats=False,
+                            axis=axis, dtype=dtype, activation=activation,
+                            negative_slope=negative_slope)
+        if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)):
+            raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
+        if num_groups < 1 or num_channels % num_groups:
+            raise ValueError(f"num_channels must be divisible by num_groups, got "
+                             f"num_channels={num_channels} and num_groups={num_groups}")
+        self.num_groups = int(num_groups)
+        self.num_channels = self.num_features = checked.num_features
+        for name in ("eps", "affine", "axis", "dtype", "param_dtype", "activation",
+                     "negative_slope", "weight", "bias", "training", "track_running_stats"):
+            setattr(self, name, getattr(checked, name))
+        self.grad_weight = self.grad_bias = self.grad_residual = None
+        self._saved = None
+
+    # BatchNorm's modes, input check and state dict (track_running_stats is False here)
+    train = BatchNorm.train
+    eval = BatchNorm.eval
+    _check_input = BatchNorm._check_input
+    _axis_hint = BatchNorm._axis_hint
+    state_dict = BatchNorm.state_dict
+    load_state_dict = BatchNorm.load_state_dict
+    save = BatchNorm.save
+    load = BatchNorm.load
+
+    def __call__(self, x, residual=None):
+        return self.forward(x, residual)
+
+    def forward(self, x, residual=None):
+        """y = gn(x), or act(gn(x) + residual) with the layer's activation."""
+        self._check_input(x)
+        y, mean, invstd = group_norm_train(x, self.num_groups, self.weight, self.bias,
+                                           self.eps, axis=self.axis, residual=residual,
+                                           activation=self.activation,
+                                           negative_slope=self.negative_slope)
+        self._saved = (x, y, residual is not None, mean, invstd)
+        return y
+
+    def backward(self, dy):
+        """dx of the last forward; keeps grad_weight and grad_bias (when affine), and
+        grad_residual when the forward had a residual."""
+        if self._saved is None:
+            raise RuntimeError("backward needs a forward first")
+        x, y, with_residual, mean, invstd = self._saved
+        grad_residual = np.empty_like(x) if with_residual else None
+        dx, dweight, dbias = group_norm_backward(
+            dy, x, mean, invstd, self.weight, num_groups=self.num_groups, axis=self.axis,
+            y=y if self.activation else None, activation=self.activation,
+            negative_slope=self.negative_slope, out_residual=grad_residual)
+        self.grad_weight = dweight if self.weight is not None else None
+        self.grad_bias = dbias if self.bias is not None else None
+        self.grad_residual = grad_residual
+        return dx
+
+    def __repr__(self):
+        return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps!r}, "
+                f"affine={self.affine}, axis={self.axis}, dtype='{self.dtype.name}'"
+                + (f", activation={self.activation!r}" if self.activation else "")
+                + (f", negative_slope={self.negative_slope!r}"
+                   if self.activation == "leaky_relu" else "") + ")")
