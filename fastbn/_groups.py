@@ -37,7 +37,7 @@ def _family_axis(x, axis):
     """The channel axis (already checked against x.ndim) must be 1 or the last one."""
     if axis not in (1, x.ndim - 1):
         raise ValueError(f"axis must be 1 (channels first: NCHW, NCL, NCDHW, (N, C)) or -1 "
-                         f"(channels last: NHWC, NLC, NDHWC), got {axis - x.ndim} for x of "
+                         f"(channels last: NHWC, NLC, NDHWC), got {axis} for x of "
                          f"shape {x.shape}")
 
 
