@@ -185,6 +185,10 @@ def test_any_strides_give_the_results_of_c_order(rng):
                                           axis=axis)
         for g, w in zip(got, want):
             assert_close(g, w, 1e-13)
+        in_place = np.empty_like(x)         # x's axis order (empty_like keeps it)
+        in_place[...] = x
+        assert fastbn.group_norm(in_place, 2, weight, bias, axis=axis, out=in_place) is in_place
+        assert_close(in_place, y, 1e-13)
 
 
 def test_out_and_in_place(rng):
