@@ -366,15 +366,18 @@ class GroupNorm:
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, axis=1,
                  dtype=np.float32, activation=None, negative_slope=0.01):
-        # BatchNorm's checks of the shared arguments (num_channels as num_features)
+        for name, value in (("num_groups", num_groups), ("num_channels", num_channels)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if num_channels % num_groups:
+            raise ValueError(f"num_channels must be divisible by num_groups, got "
+                             f"num_channels={num_channels} and num_groups={num_groups}")
+        # BatchNorm's checks of the other arguments
         checked = BatchNorm(num_channels, eps, affine=affine, track_running_stats=False,
                             axis=axis, dtype=dtype, activation=activation,
                             negative_slope=negative_slope)
-        if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)):
-            raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
-        if num_groups < 1 or num_channels % num_groups:
-            raise ValueError(f"num_channels must be divisible by num_groups, got "
-                             f"num_channels={num_channels} and num_groups={num_groups}")
         self.num_groups = int(num_groups)
         self.num_channels = self.num_features = checked.num_features
         for name in ("eps", "affine", "axis", "dtype", "param_dtype", "activation",

@@ -420,6 +420,13 @@ def test_group_norm_layer(rng):
     want = ref.group_norm_backward(dy, x, mean, invstd, weight, num_groups=3)
     for g, w in zip((dx, layer.grad_weight, layer.grad_bias), want):
         assert_close(g, w, 1e-12)
+    fused = fastbn.GroupNorm(3, 6, dtype=np.float64, axis=-1, activation="relu")
+    x_last, residual = np.moveaxis(x, 1, -1), rng.standard_normal((4, 5, 5, 6))
+    y = fused(x_last, residual)
+    assert_close(y, ref.group_norm(x_last, 3, fused.weight, fused.bias, axis=-1,
+                                   residual=residual, activation="relu"), 1e-12)
+    fused.backward(dy[:, 0, :, :, None] * np.ones(6))
+    assert fused.grad_residual.shape == x_last.shape and fused.grad_weight.shape == (6,)
     assert fastbn.GroupNorm(2, 4, affine=False).state_dict() == {}
     with pytest.raises(ValueError, match="divisible"):
         fastbn.GroupNorm(4, 6)
