@@ -101,9 +101,11 @@ class _Shape:
         self.first = v.inner == self.S
         return self
 
-    def samples(self, a):
-        """Sample n's values of a view, as the contiguous 1-D block n (channels last)."""
-        return a.reshape(self.N, -1)
+    def samples(self, *arrays):
+        """Per sample n, the tuple of each view's n-th contiguous block (channels last: the
+        sample's (S, C) rows); None stays None."""
+        rows = [[None] * self.N if a is None else a.reshape(self.N, -1) for a in arrays]
+        return zip(*rows)
 
 
 # ------------------------------------------------------------------------------- forward
@@ -114,7 +116,7 @@ def _moments(xv, s):
         units = _kernels.statistics_stage(xv, 1, s.N * s.G, s.CG * s.S)
         return _kernels.merge_stage(units).reshape(4, s.N, s.G)
     per_sample = []
-    for x_n in s.samples(xv):
+    for x_n, in s.samples(xv):
         channels = _kernels.merge_stage(_kernels.statistics_stage(x_n, s.S, s.C, 1))
         if s.CG > 1:        # a group's channels, merged in channel order
             channels = _kernels.merge_stage(np.moveaxis(channels.reshape(4, s.G, s.CG), 2, 0))
@@ -161,11 +163,9 @@ def _apply(s, x, out, coef, residual, act, slope):
         _kernels.normalize_stage(x, out, 1, s.N * s.C, s.S, np.ascontiguousarray(coef),
                                  residual, act, slope)
         return
-    rows = [s.samples(a) if a is not None else [None] * s.N for a in (x, out, residual)]
     coef = np.ascontiguousarray(coef.transpose(1, 0, 2))
-    for n in range(s.N):
-        _kernels.normalize_stage(rows[0][n], rows[1][n], s.S, s.C, 1, coef[n], rows[2][n],
-                                 act, slope)
+    for coef_n, (x_n, out_n, residual_n) in zip(coef, s.samples(x, out, residual)):
+        _kernels.normalize_stage(x_n, out_n, s.S, s.C, 1, coef_n, residual_n, act, slope)
 
 
 def _train(a, G, instance=False):
@@ -207,12 +207,10 @@ def _grad_sums(dy, x, y, grad, mean, a, s):
         sums = _kernels.grad_sums_stage(dy, x, 1, s.N * s.C, s.S, _per_channel(mean, s).ravel(),
                                         np.repeat(q, s.CG), y, grad, a.act, a.slope)
         return _kernels.merge_stage(sums).reshape(6, s.N, s.C)
-    rows = [s.samples(v) if v is not None else [None] * s.N for v in (dy, x, y, grad)]
     per_sample = []
-    for n in range(s.N):
-        dy_n, x_n, y_n, grad_n = (r[n] for r in rows)
-        q = _kernels.grad_shifts_stage(dy_n, s.C, 1, mean[n], y_n, grad_n, a.act, a.slope)
-        sums = _kernels.grad_sums_stage(dy_n, x_n, s.S, s.C, 1, np.repeat(mean[n], s.CG),
+    for mean_n, (dy_n, x_n, y_n, grad_n) in zip(mean, s.samples(dy, x, y, grad)):
+        q = _kernels.grad_shifts_stage(dy_n, s.C, 1, mean_n, y_n, grad_n, a.act, a.slope)
+        sums = _kernels.grad_sums_stage(dy_n, x_n, s.S, s.C, 1, np.repeat(mean_n, s.CG),
                                         np.repeat(q[::s.CG], s.CG), y_n, grad_n, a.act,
                                         a.slope)
         per_sample.append(_kernels.merge_stage(sums))
@@ -288,9 +286,8 @@ def _backward(a, G):
                                       np.ascontiguousarray(coef))
             return
         coef = np.ascontiguousarray(coef.transpose(1, 0, 2))
-        for n, (g_n, x_n, dx_n) in enumerate(zip(*(s.samples(b) for b in (g, v.x,
-                                                                          v.outputs[0])))):
-            _kernels.grad_input_stage(g_n, x_n, dx_n, s.S, s.C, 1, coef[n])
+        for coef_n, (g_n, x_n, dx_n) in zip(coef, s.samples(g, v.x, v.outputs[0])):
+            _kernels.grad_input_stage(g_n, x_n, dx_n, s.S, s.C, 1, coef_n)
 
     arrays = [_samples_outermost(a.x, a.axis)] + a.arrays[1:]
     results = _run(kernel, arrays, a.axis, a.outs, in_place=BACKWARD_IN_PLACE)

@@ -122,7 +122,8 @@ def test_instance_norm_matches_reference_and_updates_running_statistics(shape, a
 @pytest.mark.parametrize("offset", [1e4, 1e6])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis,G", [((8, 16, 12, 12), 1, 4), ((8, 12, 12, 16), -1, 4),
-                                          ((64, 8), 1, 2), ((4, 9, 9, 6), -1, 6)])
+                                          ((64, 8), 1, 2), ((4, 9, 9, 6), -1, 6),
+                                          ((4, 6, 9, 9), 1, 6)])
 def test_far_from_zero(shape, axis, G, dtype, offset, rng):
     """Data offset/sd from zero, in both layouts, and a dy far from zero as well: the
     statistics come from the kernels' shifted sums and Chan merges (docs: 'Numerics')."""
