@@ -1,6 +1,8 @@
-"""A stateful batch-norm layer with PyTorch's semantics (torch.nn.BatchNorm1d/2d/3d).
+"""Stateful normalization layers with PyTorch's semantics: BatchNorm (torch.nn.BatchNorm1d/2d/3d),
+InstanceNorm (torch.nn.InstanceNorm1d/2d/3d), GroupNorm (torch.nn.GroupNorm), LayerNorm and
+RMSNorm (torch.nn.LayerNorm, torch.nn.RMSNorm).
 
-Calls the public functions of fastbn only (docs/architecture.md: layers -> _api).
+Calls the public functions of fastbn only (docs/architecture.md: layers -> _api, _groups, _rows).
 """
 import math
 import numbers
@@ -10,6 +12,9 @@ import numpy as np
 
 from . import _rules, activations
 from ._api import batch_norm_backward, batch_norm_infer, batch_norm_train
+from ._groups import (group_norm_backward, group_norm_train, instance_norm_backward,
+                      instance_norm_train)
+from ._rows import layer_norm_backward, layer_norm_train, rms_norm_backward, rms_norm_train
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -314,10 +319,6 @@ class BatchNorm:
 
 # ====================================================================== GroupNorm, InstanceNorm
 # (the normalization family, issue 16)
-from ._groups import (group_norm_backward, group_norm_train,  # noqa: E402
-                      instance_norm_backward, instance_norm_train)
-
-
 class InstanceNorm(BatchNorm):
     """Instance normalization, as torch.nn.InstanceNorm1d/2d/3d: each sample's channel is
     normalized with its own statistics (in training, and in evaluation unless
@@ -431,3 +432,141 @@ class GroupNorm:
                 + (f", activation={self.activation!r}" if self.activation else "")
                 + (f", negative_slope={self.negative_slope!r}"
                    if self.activation == "leaky_relu" else "") + ")")
+
+
+# ====================================================================== LayerNorm, RMSNorm
+# (the normalization family, issue 16)
+class _RowNorm:
+    """What LayerNorm and RMSNorm share: the normalized shape, eps, the elementwise affine
+    parameters (of normalized_shape), the last forward's saved state, and state dicts with
+    torch's keys (weight, bias)."""
+
+    def __init__(self, normalized_shape, eps, weight, bias, dtype):
+        shape = ((normalized_shape,) if isinstance(normalized_shape, (int, np.integer))
+                 else normalized_shape)
+        if (isinstance(normalized_shape, bool) or not isinstance(shape, (tuple, list))
+                or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool)
+                           and n >= 1 for n in shape)
+                or not 1 <= len(shape) <= _rules.MAX_NORMALIZED_AXES):
+            raise ValueError(f"normalized_shape must be a positive int or a tuple of 1 to "
+                             f"{_rules.MAX_NORMALIZED_AXES} positive ints, "
+                             f"got {normalized_shape!r}")
+        if eps is not None:
+            eps = _rules.real(eps, _rules.EPS)
+        dtype = np.dtype(dtype)
+        if dtype not in _rules.DATA_DTYPES:
+            raise TypeError(f"dtype must be {_rules.DTYPE_NAMES}, got {dtype}")
+        self.normalized_shape = tuple(int(n) for n in shape)
+        self.eps = eps
+        self.dtype = dtype                                   # of x
+        self.param_dtype = _rules.compute_dtype(dtype)       # of the parameters
+        self.weight = np.ones(self.normalized_shape, self.param_dtype) if weight else None
+        self.bias = np.zeros(self.normalized_shape, self.param_dtype) if bias else None
+        self.grad_weight = self.grad_bias = None
+        self.training = True
+        self._saved = None          # what backward needs from the last forward
+
+    def train(self, mode=True):
+        """Sets the mode (which changes nothing: the statistics are always the input's).
+        Returns the layer."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def _check_input(self, x):
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"x must have the layer's dtype ({self.dtype}), got {x.dtype}")
+
+    def _backward_saved(self):
+        if self._saved is None:
+            raise RuntimeError("backward needs a forward first")
+        return self._saved
+
+    def state_dict(self):
+        """torch's keys: weight and bias, those the layer has. Copies."""
+        return {k: getattr(self, k).copy() for k in ("weight", "bias")
+                if getattr(self, k) is not None}
+
+    def load_state_dict(self, state):
+        """Loads a state dict (e.g. {k: v.numpy()} of a torch LayerNorm's or RMSNorm's): all
+        keys are checked before any is written."""
+        expected = [k for k in ("weight", "bias") if getattr(self, k) is not None]
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        if missing or unexpected:
+            raise ValueError(f"state dict keys: missing {missing}, unexpected {unexpected}")
+        values = {}
+        for k in expected:
+            v = np.asarray(state[k])
+            if v.shape != self.normalized_shape or v.dtype.kind != "f":
+                raise ValueError(f"{k} must be a float array of shape {self.normalized_shape}, "
+                                 f"got {v.dtype} {v.shape}")
+            values[k] = v.astype(self.param_dtype)
+        for k, v in values.items():
+            setattr(self, k, v)
+
+
+class LayerNorm(_RowNorm):
+    """Layer normalization over the last axes of its input, as torch.nn.LayerNorm:
+    y = (x - mean) / sqrt(var + eps) * weight + bias per row of normalized_shape's axes.
+    backward(dy) returns dx for the last forward and keeps grad_weight and grad_bias (those
+    the layer has)."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *,
+                 dtype=np.float32):
+        super().__init__(normalized_shape, eps, elementwise_affine,
+                         elementwise_affine and bias, dtype)
+
+    def forward(self, x):
+        self._check_input(x)
+        y, mean, invstd = layer_norm_train(x, self.normalized_shape, self.weight, self.bias,
+                                           self.eps)
+        self._saved = (x, mean, invstd)
+        return y
+
+    def backward(self, dy):
+        x, mean, invstd = self._backward_saved()
+        dx, dweight, dbias = layer_norm_backward(dy, x, mean, invstd, self.weight,
+                                                 normalized_shape=self.normalized_shape)
+        self.grad_weight = dweight if self.weight is not None else None
+        self.grad_bias = dbias if self.bias is not None else None
+        return dx
+
+    def __repr__(self):
+        return (f"LayerNorm({self.normalized_shape}, eps={self.eps!r}, "
+                f"elementwise_affine={self.weight is not None}, bias={self.bias is not None}, "
+                f"dtype='{self.dtype.name}')")
+
+
+class RMSNorm(_RowNorm):
+    """RMS normalization over the last axes of its input, as torch.nn.RMSNorm:
+    y = x / sqrt(mean(x^2) + eps) * weight per row of normalized_shape's axes (eps=None: the
+    machine epsilon of x's dtype). backward(dy) returns dx and keeps grad_weight."""
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *,
+                 dtype=np.float32):
+        super().__init__(normalized_shape, eps, elementwise_affine, False, dtype)
+
+    def forward(self, x):
+        self._check_input(x)
+        y, invrms = rms_norm_train(x, self.normalized_shape, self.weight, self.eps)
+        self._saved = (x, invrms)
+        return y
+
+    def backward(self, dy):
+        x, invrms = self._backward_saved()
+        dx, dweight = rms_norm_backward(dy, x, invrms, self.weight,
+                                        normalized_shape=self.normalized_shape)
+        self.grad_weight = dweight if self.weight is not None else None
+        return dx
+
+    def __repr__(self):
+        return (f"RMSNorm({self.normalized_shape}, eps={self.eps!r}, "
+                f"elementwise_affine={self.weight is not None}, dtype='{self.dtype.name}')")
