@@ -345,7 +345,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, resid
 
 def group_norm_backward(dy, x, mean, invstd, weight=None, *, num_groups, axis=1, y=None,
                         activation=None, negative_slope=0.01, out=None, out_residual=None):
-    """Gradients of group_norm_train's y: returns (dx, dweight, dbias).
+    """Gradients of group_norm_train's y: returns (dx, dweight, dbias), dweight and dbias of
+    shape (C,) (returned whether or not weight is given, as batch_norm_backward).
 
     mean and invstd are what group_norm_train returned ((N, num_groups)); the mean is a shift
     only (the exact group mean is recovered from x). Fusion (y, activation, out_residual) as
@@ -375,8 +376,10 @@ def instance_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_
 
 def instance_norm_backward(dy, x, mean, invstd, weight=None, *, axis=1, y=None,
                            activation=None, negative_slope=0.01, out=None, out_residual=None):
-    """Gradients of instance_norm_train's y: returns (dx, dweight, dbias). mean and invstd
-    are what instance_norm_train returned ((N, C)); fusion as fastbn.batch_norm_backward."""
+    """Gradients of instance_norm_train's y: returns (dx, dweight, dbias), dweight and dbias
+    of shape (C,) (returned whether or not weight is given, as batch_norm_backward). mean and
+    invstd are what instance_norm_train returned ((N, C)); fusion as
+    fastbn.batch_norm_backward."""
     a, G = _checked_backward(dy, x, mean, invstd, weight, axis, y, activation, negative_slope,
                              out, out_residual, lambda x, C: C, "instance_norm_train")
     return _backward(a, G)

@@ -19,6 +19,14 @@ from ._rows import layer_norm_backward, layer_norm_train, rms_norm_backward, rms
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
+def _check_state_keys(state, expected):
+    """A state dict's keys must be exactly `expected` (checked before anything is loaded)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"state dict keys: missing {missing}, unexpected {unexpected}")
+
+
 class BatchNorm:
     """Batch normalization over the channel axis `axis` of its input, as torch.nn.BatchNorm*d.
 
@@ -270,10 +278,7 @@ class BatchNorm:
         expected = [k for k in _STATE_KEYS
                     if (k in ("weight", "bias") and getattr(self, k) is not None)
                     or (k not in ("weight", "bias") and self.track_running_stats)]
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        if missing or unexpected:
-            raise ValueError(f"state dict keys: missing {missing}, unexpected {unexpected}")
+        _check_state_keys(state, expected)
         values = {}
         for k in expected:
             v = np.asarray(state[k])
@@ -498,10 +503,7 @@ class _RowNorm:
         """Loads a state dict (e.g. {k: v.numpy()} of a torch LayerNorm's or RMSNorm's): all
         keys are checked before any is written."""
         expected = [k for k in ("weight", "bias") if getattr(self, k) is not None]
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        if missing or unexpected:
-            raise ValueError(f"state dict keys: missing {missing}, unexpected {unexpected}")
+        _check_state_keys(state, expected)
         values = {}
         for k in expected:
             v = np.asarray(state[k])

@@ -453,6 +453,18 @@ def test_instance_norm_layer(rng):
     assert_close(plain(x), ref.instance_norm_train(x, axis=-1)[0], 1e-6)
 
 
+
+def test_group_norm_layer_save_load(tmp_path, rng):
+    """GroupNorm's save / load (BatchNorm's, to .npz) round-trip its parameters."""
+    layer = fastbn.GroupNorm(2, 4)
+    layer.weight[:] = rng.standard_normal(4)
+    layer.bias[:] = rng.standard_normal(4)
+    layer.save(tmp_path / "gn.npz")
+    other = fastbn.GroupNorm(2, 4)
+    other.load(tmp_path / "gn.npz")
+    assert np.array_equal(other.weight, layer.weight)
+    assert np.array_equal(other.bias, layer.bias)
+
 @needs_torch
 def test_layers_reproduce_torch_from_its_state_dict(rng):
     x = make_data((4, 6, 5, 5), 1, np.float32, rng, offset=1.0)
