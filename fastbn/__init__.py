@@ -3,6 +3,8 @@
     y, mean, invstd = fastbn.batch_norm_train(x, weight, bias)            # training
     y = fastbn.batch_norm_infer(x, running_mean, running_var, weight, bias)
     dx, dweight, dbias = fastbn.batch_norm_backward(dy, x, mean, invstd, weight)
+    y = fastbn.layer_norm(x, normalized_shape, weight, bias)          # also rms_norm
+    y = fastbn.group_norm(x, num_groups, weight, bias)                # also instance_norm
     y = fastbn.batch_norm(x, running_mean, running_var, weight, bias, training=False)
 
 axis=1 is the channel axis of NCHW-family arrays, axis=-1 of channels-last ones.
@@ -37,15 +39,34 @@ from ._api import (
     set_num_threads,
     set_output_cache,
 )
+from ._groups import (
+    group_norm,
+    group_norm_backward,
+    group_norm_train,
+    instance_norm,
+    instance_norm_backward,
+    instance_norm_train,
+)
+from ._rows import (
+    layer_norm,
+    layer_norm_backward,
+    layer_norm_train,
+    rms_norm,
+    rms_norm_backward,
+    rms_norm_train,
+)
 from ._version import __version__
 from .folding import fold_conv, fold_conv_transpose, fold_linear, scale_shift
-from .layers import BatchNorm
+from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .statistics import Moments, Statistics, merge_moments, moments, recalibrate
 from . import distributed, reference   # distributed imports mpi4py only when it needs it
 
-__all__ = ["BatchNorm", "fold_conv", "fold_conv_transpose", "fold_linear", "scale_shift",
-           "batch_norm_train", "batch_norm_infer", "batch_norm_backward", "batch_norm", "moments",
-           "merge_moments",
+__all__ = ["BatchNorm", "InstanceNorm", "GroupNorm", "LayerNorm", "RMSNorm", "fold_conv",
+           "fold_conv_transpose", "fold_linear", "scale_shift", "batch_norm_train",
+           "batch_norm_infer", "batch_norm_backward", "batch_norm", "group_norm",
+           "group_norm_train", "group_norm_backward", "instance_norm", "instance_norm_train",
+           "instance_norm_backward", "layer_norm", "layer_norm_train", "layer_norm_backward",
+           "rms_norm", "rms_norm_train", "rms_norm_backward", "moments", "merge_moments",
            "Moments", "Statistics", "recalibrate", "set_num_threads", "get_num_threads",
            "set_output_cache", "get_output_cache", "reference", "distributed", "__version__"]
 

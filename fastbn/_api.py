@@ -67,14 +67,15 @@ def _same_view(a, b):
 class _Views:
     """x and the arrays read with it (dy, residual, y: x's shape) as C-contiguous
     (outer, C, inner) arrays sharing one memory order, and the arrays the kernel writes
-    (`outputs`), with what to return and what to copy back."""
+    (`outputs`), with what to return and what to copy back. c_order: the kernel needs the
+    arrays in C order itself (the row-wise norms' rows), so anything else is copied."""
 
     __slots__ = ("x", "inputs", "outputs", "outer", "inner", "_results", "_copy_back")
 
-    def __init__(self, x, axis, outs, inputs=()):
+    def __init__(self, x, axis, outs, inputs=(), c_order=False):
         order = None
         if not (x.flags.c_contiguous and all(a.flags.c_contiguous for a in inputs)):
-            order = _dense_order(x, axis)
+            order = None if c_order else _dense_order(x, axis)
             if order is None:               # not one block of memory: copy once
                 x = np.ascontiguousarray(x)
                 inputs = [np.ascontiguousarray(a) for a in inputs]
@@ -116,13 +117,13 @@ class _Views:
         return self._results
 
 
-def _run(kernel, arrays, axis, outs, in_place):
+def _run(kernel, arrays, axis, outs, in_place, c_order=False):
     """kernel(views) on the canonical views of arrays (x first, then the arrays read with it);
     returns the output arrays, one per entry of outs (an array to fill, or None for new).
 
     Output k may be exactly an array whose index is in in_place[k] (the kernels read each
     element before they write it there); when it overlaps an input any other way, the kernel
-    writes a fresh array that is then copied into it."""
+    writes a fresh array that is then copied into it. c_order: as _Views."""
     outs = list(outs)
     deferred = [None] * len(outs)
     for k, out in enumerate(outs):
@@ -133,7 +134,7 @@ def _run(kernel, arrays, axis, outs, in_place):
                     and np.may_share_memory(out, a)):
                 outs[k], deferred[k] = None, out
                 break
-    v = _Views(arrays[0], axis, outs, inputs=arrays[1:])
+    v = _Views(arrays[0], axis, outs, inputs=arrays[1:], c_order=c_order)
     kernel(v)
     results = v.finish()
     for k, target in enumerate(deferred):
@@ -159,6 +160,8 @@ TrainArgs = namedtuple("TrainArgs", "x axis C stat_dtype weight bias eps momentu
                                     "slope running_mean running_var out arrays")
 BackwardArgs = namedtuple("BackwardArgs", "dy x axis C stat_dtype mean invstd weight y act "
                                           "slope fused out outs arrays")
+# the fused backward's arguments (every backward's: batch norm's and the row-wise norms')
+Fusion = namedtuple("Fusion", "y act slope fused out outs arrays")
 
 # outputs that may be exactly one of the inputs (_run): dx may be dy, x or y (each is read
 # before it is written), out_residual dy or y
@@ -200,6 +203,13 @@ def _backward_args(dy, x, mean, invstd, weight, axis, y, activation, negative_sl
         mean, invstd, ("mean", "invstd"), C, stat_dtype,
         TypeError("mean and invstd are required: pass what batch_norm_train returned"))
     weight = channel_vector(weight, "weight", C, stat_dtype)
+    f = _backward_fusion(dy, x, y, activation, negative_slope, out, out_residual)
+    return BackwardArgs(dy, x, axis, C, stat_dtype, mean, invstd, weight, f.y, f.act, f.slope,
+                        f.fused, f.out, f.outs, f.arrays)
+
+
+def _backward_fusion(dy, x, y, activation, negative_slope, out, out_residual):
+    """A backward's fusion (y, activation) and outputs (out, out_residual), checked."""
     act, slope = _rules.activation(activation, negative_slope)
     y = companion(y, "y", x)
     if activation is not None and y is None:
@@ -218,8 +228,7 @@ def _backward_args(dy, x, mean, invstd, weight, axis, y, activation, negative_sl
     fused = activation is not None or out_residual is not None
     outs = [out] if out_residual is None else [out, out_residual]
     arrays = [x, dy] if y is None else [x, dy, y]
-    return BackwardArgs(dy, x, axis, C, stat_dtype, mean, invstd, weight, y, act, slope, fused,
-                        out, outs, arrays)
+    return Fusion(y, act, slope, fused, out, outs, arrays)
 
 
 def _fused_y(v, a):

@@ -68,6 +68,19 @@ cdef extern from "fastbn/kernels.h" nogil:
         int activation
         double negative_slope
 
+    ctypedef struct fbn_rows_args:
+        const void *weight
+        const void *bias
+        double eps
+        int centred
+        void *mean
+        void *invstd
+        const void *residual
+        const void *y
+        void *grad
+        int activation
+        double negative_slope
+
     ctypedef struct fbn_kernel_table:
         const char *suffix
         size_t storage_size
@@ -120,6 +133,11 @@ cdef extern from "fastbn/kernels.h" nogil:
                                fbn_index len, fbn_index count, fbn_index c0, fbn_index c1,
                                const fbn_grad_args *a, fbn_grad_sums *sums, void *coef,
                                int stream) noexcept nogil
+        void (*rows_forward)(const void *x, void *y, fbn_index D, fbn_index r0, fbn_index r1,
+                             const fbn_rows_args *a) noexcept nogil
+        void (*rows_backward)(const void *dy, const void *x, void *dx, fbn_index D,
+                              fbn_index r0, fbn_index r1, const fbn_rows_args *a,
+                              double *dweight, double *dbias) noexcept nogil
 
     double fbn_prefetch_span
     fbn_index fbn_runs_ahead(fbn_index len, fbn_index stride, fbn_index limit,

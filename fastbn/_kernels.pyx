@@ -34,7 +34,7 @@ from fastbn._tables cimport storage_tables
 from fastbn._dtypes import available
 from fastbn._plan cimport (Plan, Op, OP_TRAIN, OP_INFER, OP_BACKWARD, make_plan, op_streams,
                            ceil_div, chunk_range, cl_chunk_rows, SERIAL_BELOW_STATS,
-                           SERIAL_BELOW_PASS, MIN_CHUNK, WAKE_BELOW)
+                           SERIAL_BELOW_PASS, MIN_CHUNK, MAX_CHUNKS, WAKE_BELOW)
 from fastbn._threads cimport reserve_threads, release_threads, threads_for
 
 cnp.import_array()
@@ -606,6 +606,130 @@ cpdef backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, 
     release_threads(nthreads)
     if status != 0:
         raise MemoryError("fastbn: out of memory for the per-channel gradient sums")
+
+
+# ---------------------------------------------------------------------- row-wise norms
+# LayerNorm and RMSNorm (include/fastbn/rows_impl.h): rows of D contiguous values, each row's
+# statistics and output made in one pass of a work item. Items are blocks of whole rows fixed
+# by the shape; the backward's dweight and dbias are each item's partial sums, added in item
+# order, so every thread count gives the same bits.
+
+cdef enum:
+    ROW_ITEM_ROWS = 16      # backward: rows per item at least, so that the items' partial sums
+                            # (2*D doubles each) come to at most a byte per value of x
+    MERGE_COLUMNS = 4096    # positions per work item when the partial sums are added
+
+
+cdef inline Py_ssize_t row_items(Py_ssize_t nrows, Py_ssize_t D,
+                                 Py_ssize_t min_rows) noexcept nogil:
+    """Work items of a row-wise op: blocks of whole rows of MIN_CHUNK values or more, at most
+    MAX_CHUNKS of them (by the shape only)."""
+    return max(1, min(MAX_CHUNKS, nrows * D // MIN_CHUNK, nrows // min_rows))
+
+
+cdef struct RowsJob:
+    const fbn_kernel_table *kern
+    const void *x
+    const void *dy
+    void *out                # y, or dx
+    Py_ssize_t D, nrows, nitems
+    const fbn_rows_args *a
+    double *parts            # backward: each item's dweight | dbias sums (2*D doubles)
+
+
+cdef void rows_forward_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
+    cdef RowsJob *j = <RowsJob *>ctx
+    cdef Py_ssize_t r0 = 0, r1 = 0
+    chunk_range(j.nrows, i, j.nitems, &r0, &r1)
+    j.kern.rows_forward(j.x, j.out, j.D, r0, r1, j.a)
+
+
+cdef void rows_backward_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
+    cdef RowsJob *j = <RowsJob *>ctx
+    cdef Py_ssize_t r0 = 0, r1 = 0
+    cdef double *part = j.parts + 2 * i * j.D
+    chunk_range(j.nrows, i, j.nitems, &r0, &r1)
+    j.kern.rows_backward(j.dy, j.x, j.out, j.D, r0, r1, j.a, part, part + j.D)
+
+
+cdef void rows_merge_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
+    # positions [d0, d1) of dweight and dbias: the items' sums added into item 0's, in order
+    cdef RowsJob *j = <RowsJob *>ctx
+    cdef Py_ssize_t D = j.D, d0 = i * MERGE_COLUMNS, d1 = min(D, d0 + MERGE_COLUMNS), k, d
+    cdef double *part
+    for k in range(1, j.nitems):
+        part = j.parts + 2 * k * D
+        for d in range(d0, d1):
+            j.parts[d] += part[d]
+            j.parts[D + d] += part[D + d]
+
+
+cdef fbn_rows_args rows_args(cnp.ndarray weight, bias, double eps, bint centred, mean,
+                             cnp.ndarray invstd, residual, y, grad, int activation,
+                             double negative_slope):
+    cdef fbn_rows_args a
+    a.weight = cnp.PyArray_DATA(weight)
+    a.bias = data_or_null(bias)
+    a.eps = eps
+    a.centred = centred
+    a.mean = data_or_null(mean)
+    a.invstd = cnp.PyArray_DATA(invstd)
+    a.residual = data_or_null(residual)
+    a.y = data_or_null(y)
+    a.grad = data_or_null(grad)
+    a.activation = activation
+    a.negative_slope = negative_slope
+    return a
+
+
+cdef run_rows(RowsJob *j, fbn_stage *stages, int nstages, Py_ssize_t values):
+    cdef int nthreads = reserve_threads(values, SERIAL_BELOW_STATS)
+    try:
+        with nogil:
+            pool_run(stages, nstages, j, nthreads, values)
+    finally:
+        release_threads(nthreads)
+
+
+def rows_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t D, cnp.ndarray weight,
+                 cnp.ndarray bias, double eps, bint centred, mean, cnp.ndarray invstd,
+                 residual=None, int activation=FBN_ACT_NONE, double negative_slope=0.0):
+    """LayerNorm (centred) or RMSNorm forward of x's rows of D values into y, with each row's
+    mean (centred only) and invstd (1 / rms) into mean and invstd; with residual (like x) and
+    activation, y = act(norm(x) + residual). weight and bias: D values of the compute type
+    (ones and zeros where the op has none)."""
+    cdef fbn_rows_args a = rows_args(weight, bias, eps, centred, mean, invstd, residual, None,
+                                     None, activation, negative_slope)
+    cdef RowsJob j
+    cdef fbn_stage apply
+    j.kern, j.x, j.out, j.D, j.a = table_of(x), cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), D, &a
+    j.nrows = x.size // D
+    j.nitems = row_items(j.nrows, D, 1)
+    apply = stage(rows_forward_item, j.nitems)
+    run_rows(&j, &apply, 1, x.size)
+
+
+def rows_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t D,
+                  cnp.ndarray weight, bint centred, mean, cnp.ndarray invstd, y=None,
+                  grad=None, int activation=FBN_ACT_NONE, double negative_slope=0.0):
+    """Gradients of rows_forward into dx; returns (2, D) float64, the sums dweight and dbias
+    (dy * xhat and dy over the rows). With grad (like x), dy is the gradient of the fused
+    output: g = dy * act'(y) goes to grad (the residual's gradient) and the gradients are g's.
+    grad must not be x; it may be dx, dy or y."""
+    cdef fbn_rows_args a = rows_args(weight, None, 0.0, centred, mean, invstd, None, y, grad,
+                                     activation, negative_slope)
+    cdef RowsJob j
+    cdef fbn_stage stages[2]
+    j.kern, j.x, j.dy, j.out, j.D, j.a = table_of(x), cnp.PyArray_DATA(x), \
+        cnp.PyArray_DATA(dy), cnp.PyArray_DATA(dx), D, &a
+    j.nrows = x.size // D
+    j.nitems = row_items(j.nrows, D, ROW_ITEM_ROWS)
+    cdef cnp.ndarray parts = np.zeros((j.nitems, 2, D))
+    j.parts = <double *>cnp.PyArray_DATA(parts)
+    stages[0] = stage(rows_backward_item, j.nitems)
+    stages[1] = stage(rows_merge_item, ceil_div(D, MERGE_COLUMNS))
+    run_rows(&j, stages, 2, x.size)
+    return parts[0]
 
 
 # ------------------------------------------------------------------ the stages, one at a time

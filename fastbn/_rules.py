@@ -109,15 +109,69 @@ def channel_vector(v, name, C, dtype):
     """A read-only (C,) parameter as a contiguous array of dtype (converted if needed)."""
     if v is None:
         return None
+    v = _float_array(v, name)
+    if v.shape != (C,):
+        raise ValueError(per_channel_message(name, C, v.shape))
+    return _contiguous(v, dtype)
+
+
+def shaped_parameter(v, name, shape, what, dtype):
+    """A read-only parameter of the given shape (the row-wise norms' weight and bias of
+    normalized_shape, their saved statistics of x's leading axes: `what` says which) as a
+    contiguous array of dtype (converted if needed)."""
+    if v is None:
+        return None
+    v = _float_array(v, name)
+    if v.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, {what}, got {v.shape}")
+    return _contiguous(v, dtype)
+
+
+def _float_array(v, name):
     if type(v) is not np.ndarray:
         v = np.asarray(v)
     if v.dtype.kind != "f" or v.dtype.itemsize > 8:
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {v.dtype}")
-    if v.shape != (C,):
-        raise ValueError(per_channel_message(name, C, v.shape))
+    return v
+
+
+def _contiguous(v, dtype):
     if v.dtype == dtype and v.flags.c_contiguous:
         return v
     return np.ascontiguousarray(v, dtype=dtype)
+
+
+def rms_eps(dtype):
+    """RMSNorm's eps=None, as torch.nn.functional.rms_norm's: the machine epsilon of x's
+    dtype (float16's or bfloat16's own for half-precision x)."""
+    try:
+        return float(np.finfo(dtype).eps)
+    except ValueError:      # bfloat16: NumPy's finfo does not know ml_dtypes' types
+        import ml_dtypes
+        return float(ml_dtypes.finfo(dtype).eps)
+
+
+# the row-wise norms normalize over this many trailing axes at most
+MAX_NORMALIZED_AXES = 3
+
+
+def normalized_shape(value, x):
+    """normalized_shape (an int, or a sequence of 1 to MAX_NORMALIZED_AXES ints) as a tuple:
+    the shape of x's last axes."""
+    shape = (value,) if isinstance(value, (int, np.integer)) else value
+    if (isinstance(value, bool) or not isinstance(shape, (tuple, list))
+            or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool)
+                       for n in shape)):
+        raise TypeError(f"normalized_shape must be an int or a tuple of ints, "
+                        f"got {value!r}")
+    shape = tuple(int(n) for n in shape)
+    if not 1 <= len(shape) <= MAX_NORMALIZED_AXES:
+        raise ValueError(f"normalized_shape must have 1 to {MAX_NORMALIZED_AXES} axes, "
+                         f"got {shape}")
+    if x.shape[x.ndim - len(shape):] != shape or x.ndim < len(shape):
+        raise ValueError(f"normalized_shape {shape} must be the last axes of x, which has "
+                         f"shape {x.shape}")
+    return shape
 
 
 def running_stat(v, name, C, dtype):

@@ -1,6 +1,8 @@
-"""A stateful batch-norm layer with PyTorch's semantics (torch.nn.BatchNorm1d/2d/3d).
+"""Stateful normalization layers with PyTorch's semantics: BatchNorm (torch.nn.BatchNorm1d/2d/3d),
+InstanceNorm (torch.nn.InstanceNorm1d/2d/3d), GroupNorm (torch.nn.GroupNorm), LayerNorm and
+RMSNorm (torch.nn.LayerNorm, torch.nn.RMSNorm).
 
-Calls the public functions of fastbn only (docs/architecture.md: layers -> _api).
+Calls the public functions of fastbn only (docs/architecture.md: layers -> _api, _groups, _rows).
 """
 import math
 import numbers
@@ -10,8 +12,19 @@ import numpy as np
 
 from . import _rules, activations
 from ._api import batch_norm_backward, batch_norm_infer, batch_norm_train
+from ._groups import (group_norm_backward, group_norm_train, instance_norm_backward,
+                      instance_norm_train)
+from ._rows import layer_norm_backward, layer_norm_train, rms_norm_backward, rms_norm_train
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _check_state_keys(state, expected):
+    """A state dict's keys must be exactly `expected` (checked before anything is loaded)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"state dict keys: missing {missing}, unexpected {unexpected}")
 
 
 class BatchNorm:
@@ -265,10 +278,7 @@ class BatchNorm:
         expected = [k for k in _STATE_KEYS
                     if (k in ("weight", "bias") and getattr(self, k) is not None)
                     or (k not in ("weight", "bias") and self.track_running_stats)]
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        if missing or unexpected:
-            raise ValueError(f"state dict keys: missing {missing}, unexpected {unexpected}")
+        _check_state_keys(state, expected)
         values = {}
         for k in expected:
             v = np.asarray(state[k])
@@ -310,3 +320,255 @@ class BatchNorm:
                 + (f", activation={self.activation!r}" if self.activation else "")
                 + (f", negative_slope={self.negative_slope!r}"
                    if self.activation == "leaky_relu" else "") + ")")
+
+
+# ====================================================================== GroupNorm, InstanceNorm
+# (the normalization family, issue 16)
+class InstanceNorm(BatchNorm):
+    """Instance normalization, as torch.nn.InstanceNorm1d/2d/3d: each sample's channel is
+    normalized with its own statistics (in training, and in evaluation unless
+    track_running_stats). With track_running_stats, training updates running_mean and
+    running_var with the batch average of the per-instance mean and unbiased variance, and
+    evaluation normalizes with them. axis is 1 (channels first) or -1 (channels last).
+
+    BatchNorm's interface otherwise (backward keeps grad_weight, grad_bias and grad_residual;
+    activation fusion; state_dict with torch's keys), with torch's InstanceNorm conventions:
+    affine and track_running_stats off by default, num_batches_tracked never counts, and
+    momentum=None is 0 (no update), as torch's functional call takes it.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
+                 track_running_stats=False, *, axis=1, dtype=np.float32, activation=None,
+                 negative_slope=0.01):
+        super().__init__(num_features, eps, 0.0 if momentum is None else momentum, affine,
+                         track_running_stats, axis=axis, dtype=dtype, activation=activation,
+                         negative_slope=negative_slope)
+
+    def _batch_ops(self):
+        return instance_norm_train, instance_norm_backward
+
+    def forward(self, x, residual=None):
+        counted = self.num_batches_tracked
+        y = super().forward(x, residual)
+        self.num_batches_tracked = counted      # torch's InstanceNorm keeps it at 0
+        return y
+
+    @classmethod
+    def keras(cls, *args, **kwargs):
+        """Not for InstanceNorm (Keras has no InstanceNormalization layer of its own)."""
+        raise TypeError("InstanceNorm has no Keras conventions; use InstanceNorm(...)")
+
+
+class GroupNorm:
+    """Group normalization, as torch.nn.GroupNorm: the num_channels channels (axis 1, or -1
+    for channels-last data) in num_groups groups of consecutive channels, each sample's group
+    normalized with its own statistics, then a per-channel affine (affine=True: weight ones,
+    bias zeros). The same in training and evaluation (no running statistics).
+
+    backward(dy) returns dx for the last forward and keeps grad_weight and grad_bias (when
+    affine); activation and forward(x, residual) fuse as in BatchNorm (grad_residual).
+    state_dict() has torch's keys (weight, bias).
+    """
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, axis=1,
+                 dtype=np.float32, activation=None, negative_slope=0.01):
+        for name, value in (("num_groups", num_groups), ("num_channels", num_channels)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if num_channels % num_groups:
+            raise ValueError(f"num_channels must be divisible by num_groups, got "
+                             f"num_channels={num_channels} and num_groups={num_groups}")
+        # BatchNorm's checks of the other arguments
+        checked = BatchNorm(num_channels, eps, affine=affine, track_running_stats=False,
+                            axis=axis, dtype=dtype, activation=activation,
+                            negative_slope=negative_slope)
+        self.num_groups = int(num_groups)
+        self.num_channels = self.num_features = checked.num_features
+        for name in ("eps", "affine", "axis", "dtype", "param_dtype", "activation",
+                     "negative_slope", "weight", "bias", "training", "track_running_stats"):
+            setattr(self, name, getattr(checked, name))
+        self.grad_weight = self.grad_bias = self.grad_residual = None
+        self._saved = None
+
+    # BatchNorm's modes, input check and state dict (track_running_stats is False here)
+    train = BatchNorm.train
+    eval = BatchNorm.eval
+    _check_input = BatchNorm._check_input
+    _axis_hint = BatchNorm._axis_hint
+    state_dict = BatchNorm.state_dict
+    load_state_dict = BatchNorm.load_state_dict
+    save = BatchNorm.save
+    load = BatchNorm.load
+
+    def __call__(self, x, residual=None):
+        return self.forward(x, residual)
+
+    def forward(self, x, residual=None):
+        """y = gn(x), or act(gn(x) + residual) with the layer's activation."""
+        self._check_input(x)
+        y, mean, invstd = group_norm_train(x, self.num_groups, self.weight, self.bias,
+                                           self.eps, axis=self.axis, residual=residual,
+                                           activation=self.activation,
+                                           negative_slope=self.negative_slope)
+        self._saved = (x, y, residual is not None, mean, invstd)
+        return y
+
+    def backward(self, dy):
+        """dx of the last forward; keeps grad_weight and grad_bias (when affine), and
+        grad_residual when the forward had a residual."""
+        if self._saved is None:
+            raise RuntimeError("backward needs a forward first")
+        x, y, with_residual, mean, invstd = self._saved
+        grad_residual = np.empty_like(x) if with_residual else None
+        dx, dweight, dbias = group_norm_backward(
+            dy, x, mean, invstd, self.weight, num_groups=self.num_groups, axis=self.axis,
+            y=y if self.activation else None, activation=self.activation,
+            negative_slope=self.negative_slope, out_residual=grad_residual)
+        self.grad_weight = dweight if self.weight is not None else None
+        self.grad_bias = dbias if self.bias is not None else None
+        self.grad_residual = grad_residual
+        return dx
+
+    def __repr__(self):
+        return (f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps!r}, "
+                f"affine={self.affine}, axis={self.axis}, dtype='{self.dtype.name}'"
+                + (f", activation={self.activation!r}" if self.activation else "")
+                + (f", negative_slope={self.negative_slope!r}"
+                   if self.activation == "leaky_relu" else "") + ")")
+
+
+# ====================================================================== LayerNorm, RMSNorm
+# (the normalization family, issue 16)
+class _RowNorm:
+    """What LayerNorm and RMSNorm share: the normalized shape, eps, the elementwise affine
+    parameters (of normalized_shape), the last forward's saved state, and state dicts with
+    torch's keys (weight, bias)."""
+
+    def __init__(self, normalized_shape, eps, weight, bias, dtype):
+        shape = ((normalized_shape,) if isinstance(normalized_shape, (int, np.integer))
+                 else normalized_shape)
+        if (isinstance(normalized_shape, bool) or not isinstance(shape, (tuple, list))
+                or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool)
+                           and n >= 1 for n in shape)
+                or not 1 <= len(shape) <= _rules.MAX_NORMALIZED_AXES):
+            raise ValueError(f"normalized_shape must be a positive int or a tuple of 1 to "
+                             f"{_rules.MAX_NORMALIZED_AXES} positive ints, "
+                             f"got {normalized_shape!r}")
+        if eps is not None:
+            eps = _rules.real(eps, _rules.EPS)
+        dtype = np.dtype(dtype)
+        if dtype not in _rules.DATA_DTYPES:
+            raise TypeError(f"dtype must be {_rules.DTYPE_NAMES}, got {dtype}")
+        self.normalized_shape = tuple(int(n) for n in shape)
+        self.eps = eps
+        self.dtype = dtype                                   # of x
+        self.param_dtype = _rules.compute_dtype(dtype)       # of the parameters
+        self.weight = np.ones(self.normalized_shape, self.param_dtype) if weight else None
+        self.bias = np.zeros(self.normalized_shape, self.param_dtype) if bias else None
+        self.grad_weight = self.grad_bias = None
+        self.training = True
+        self._saved = None          # what backward needs from the last forward
+
+    def train(self, mode=True):
+        """Sets the mode (which changes nothing: the statistics are always the input's).
+        Returns the layer."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def _check_input(self, x):
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"x must have the layer's dtype ({self.dtype}), got {x.dtype}")
+
+    def _backward_saved(self):
+        if self._saved is None:
+            raise RuntimeError("backward needs a forward first")
+        return self._saved
+
+    def state_dict(self):
+        """torch's keys: weight and bias, those the layer has. Copies."""
+        return {k: getattr(self, k).copy() for k in ("weight", "bias")
+                if getattr(self, k) is not None}
+
+    def load_state_dict(self, state):
+        """Loads a state dict (e.g. {k: v.numpy()} of a torch LayerNorm's or RMSNorm's): all
+        keys are checked before any is written."""
+        expected = [k for k in ("weight", "bias") if getattr(self, k) is not None]
+        _check_state_keys(state, expected)
+        values = {}
+        for k in expected:
+            v = np.asarray(state[k])
+            if v.shape != self.normalized_shape or v.dtype.kind != "f":
+                raise ValueError(f"{k} must be a float array of shape {self.normalized_shape}, "
+                                 f"got {v.dtype} {v.shape}")
+            values[k] = v.astype(self.param_dtype)
+        for k, v in values.items():
+            setattr(self, k, v)
+
+
+class LayerNorm(_RowNorm):
+    """Layer normalization over the last axes of its input, as torch.nn.LayerNorm:
+    y = (x - mean) / sqrt(var + eps) * weight + bias per row of normalized_shape's axes.
+    backward(dy) returns dx for the last forward and keeps grad_weight and grad_bias (those
+    the layer has)."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *,
+                 dtype=np.float32):
+        super().__init__(normalized_shape, eps, elementwise_affine,
+                         elementwise_affine and bias, dtype)
+
+    def forward(self, x):
+        self._check_input(x)
+        y, mean, invstd = layer_norm_train(x, self.normalized_shape, self.weight, self.bias,
+                                           self.eps)
+        self._saved = (x, mean, invstd)
+        return y
+
+    def backward(self, dy):
+        x, mean, invstd = self._backward_saved()
+        dx, dweight, dbias = layer_norm_backward(dy, x, mean, invstd, self.weight,
+                                                 normalized_shape=self.normalized_shape)
+        self.grad_weight = dweight if self.weight is not None else None
+        self.grad_bias = dbias if self.bias is not None else None
+        return dx
+
+    def __repr__(self):
+        return (f"LayerNorm({self.normalized_shape}, eps={self.eps!r}, "
+                f"elementwise_affine={self.weight is not None}, bias={self.bias is not None}, "
+                f"dtype='{self.dtype.name}')")
+
+
+class RMSNorm(_RowNorm):
+    """RMS normalization over the last axes of its input, as torch.nn.RMSNorm:
+    y = x / sqrt(mean(x^2) + eps) * weight per row of normalized_shape's axes (eps=None: the
+    machine epsilon of x's dtype). backward(dy) returns dx and keeps grad_weight."""
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *,
+                 dtype=np.float32):
+        super().__init__(normalized_shape, eps, elementwise_affine, False, dtype)
+
+    def forward(self, x):
+        self._check_input(x)
+        y, invrms = rms_norm_train(x, self.normalized_shape, self.weight, self.eps)
+        self._saved = (x, invrms)
+        return y
+
+    def backward(self, dy):
+        x, invrms = self._backward_saved()
+        dx, dweight = rms_norm_backward(dy, x, invrms, self.weight,
+                                        normalized_shape=self.normalized_shape)
+        self.grad_weight = dweight if self.weight is not None else None
+        return dx
+
+    def __repr__(self):
+        return (f"RMSNorm({self.normalized_shape}, eps={self.eps!r}, "
+                f"elementwise_affine={self.weight is not None}, dtype='{self.dtype.name}')")

@@ -16,6 +16,8 @@
  *   apply       normalize_span, normalize_rows, grad_input_span, grad_input_rows
  *   fused       train_group, backward_group: the three stages over a group of whole
  *               channels-first channels while they are in cache (the fast path)
+ *   row-wise    rows_forward, rows_backward: LayerNorm and RMSNorm, every stage of a row
+ *               while it is in cache (statistics per row, affine per position in it)
  *
  * Data arrays (x, y, dy, dx, the residual, g) are of the storage type; per-channel arrays
  * (weight, bias, running and saved statistics, coefficients) of the compute type; statistics
@@ -86,6 +88,22 @@ typedef struct {
     double negative_slope;
 } fbn_grad_args;
 
+/* The row-wise normalizations (LayerNorm, RMSNorm): statistics per row of D contiguous values,
+ * the affine per position within the row (D values of the compute type each). */
+typedef struct {
+    const void *weight;      /* gamma: D values (not NULL: the caller passes ones) */
+    const void *bias;        /* beta: D values (not NULL: zeros) */
+    double eps;
+    int centred;             /* 1: LayerNorm, around the row mean; 0: RMSNorm, around zero */
+    void *mean;              /* per row, compute type: the forward writes (centred only), */
+    void *invstd;            /* the backward reads them (RMSNorm: invstd is 1 / rms) */
+    const void *residual;    /* forward: added before the activation (laid out as x), or NULL */
+    const void *y;           /* backward: the fused forward's output (NULL without activation) */
+    void *grad;              /* backward: where g = dy * act'(y) goes (laid out as x), or NULL */
+    int activation;          /* FBN_ACT_* */
+    double negative_slope;
+} fbn_rows_args;
+
 /* The kernels of one storage type. Data pointers (whole arrays: the kernels find a channel
  * or a row range themselves) are of the storage type, `coef` and `q` of the compute type;
  * slopes are converted to the compute type inside. */
@@ -153,6 +171,15 @@ typedef struct {
                            fbn_index len, fbn_index count, fbn_index c0, fbn_index c1,
                            const fbn_grad_args *a, fbn_grad_sums *sums, void *coef,
                            int stream);
+
+    /* row-wise norms over rows [r0, r1) of D values, each row's passes while it is in cache:
+     * forward, y = act(xhat * weight + bias + residual) and each row's mean and invstd;
+     * backward, dx, and the rows' dweight and dbias sums added to D doubles each */
+    void (*rows_forward)(const void *x, void *y, fbn_index D, fbn_index r0, fbn_index r1,
+                         const fbn_rows_args *a);
+    void (*rows_backward)(const void *dy, const void *x, void *dx, fbn_index D, fbn_index r0,
+                          fbn_index r1, const fbn_rows_args *a, double *dweight,
+                          double *dbias);
 } fbn_kernel_table;
 
 #endif /* FASTBN_KERNELS_H */

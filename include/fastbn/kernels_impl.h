@@ -106,10 +106,17 @@ FBN_SEGMENT void FBN_FN(normalize_segment)(const S *x, S *y, fbn_index n, T hi, 
         y[i] = STORE(FBN_FN(normalize_value)(LOAD(x[i]), hi, scale, offset));
 }
 
+/* w[i] * v, or v where w is NULL (a literal NULL folds away in the inlined loops) */
+FBN_SEGMENT T FBN_FN(weighted)(const T *w, fbn_index i, T v)
+{
+    return w == NULL ? v : w[i] * v;
+}
+
 /* sum (dy - q), sum (dy - q)(x - m), sum (x - m) into lanes and rests (see fbn_grad_sums;
- * lanes as above) */
+ * lanes as above); with w, of w * dy in dy's place (the row-wise norms' gradient at xhat) */
 FBN_SEGMENT void FBN_FN(grad_sums_segment)(const S *dy, const S *x, fbn_index n,
                                            fbn_index ahead, double m, double q,
+                                           const T *FBN_RESTRICT w,
                                            double *FBN_RESTRICT s_dy,
                                            double *FBN_RESTRICT s_dy_xc,
                                            double *FBN_RESTRICT s_xc,
@@ -123,7 +130,8 @@ FBN_SEGMENT void FBN_FN(grad_sums_segment)(const S *dy, const S *x, fbn_index n,
         }
 #pragma omp simd
         for (int j = 0; j < FBN_LANES; ++j) {
-            const double xc = (double)LOAD(x[i + j]) - m, g = (double)LOAD(dy[i + j]) - q;
+            const double xc = (double)LOAD(x[i + j]) - m;
+            const double g = (double)FBN_FN(weighted)(w, i + j, LOAD(dy[i + j])) - q;
             s_dy[j] += g;
             s_dy_xc[j] += g * xc;
             s_xc[j] += xc;
@@ -131,7 +139,8 @@ FBN_SEGMENT void FBN_FN(grad_sums_segment)(const S *dy, const S *x, fbn_index n,
     }
     double r_dy = 0.0, r_dy_xc = 0.0, r_xc = 0.0;
     for (; i < n; ++i) {
-        const double xc = (double)LOAD(x[i]) - m, g = (double)LOAD(dy[i]) - q;
+        const double xc = (double)LOAD(x[i]) - m;
+        const double g = (double)FBN_FN(weighted)(w, i, LOAD(dy[i])) - q;
         r_dy += g;
         r_dy_xc += g * xc;
         r_xc += xc;
@@ -544,8 +553,8 @@ FBN_SEGMENT void FBN_FN(grad_sums_block_walk)(const S *dy, const S *x, fbn_index
                                      act, slope);
             grad = g + w.offset;
         }
-        FBN_FN(grad_sums_segment)(grad, x + w.offset, w.n, w.ahead, m, q, s_dy, s_dy_xc, s_xc,
-                                  rest);
+        FBN_FN(grad_sums_segment)(grad, x + w.offset, w.n, w.ahead, m, q, NULL, s_dy, s_dy_xc,
+                                  s_xc, rest);
     }
     const fbn_grad_sums block = {(double)(end - b), m, q, fbn_block_total(s_dy, rest[0], len),
                                  fbn_block_total(s_dy_xc, rest[1], len),
@@ -1394,6 +1403,9 @@ FBN_DISPATCH static void FBN_FN(grad_input_channels)(const void *gv, const void 
     }
 }
 
+/* the row-wise normalizations (LayerNorm, RMSNorm), from the segments and coefficients above */
+#include "fastbn/rows_impl.h"
+
 /* The table of this storage type's kernels */
 #define FBN_STRING2(x) #x
 #define FBN_STRING(x) FBN_STRING2(x)
@@ -1417,6 +1429,8 @@ static const fbn_kernel_table FBN_FN(kernels) = {
     FBN_FN(grad_input_channels),
     FBN_FN(train_group),
     FBN_FN(backward_group),
+    FBN_FN(rows_forward),
+    FBN_FN(rows_backward),
 };
 
 #undef S
