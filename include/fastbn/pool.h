@@ -84,8 +84,9 @@ static void fbn_run_serial(const fbn_stage *stages, int nstages, void *ctx)
 #define FBN_BACKOFF_MIN_NS 2000000LL        /* 2 ms */
 #define FBN_BACKOFF_MAX_NS 100000000LL      /* 0.1 s */
 #define FBN_LONG_JOB_NS 200000LL            /* a worker that slept wakes well within this */
-#define FBN_CLAIMS_PER_THREAD 2             /* claims a stage's items are taken in */
+#define FBN_CLAIMS_PER_THREAD 4             /* claims a stage's items are taken in */
 #define FBN_OMP_WINDOW_NS 20000000LL        /* 20 ms: see fbn_omp_run */
+#define FBN_OMP_RETRY_NS 100000000LL        /* 0.1 s */
 #define FBN_LATE_NS 50000LL                 /* a wait this long is the OS's doing, not the
                                                last item's: items are shorter */
 
@@ -119,6 +120,7 @@ static struct {
     long long caller_waited_ns;        /* the caller's waits for others' items, this job */
     _Atomic long long quiet_again_ns;  /* no sleeping worker is woken before then */
     _Atomic long long omp_until_ns;    /* jobs run in an OpenMP region until then */
+    long long omp_useless_until_ns;    /* a region was slowed too: none before then */
     int omp_broken;                    /* a forked child: GNU libgomp does not survive fork */
     _Atomic long long last_end_ns;     /* when the last call ended */
     long long backoff_ns;              /* the next wait after a late job */
@@ -320,15 +322,31 @@ static uint32_t fbn_publish(const fbn_stage *stages, int nstages, void *ctx, ptr
  * calls, for milliseconds), this pool's workers would share cores with them: a job runs in an
  * OpenMP region instead, on those same threads when the library is GNU libgomp as fastbn's is
  * (one copy per process), as fastbn's jobs did before the pool. Items are claimed as in the
- * pool. Returns the number of other threads that ran an item. */
+ * pool. Returns the number of other threads that ran an item; the caller's waits for others
+ * (the barriers, the region's end) are in caller_waited_ns. */
 static int fbn_omp_run(const fbn_stage *stages, int nstages, void *ctx, int nthreads,
                        ptrdiff_t total)
 {
     fbn_watch_fork();
     uint32_t generation = fbn_publish(stages, nstages, ctx, total, nthreads);
+    long long caller_done = 0;
     #pragma omp parallel num_threads(nthreads)
-    fbn_take_items(generation, omp_get_thread_num());
+    {
+        fbn_take_items(generation, omp_get_thread_num());
+        if (omp_get_thread_num() == 0)
+            caller_done = fbn_now_ns();
+    }
+    fbn_pool.caller_waited_ns += fbn_now_ns() - caller_done;
     return atomic_load_explicit(&fbn_pool.helpers, memory_order_relaxed);
+}
+
+/* Whether a job that took `elapsed` lost so much of it (`lost`: waits for others, time off
+ * the CPU) that the machine's other work must have slowed it: half its time and more than an
+ * item lasts; or nobody helped with a long job. */
+static int fbn_was_late(long long elapsed, long long lost, int helped)
+{
+    return (2 * lost >= elapsed && lost >= FBN_LATE_NS)
+           || (helped == 0 && elapsed > FBN_LONG_JOB_NS);
 }
 
 static void fbn_pool_ended(void)
@@ -365,6 +383,15 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
     }
     if (start < atomic_load_explicit(&fbn_pool.omp_until_ns, memory_order_relaxed)) {
         const int helped = fbn_omp_run(stages, nstages, ctx, nthreads, total);
+        const long long now = fbn_now_ns();
+        if (!fbn_pool.no_backoff && fbn_was_late(now - start, fbn_pool.caller_waited_ns, helped)) {
+            /* the spinning threads are not the region's (another runtime's): one thread
+             * until they stop, and no region for a while */
+            atomic_store_explicit(&fbn_pool.omp_until_ns, 0, memory_order_relaxed);
+            fbn_pool.omp_useless_until_ns = now + FBN_OMP_RETRY_NS;
+            atomic_store_explicit(&fbn_pool.quiet_again_ns, now + FBN_BACKOFF_MIN_NS,
+                                  memory_order_relaxed);
+        }
         pthread_mutex_unlock(&fbn_pool.busy);
         fbn_pool_ended();
         return helped;
@@ -418,10 +445,13 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
         const long long now = fbn_now_ns(), elapsed = now - start;
         const long long off_cpu = wake ? elapsed - (fbn_cpu_ns() - start_cpu) : 0;
         const long long lost = waited > off_cpu ? waited : off_cpu;
-        if ((2 * lost >= elapsed && lost >= FBN_LATE_NS)
-            || (helped == 0 && elapsed > FBN_LONG_JOB_NS)) {
-            if (!fbn_pool.omp_broken && fbn_others_running()) {
+        if (fbn_was_late(elapsed, lost, helped)) {
+            const int others = fbn_others_running();
+            if (others && !fbn_pool.omp_broken && now >= fbn_pool.omp_useless_until_ns) {
                 atomic_store_explicit(&fbn_pool.omp_until_ns, now + FBN_OMP_WINDOW_NS,
+                                      memory_order_relaxed);
+            } else if (others) {      /* they stop by themselves within milliseconds */
+                atomic_store_explicit(&fbn_pool.quiet_again_ns, now + FBN_BACKOFF_MIN_NS,
                                       memory_order_relaxed);
             } else {
                 atomic_store_explicit(&fbn_pool.quiet_again_ns, now + fbn_pool.backoff_ns,
