@@ -7,16 +7,18 @@ Calls the public functions of fastbn only (docs/architecture.md: layers -> _api,
 import math
 import numbers
 from collections import deque
+from functools import partial
 
 import numpy as np
 
-from . import _rules, activations
+from . import _rules, _variants, activations
 from ._api import batch_norm_backward, batch_norm_infer, batch_norm_train
 from ._groups import (group_norm_backward, group_norm_train, instance_norm_backward,
                       instance_norm_train)
 from ._rows import layer_norm_backward, layer_norm_train, rms_norm_backward, rms_norm_train
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_RENORM_KEYS = ("renorm_mean", "renorm_stddev")     # a renorm layer's (not torch's)
 
 
 def _check_state_keys(state, expected):
@@ -47,11 +49,28 @@ class BatchNorm:
     window=k replaces the exponential moving average: the running statistics are then the
     average of the last k batches' statistics (momentum is not used). BatchNorm.keras(...)
     builds the layer with Keras's conventions.
+
+    bias=False (with affine): a weight but no bias (torch's BatchNorm*d(..., bias=False)).
+
+    renorm=True: batch renormalization in training (Keras's BatchNormalization(renorm=True)):
+    y = ((x - mu_B) / sigma_B * r + d) * weight + bias with r = clip(sigma_B / sigma_R,
+    rmin, rmax), d = clip((mu_B - mu_R) / sigma_R, -dmax, dmax), sigma_B = sqrt(var_B + eps),
+    mu_R and sigma_R the renorm moments (renorm_mean, renorm_stddev: their own moving averages
+    with renorm_momentum, taken before this batch updates them). r and d are constants in the
+    backward. renorm_clipping: a dict of rmax, dmax (missing: no bound) and rmin (missing:
+    1 / rmax). The running statistics and evaluation are as without renorm.
+
+    virtual_batch_size=v: ghost batch norm in training: each run of v samples along axis 0
+    (the last may be smaller) is normalized with its own statistics; the running statistics
+    follow the average over the ghosts of their means and variances (unbiased, or the
+    population variance for a Keras-convention layer), by the layer's rule. Evaluation is as
+    without it.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, *, axis=1, dtype=np.float32, window=None,
-                 activation=None, negative_slope=0.01):
+                 activation=None, negative_slope=0.01, bias=True, renorm=False,
+                 renorm_clipping=None, renorm_momentum=0.99, virtual_batch_size=None):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
         if num_features < 1:
@@ -74,6 +93,17 @@ class BatchNorm:
             raise ValueError(f"negative_slope must be a finite number >= 0 (the backward "
                              f"recovers the derivative from the output's sign), "
                              f"got {negative_slope!r}")
+        self.renorm = bool(renorm)
+        self._clipping = _variants.renorm_clipping(renorm_clipping)    # (rmin, rmax, dmax)
+        self.renorm_clipping = None if renorm_clipping is None else dict(renorm_clipping)
+        if isinstance(renorm_momentum, bool) or not isinstance(renorm_momentum, (int, float)) \
+                or not 0 <= renorm_momentum <= 1:
+            raise ValueError(f"renorm_momentum must be in [0, 1], got {renorm_momentum!r}")
+        self.renorm_momentum = float(renorm_momentum)
+        self.virtual_batch_size = (None if virtual_batch_size is None
+                                   else _variants.virtual_batch_size(virtual_batch_size))
+        if self.renorm and self.virtual_batch_size:
+            raise ValueError("renorm and virtual_batch_size cannot be combined here")
         self.num_features = int(num_features)
         self.eps = float(eps)
         self.momentum = momentum
@@ -91,7 +121,10 @@ class BatchNorm:
         C = self.num_features
         param = self.param_dtype
         self.weight = np.ones(C, param) if affine else None
-        self.bias = np.zeros(C, param) if affine else None
+        self.bias = np.zeros(C, param) if affine and bias else None
+        # renorm's moving moments (Keras's renorm_mean / renorm_stddev: zeros, ones)
+        self.renorm_mean = np.zeros(C, param) if self.renorm else None
+        self.renorm_stddev = np.ones(C, param) if self.renorm else None
         self.grad_weight = None
         self.grad_bias = None
         self.grad_residual = None
@@ -134,7 +167,11 @@ class BatchNorm:
             return y
         update = self.training and self.track_running_stats
         train, backward = self._batch_ops()
-        if update and (self.window or self._keras):
+        if self.training and self.renorm:
+            train, backward = self._renorm_ops()
+        if self.training and self.virtual_batch_size:
+            y, mean, invstd, backward = self._forward_ghost(x, fuse, update)
+        elif update and (self.window or self._keras):
             y, mean, invstd = self._forward_own_update(x, fuse, train)
         else:
             momentum = 0.0
@@ -155,6 +192,52 @@ class BatchNorm:
         batch's (SyncBatchNorm: the global batch's, while training)."""
         return batch_norm_train, batch_norm_backward
 
+    def _renorm_ops(self):
+        """renorm_train as the training forward (r and d kept for the backward, which is
+        batch norm's with weight' = r * weight): a pair for one forward."""
+        rd = []
+
+        def train(x, weight, bias, **kwargs):
+            y, mean, invstd, *rd[:] = _variants.renorm_train(
+                x, weight, bias, self.renorm_mean, self.renorm_stddev, clipping=self._clipping,
+                renorm_momentum=self.renorm_momentum, **kwargs)
+            return y, mean, invstd
+
+        def backward(dy, x, mean, invstd, weight, **kwargs):
+            return _variants.renorm_backward(dy, x, mean, invstd, weight, *rd, **kwargs)
+        return train, backward
+
+    def _forward_ghost(self, x, fuse, update):
+        """Ghost batch norm's training forward: (y, mean, invstd, backward)."""
+        C = self.num_features
+        stats = (np.zeros(C), np.zeros(C))       # the ghosts' average mean and variance
+        y, mean, invstd = _variants.ghost_train(
+            x, self.virtual_batch_size, self.weight, self.bias, eps=self.eps, axis=self.axis,
+            batch_stats=stats if update else None, unbiased=not self._keras, **fuse)
+        if update:
+            self._update_running(*stats)
+        return y, mean, invstd, partial(_variants.ghost_backward, vbs=self.virtual_batch_size)
+
+    def _update_running(self, batch_mean, batch_var):
+        """The running statistics from one training batch's float64 mean and variance
+        (population variance under Keras's rule, unbiased otherwise), by the layer's rule."""
+        if self._keras:
+            # moving = moving * momentum + batch * (1 - momentum)
+            m = self.momentum
+            self.running_mean[...] = self.running_mean * m + batch_mean * (1 - m)
+            self.running_var[...] = self.running_var * m + batch_var * (1 - m)
+        elif self.window:
+            self._history.append((batch_mean, batch_var))
+            self.running_mean[...] = np.mean([h[0] for h in self._history], axis=0)
+            self.running_var[...] = np.mean([h[1] for h in self._history], axis=0)
+        else:   # torch: r = (1 - m) r + m batch; momentum None: the cumulative average
+            m = (1.0 / (self.num_batches_tracked + 1) if self.momentum is None
+                 else float(self.momentum))
+            self.running_mean[...] = (1 - m) * self.running_mean.astype(np.float64) \
+                + m * batch_mean
+            self.running_var[...] = (1 - m) * self.running_var.astype(np.float64) \
+                + m * batch_var
+
     def _forward_own_update(self, x, fuse, train):
         """Training forward for the window and Keras rules: the kernel's update with
         momentum 1 gives the batch mean and unbiased variance exactly, the layer does the rest."""
@@ -164,31 +247,27 @@ class BatchNorm:
                                 momentum=1.0, running_mean=batch_mean, running_var=batch_var,
                                 **fuse)
         batch_mean, batch_var = batch_mean.astype(np.float64), batch_var.astype(np.float64)
-        if self._keras:
-            # moving = moving * momentum + batch * (1 - momentum), population variance
+        if self._keras:     # Keras's moving variance takes the population variance
             count = x.size // C
             batch_var *= (count - 1) / count
-            m = self.momentum
-            self.running_mean[...] = self.running_mean * m + batch_mean * (1 - m)
-            self.running_var[...] = self.running_var * m + batch_var * (1 - m)
-        else:
-            self._history.append((batch_mean, batch_var))
-            self.running_mean[...] = np.mean([h[0] for h in self._history], axis=0)
-            self.running_var[...] = np.mean([h[1] for h in self._history], axis=0)
+        self._update_running(batch_mean, batch_var)
         return y, mean, invstd
 
     @classmethod
     def keras(cls, num_features, momentum=0.99, epsilon=1e-3, center=True, scale=True, *,
-              axis=-1, dtype=np.float32):
+              axis=-1, dtype=np.float32, renorm=False, renorm_clipping=None,
+              renorm_momentum=0.99, virtual_batch_size=None):
         """The layer with keras.layers.BatchNormalization's conventions: momentum weights the
         old value (moving = moving * momentum + batch * (1 - momentum)), the moving variance
         takes the batch's population variance, epsilon 1e-3, beta only with center, gamma only
         with scale, channels last by default. Arrays keep PyTorch's names (weight = gamma,
-        bias = beta, running_mean, running_var)."""
+        bias = beta, running_mean, running_var). renorm, renorm_clipping, renorm_momentum and
+        virtual_batch_size as Keras's (see BatchNorm)."""
         if not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
         layer = cls(num_features, eps=epsilon, momentum=0.1, affine=True, axis=axis,
-                    dtype=dtype)
+                    dtype=dtype, renorm=renorm, renorm_clipping=renorm_clipping,
+                    renorm_momentum=renorm_momentum, virtual_batch_size=virtual_batch_size)
         layer.momentum = float(momentum)
         layer._keras = True
         if not scale:
@@ -260,7 +339,7 @@ class BatchNorm:
     def state_dict(self):
         """PyTorch's keys: weight, bias (affine), running_mean, running_var,
         num_batches_tracked (track_running_stats). Copies. (A window layer's history of batch
-        statistics is not part of it.)"""
+        statistics is not part of it.) A renorm layer adds renorm_mean and renorm_stddev."""
         state = {}
         if self.weight is not None:
             state["weight"] = self.weight.copy()
@@ -270,6 +349,9 @@ class BatchNorm:
             state["running_mean"] = self.running_mean.copy()
             state["running_var"] = self.running_var.copy()
             state["num_batches_tracked"] = np.array(self.num_batches_tracked, np.int64)
+        for k in _RENORM_KEYS:
+            if getattr(self, k, None) is not None:
+                state[k] = getattr(self, k).copy()
         return state
 
     def load_state_dict(self, state):
@@ -278,6 +360,7 @@ class BatchNorm:
         expected = [k for k in _STATE_KEYS
                     if (k in ("weight", "bias") and getattr(self, k) is not None)
                     or (k not in ("weight", "bias") and self.track_running_stats)]
+        expected += [k for k in _RENORM_KEYS if getattr(self, k, None) is not None]
         _check_state_keys(state, expected)
         values = {}
         for k in expected:
@@ -311,15 +394,23 @@ class BatchNorm:
             return (f"BatchNorm.keras({self.num_features}, momentum={self.momentum!r}, "
                     f"epsilon={self.eps!r}, center={self.bias is not None}, "
                     f"scale={self.weight is not None}, axis={self.axis}, "
-                    f"dtype='{self.dtype.name}')")
+                    f"dtype='{self.dtype.name}'" + self._variants_repr() + ")")
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps!r}, "
                 f"momentum={self.momentum!r}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, "
                 f"axis={self.axis}, dtype='{self.dtype.name}'"
                 + (f", window={self.window}" if self.window else "")
+                + (", bias=False" if self.affine and self.bias is None else "")
+                + self._variants_repr()
                 + (f", activation={self.activation!r}" if self.activation else "")
                 + (f", negative_slope={self.negative_slope!r}"
                    if self.activation == "leaky_relu" else "") + ")")
+
+    def _variants_repr(self):
+        return ((f", renorm=True, renorm_clipping={self.renorm_clipping!r}, "
+                 f"renorm_momentum={self.renorm_momentum!r}" if self.renorm else "")
+                + (f", virtual_batch_size={self.virtual_batch_size}"
+                   if self.virtual_batch_size else ""))
 
 
 # ====================================================================== GroupNorm, InstanceNorm
