@@ -1,8 +1,8 @@
 /* fastbn — the thread pool: a call's stages, run by its caller and whichever workers come.
  *
  * A job is a list of stages, each a number of work items; an item of stage s starts once every
- * item of the stages before s is done (the barrier between stages). Items are claimed one at a
- * time from one counter, in order, by the caller and by the workers it woke. Nobody waits for a
+ * item of the stages before s is done (the barrier between stages). Items are claimed a few at
+ * a time from one counter, in order, by the caller and by the workers it woke. Nobody waits for a
  * worker that has claimed nothing: a worker the OS has not scheduled yet finds nothing left
  * when it runs, the caller having done its share. The only waits are for items already
  * claimed, by threads that were running a moment ago.
