@@ -28,11 +28,17 @@ FBN_SEGMENT float fbn_store_f32(float v) { return v; }
 FBN_SEGMENT double fbn_load_f64(double v) { return v; }
 FBN_SEGMENT double fbn_store_f64(double v) { return v; }
 
-/* float16 storage, float32 compute. Loads and stores convert the bits with integer operations
- * and one float operation, which vectorize in every kernel and on every CPU: GCC 12 leaves
- * loops of _Float16 conversions scalar (one vcvtph2ps per value, 5-10x slower than these),
- * and folds (double)(float)h into a library call per value. A store rounds to nearest even,
- * once. _Float16, where the compiler has it, is only the storage type's name. */
+/* float16 storage, float32 compute. A store rounds to nearest even, once: overflow to inf,
+ * nan to a quiet nan. What each CPU converts with, chosen by what GCC 12 vectorizes:
+ *  - loads on aarch64: the native half type, (float)h: vectorized as fcvtl/fcvtl2 (exact;
+ *    subnormals, inf and nan in hardware). fbn_f16 is _Float16 there (GCC 7+, clang).
+ *  - stores on aarch64, and loads and stores elsewhere (x86 included): integer operations and
+ *    one float operation, which vectorize in every kernel and on every instruction set. GCC 12
+ *    leaves loops of float -> _Float16 (or __fp16) conversions scalar on aarch64 (no vector
+ *    pattern for fcvtn: one fcvt per value), and on x86 leaves _Float16 loads and stores
+ *    scalar (one vcvtph2ps per value, 5-10x slower than these) and folds (double)(float)h
+ *    into a library call per value. _Float16, where the compiler has it, is then only the
+ *    storage type's name. */
 #include <stdint.h>
 #include <string.h>
 #define FBN_STORAGE_IS_COMPUTE_f16 0
@@ -42,6 +48,11 @@ typedef _Float16 fbn_f16;
 typedef uint16_t fbn_f16;
 #endif
 
+#if defined(__aarch64__) && defined(__FLT16_MAX__)
+#define FBN_F16_NATIVE_LOAD 1
+FBN_SEGMENT float fbn_load_f16(fbn_f16 v) { return (float)v; }
+#else
+#define FBN_F16_NATIVE_LOAD 0
 FBN_SEGMENT float fbn_load_f16(fbn_f16 v)
 {
     uint16_t h;
@@ -60,9 +71,10 @@ FBN_SEGMENT float fbn_load_f16(fbn_f16 v)
     memcpy(&f, &bits, sizeof f);
     return f;
 }
+#endif
 
 /* Rounds to nearest even in integer operations and one addition (vectorized, unlike a loop of
- * _Float16 conversions): overflow to inf, nan to a quiet nan. */
+ * conversions to _Float16): overflow to inf, nan to a quiet nan. */
 FBN_SEGMENT fbn_f16 fbn_store_f16(float v)
 {
     uint32_t u;
