@@ -29,16 +29,15 @@ FBN_SEGMENT double fbn_load_f64(double v) { return v; }
 FBN_SEGMENT double fbn_store_f64(double v) { return v; }
 
 /* float16 storage, float32 compute. A store rounds to nearest even, once: overflow to inf,
- * nan to a quiet nan. What each CPU converts with, chosen by what GCC 12 vectorizes:
- *  - loads on aarch64: the native half type, (float)h: vectorized as fcvtl/fcvtl2 (exact;
- *    subnormals, inf and nan in hardware). fbn_f16 is _Float16 there (GCC 7+, clang).
- *  - stores on aarch64, and loads and stores elsewhere (x86 included): integer operations and
- *    one float operation, which vectorize in every kernel and on every instruction set. GCC 12
- *    leaves loops of float -> _Float16 (or __fp16) conversions scalar on aarch64 (no vector
- *    pattern for fcvtn: one fcvt per value), and on x86 leaves _Float16 loads and stores
- *    scalar (one vcvtph2ps per value, 5-10x slower than these) and folds (double)(float)h
- *    into a library call per value. _Float16, where the compiler has it, is then only the
- *    storage type's name. */
+ * nan to a quiet nan. How each CPU converts (as GCC 12 compiles it):
+ *  - aarch64: the native half type (_Float16: GCC 7+, clang), one instruction each way.
+ *    Loads vectorize (fcvtl/fcvtl2). Stores are one fcvt per value: GCC 12 has no vector
+ *    form of float -> _Float16 there, and the integer store below does not vectorize there
+ *    either (its selects stay branches: about 20 instructions a value).
+ *  - elsewhere (x86 included): integer operations and one float operation, which vectorize:
+ *    GCC 12 on x86 leaves loops of _Float16 conversions scalar (one vcvtph2ps per value,
+ *    5-10x slower than these) and folds (double)(float)h into a library call per value.
+ *    _Float16, where the compiler has it, is then only the storage type's name. */
 #include <stdint.h>
 #include <string.h>
 #define FBN_STORAGE_IS_COMPUTE_f16 0
@@ -49,10 +48,11 @@ typedef uint16_t fbn_f16;
 #endif
 
 #if defined(__aarch64__) && defined(__FLT16_MAX__)
-#define FBN_F16_NATIVE_LOAD 1
+#define FBN_F16_NATIVE 1
 FBN_SEGMENT float fbn_load_f16(fbn_f16 v) { return (float)v; }
+FBN_SEGMENT fbn_f16 fbn_store_f16(float v) { return (fbn_f16)v; }
 #else
-#define FBN_F16_NATIVE_LOAD 0
+#define FBN_F16_NATIVE 0
 FBN_SEGMENT float fbn_load_f16(fbn_f16 v)
 {
     uint16_t h;
@@ -71,7 +71,6 @@ FBN_SEGMENT float fbn_load_f16(fbn_f16 v)
     memcpy(&f, &bits, sizeof f);
     return f;
 }
-#endif
 
 /* Rounds to nearest even in integer operations and one addition (vectorized, unlike a loop of
  * conversions to _Float16): overflow to inf, nan to a quiet nan. */
@@ -98,6 +97,7 @@ FBN_SEGMENT fbn_f16 fbn_store_f16(float v)
     memcpy(&out, &bits, sizeof out);
     return out;
 }
+#endif /* FBN_F16_NATIVE */
 
 /* bfloat16 storage (ml_dtypes' NumPy dtype), float32 compute: the upper half of a float32's
  * bits, so a load is a shift and a store rounds away the lower half, to nearest even. */
