@@ -34,9 +34,10 @@ FBN_SEGMENT double fbn_store_f64(double v) { return v; }
  *    Loads vectorize (fcvtl/fcvtl2). Stores are one fcvt per value: GCC 12 has no vector
  *    form of float -> _Float16 there, and the integer store below does not vectorize there
  *    either (its selects stay branches: about 20 instructions a value).
- *  - elsewhere (x86 included): integer operations and one float operation, which vectorize:
- *    GCC 12 on x86 leaves loops of _Float16 conversions scalar (one vcvtph2ps per value,
- *    5-10x slower than these) and folds (double)(float)h into a library call per value.
+ *  - elsewhere (x86 included): integer operations and one float operation, which GCC 12
+ *    vectorizes (loads in every clone, stores in the AVX2 and AVX-512 ones), where it leaves
+ *    loops of _Float16 conversions scalar on x86 (one vcvtph2ps per value, 5-10x slower than
+ *    these) and folds (double)(float)h into a library call per value.
  *    _Float16, where the compiler has it, is then only the storage type's name. */
 #include <stdint.h>
 #include <string.h>
