@@ -28,11 +28,17 @@ FBN_SEGMENT float fbn_store_f32(float v) { return v; }
 FBN_SEGMENT double fbn_load_f64(double v) { return v; }
 FBN_SEGMENT double fbn_store_f64(double v) { return v; }
 
-/* float16 storage, float32 compute. Loads and stores convert the bits with integer operations
- * and one float operation, which vectorize in every kernel and on every CPU: GCC 12 leaves
- * loops of _Float16 conversions scalar (one vcvtph2ps per value, 5-10x slower than these),
- * and folds (double)(float)h into a library call per value. A store rounds to nearest even,
- * once. _Float16, where the compiler has it, is only the storage type's name. */
+/* float16 storage, float32 compute. A store rounds to nearest even, once: overflow to inf,
+ * nan to a quiet nan. How each CPU converts (as GCC 12 compiles it):
+ *  - aarch64: the native half type (_Float16: GCC 7+, clang), one instruction each way.
+ *    Loads vectorize (fcvtl/fcvtl2). Stores are one fcvt per value: GCC 12 has no vector
+ *    form of float -> _Float16 there, and the integer store below does not vectorize there
+ *    either (its selects stay branches: about 20 instructions a value).
+ *  - elsewhere (x86 included): integer operations and one float operation, which GCC 12
+ *    vectorizes (loads in every clone, stores in the AVX2 and AVX-512 ones), where it leaves
+ *    loops of _Float16 conversions scalar on x86 (one vcvtph2ps per value, 5-10x slower than
+ *    these) and folds (double)(float)h into a library call per value.
+ *    _Float16, where the compiler has it, is then only the storage type's name. */
 #include <stdint.h>
 #include <string.h>
 #define FBN_STORAGE_IS_COMPUTE_f16 0
@@ -42,6 +48,12 @@ typedef _Float16 fbn_f16;
 typedef uint16_t fbn_f16;
 #endif
 
+#if defined(__aarch64__) && defined(__FLT16_MAX__)
+#define FBN_F16_NATIVE 1
+FBN_SEGMENT float fbn_load_f16(fbn_f16 v) { return (float)v; }
+FBN_SEGMENT fbn_f16 fbn_store_f16(float v) { return (fbn_f16)v; }
+#else
+#define FBN_F16_NATIVE 0
 FBN_SEGMENT float fbn_load_f16(fbn_f16 v)
 {
     uint16_t h;
@@ -62,7 +74,7 @@ FBN_SEGMENT float fbn_load_f16(fbn_f16 v)
 }
 
 /* Rounds to nearest even in integer operations and one addition (vectorized, unlike a loop of
- * _Float16 conversions): overflow to inf, nan to a quiet nan. */
+ * conversions to _Float16): overflow to inf, nan to a quiet nan. */
 FBN_SEGMENT fbn_f16 fbn_store_f16(float v)
 {
     uint32_t u;
@@ -86,6 +98,7 @@ FBN_SEGMENT fbn_f16 fbn_store_f16(float v)
     memcpy(&out, &bits, sizeof out);
     return out;
 }
+#endif /* FBN_F16_NATIVE */
 
 /* bfloat16 storage (ml_dtypes' NumPy dtype), float32 compute: the upper half of a float32's
  * bits, so a load is a shift and a store rounds away the lower half, to nearest even. */
