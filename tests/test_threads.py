@@ -105,26 +105,38 @@ POOL = fastbn._kernels.build_info()["openmp"] and os.name == "posix"
 pool_only = pytest.mark.skipif(not POOL, reason="this build runs every call on its caller")
 
 
+def one_thread_inputs(shape, axis, rng):
+    """(x, axis, weight, bias, dy) for run_all: data 5 from zero."""
+    x = make_input(shape, axis, np.float32, rng, offset=5.0)
+    weight, bias = make_params(shape[axis], x.dtype, rng)
+    return x, axis, weight, bias, rng.standard_normal(shape).astype(x.dtype)
+
+
+def assert_same_bits_as_one_thread(args, threads, n, run):
+    """run() on n threads returns run_all(*args)'s bits on one."""
+    threads(1)
+    expected = run_all(*args)
+    threads(n)
+    for a, b in zip(run(), expected):
+        assert a.tobytes() == b.tobytes()
+
+
 @pool_only
 @pytest.mark.parametrize("shape,axis", [((16, 64, 48, 48), 1), ((4096, 96), 1),
                                         ((16, 48, 48, 64), -1)])
 def test_caller_finishes_alone_when_no_worker_comes(shape, axis, rng, threads):
     """Workers the OS never schedules: the caller takes every item itself, waits for none
     of them, and returns the same bits."""
-    x = make_input(shape, axis, np.float32, rng, offset=5.0)
-    weight, bias = make_params(shape[axis], x.dtype, rng)
-    dy = rng.standard_normal(shape).astype(x.dtype)
-    threads(1)
-    expected = run_all(x, axis, weight, bias, dy)
-    threads(4)
-    fastbn._kernels._set_workers_away(True)
-    try:
-        got = run_all(x, axis, weight, bias, dy)
-        assert fastbn._kernels.pool_info()["last_helpers"] == 0
-    finally:
-        fastbn._kernels._set_workers_away(False)
-    for a, b in zip(got, expected):
-        assert a.tobytes() == b.tobytes()
+    def away():
+        fastbn._kernels._set_workers_away(True)
+        try:
+            got = run_all(*args)
+            assert fastbn._kernels.pool_info()["last_helpers"] == 0
+        finally:
+            fastbn._kernels._set_workers_away(False)
+        return got
+    args = one_thread_inputs(shape, axis, rng)
+    assert_same_bits_as_one_thread(args, threads, 4, away)
 
 
 @pool_only
@@ -156,20 +168,15 @@ def test_workers_take_part(rng, threads):
 def test_calls_in_openmp_regions_give_the_same_bits(shape, axis, rng, threads):
     """Next to another library's spinning OpenMP workers, calls run in OpenMP regions: the
     same items, the same bits."""
-    x = make_input(shape, axis, np.float32, rng, offset=5.0)
-    weight, bias = make_params(shape[axis], x.dtype, rng)
-    dy = rng.standard_normal(shape).astype(x.dtype)
-    threads(1)
-    expected = run_all(x, axis, weight, bias, dy)
-    threads(2)
-    fastbn._kernels._set_openmp_for(60)
-    try:
-        assert fastbn._kernels.pool_info()["openmp_for_s"] > 0
-        got = run_all(x, axis, weight, bias, dy)
-    finally:
-        fastbn._kernels._set_openmp_for(0)
-    for a, b in zip(got, expected):
-        assert a.tobytes() == b.tobytes()
+    def in_regions():
+        fastbn._kernels._set_openmp_for(60)
+        try:
+            assert fastbn._kernels.pool_info()["openmp_for_s"] > 0
+            return run_all(*args)
+        finally:
+            fastbn._kernels._set_openmp_for(0)
+    args = one_thread_inputs(shape, axis, rng)
+    assert_same_bits_as_one_thread(args, threads, 2, in_regions)
 
 
 @pool_only
