@@ -233,6 +233,7 @@ cdef extern from "fastbn/pool.h" nogil:
     long long fbn_pool_backing_off()
     void fbn_pool_set_workers_away(int away)
     long long fbn_pool_openmp_for()
+    int fbn_pool_awake()
     void fbn_pool_set_openmp_for(long long ns)
     int fbn_others_running()
     void fbn_pool_set_backoff(int on)
@@ -950,11 +951,12 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst):
 
 
 def pool_info():
-    """The thread pool: workers started, how many ran part of the last parallel call, the
-    seconds for which no sleeping worker is woken (workers came late: a busy machine), and
-    those for which calls run in an OpenMP region (another library's OpenMP workers spin in
-    this process)."""
-    return {"workers": fbn_pool_workers(), "last_helpers": _last_helpers,
+    """The thread pool: workers started, those awake now, how many ran part of the last
+    parallel call, the seconds for which no sleeping worker is woken (workers came late: a
+    busy machine), and those for which calls run in an OpenMP region (another library's
+    OpenMP workers spin in this process)."""
+    return {"workers": fbn_pool_workers(), "awake": fbn_pool_awake(),
+            "last_helpers": _last_helpers,
             "no_wake_for_s": fbn_pool_backing_off() * 1e-9,
             "openmp_for_s": fbn_pool_openmp_for() * 1e-9}
 

@@ -473,6 +473,15 @@ static void fbn_pool_set_spin(long long ns) { atomic_store(&fbn_pool.spin_ns, ns
 
 static int fbn_pool_workers(void) { return fbn_pool.nworkers; }
 
+/* Workers not asleep now (polling, or running an item). */
+static int fbn_pool_awake(void)
+{
+    int awake = 0;
+    for (int k = 0; k < fbn_pool.nworkers; k++)
+        awake += !atomic_load(&fbn_pool.workers[k].sleeping);
+    return awake;
+}
+
 /* Nanoseconds from now during which no sleeping worker is woken (0: none). */
 static long long fbn_pool_backing_off(void)
 {
@@ -525,6 +534,7 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
 }
 static void fbn_pool_set_spin(long long ns) { (void)ns; }
 static int fbn_pool_workers(void) { return 0; }
+static int fbn_pool_awake(void) { return 0; }
 static long long fbn_pool_backing_off(void) { return 0; }
 static void fbn_pool_set_workers_away(int away) { (void)away; }
 static long long fbn_pool_openmp_for(void) { return 0; }
