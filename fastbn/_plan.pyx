@@ -70,7 +70,27 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t
         p.nchunks = max(1, min(MAX_CHUNKS, p.nblocks, outer * C // MIN_CHUNK,
                                outer // MIN_CHUNK_ROWS))
         p.group = 1
-    # a shape-only choice (like everything in the plan), so results stay the same bits
-    p.row_step = 1 if nbytes >= STREAMING_BYTES else 4
-    p.stream = op_streams(&p, op, nbytes)
+    set_traffic(&p, op, nbytes)
     return p
+
+
+cdef Plan make_problems_plan(Py_ssize_t problems, Py_ssize_t outer, Py_ssize_t C,
+                             Py_ssize_t inner, Py_ssize_t itemsize, Op op) noexcept nogil:
+    """make_plan's split of each of `problems` (outer, C, inner) problems run in one call (the
+    stage entries' problems=P), for all of them: a problem is cut into chunks only as far as
+    the problems' units together are too few to feed MAX_CHUNKS threads (each chunk adds its
+    partials to write and merge), and rows per step and streaming stores follow the traffic
+    of all the problems (many small problems stream from memory as one large one does)."""
+    cdef Plan p = make_plan(outer, C, inner, itemsize, op)
+    cdef Py_ssize_t units = problems * (C if inner > 1 else 1)     # per chunk of a problem
+    p.nchunks = max(1, min(p.nchunks, ceil_div(MAX_CHUNKS, units)))
+    set_traffic(&p, op, problems * outer * C * inner * itemsize)
+    return p
+
+
+cdef void set_traffic(Plan *p, Op op, Py_ssize_t nbytes) noexcept nogil:
+    """The choices that follow from how much memory a call walks (nbytes an array): a
+    shape-only choice (like everything in the plan), so results stay the same bits for any
+    thread count."""
+    p.row_step = 1 if nbytes >= STREAMING_BYTES else 4
+    p.stream = op_streams(p, op, nbytes)
