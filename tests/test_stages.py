@@ -235,3 +235,23 @@ def test_problems_give_each_problems_own_calls_bits(P, outer, C, inner, dtype, t
         for p in range(P):
             _kernels.grad_input_stage(g_own[p], x[p], y_own[p], outer, C, inner, grad_coef[p])
         assert y.tobytes() == y_own.tobytes()
+
+
+@pytest.mark.parametrize("P,outer,C,inner", [(24, 4096, 16, 1), (20, 1, 2, 65536)])
+def test_problems_planned_together_give_the_same_bits_on_any_thread_count(P, outer, C, inner,
+                                                                         threads, rng):
+    """Many problems take fewer chunks each than their own calls (make_problems_plan): still
+    the same bits on any thread count, and each problem's moments are its own."""
+    x = (rng.standard_normal((P, outer, C, inner)) * 2 + 50).astype(np.float32)
+    results = []
+    for n in (1, 2, 3):
+        threads(n)
+        parts = _kernels.statistics_stage(x, outer, C, inner, problems=P)
+        results.append(parts.tobytes())
+    assert results[0] == results[1] == results[2]
+    assert parts.shape[1] < _kernels.plan(outer, C, inner)["nchunks"]     # planned together
+    merged = np.stack([_kernels.merge_stage(part) for part in parts])     # (P, 4, C)
+    count, shift, dev_sum, m2 = np.moveaxis(merged, 1, 0)
+    xd = x.astype(np.float64)
+    np.testing.assert_allclose(shift + dev_sum / count, xd.mean(axis=(1, 3)), rtol=1e-12)
+    np.testing.assert_allclose(m2 / count, xd.var(axis=(1, 3)), rtol=1e-9)
