@@ -90,9 +90,9 @@ def plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize=4
             # runs ahead that a whole channel's reading walk prefetches (0: none)
             "prefetch_runs": fbn_runs_ahead(inner, C * inner, outer * inner, itemsize)
                              if inner > 1 else 0,
-            "stream": {"train": bool(op_streams(&p, OP_TRAIN, nbytes)),
-                       "infer": bool(op_streams(&p, OP_INFER, nbytes)),
-                       "backward": bool(op_streams(&p, OP_BACKWARD, nbytes))},
+            "stream": {"train": bool(op_streams(&p, OP_TRAIN, nbytes, False)),
+                       "infer": bool(op_streams(&p, OP_INFER, nbytes, False)),
+                       "backward": bool(op_streams(&p, OP_BACKWARD, nbytes, False))},
             "threads": threads_for(outer * C * inner, SERIAL_BELOW_STATS),
             "threads_infer": threads_for(outer * C * inner, SERIAL_BELOW_PASS)}
 
