@@ -1,6 +1,7 @@
 """The normalization family against PyTorch's CPU kernels, side by side in one process.
 
     python benchmarks/family.py [--seconds 0.3] [--dtypes float32,float64] [--quick]
+                                [--only group_norm,instance_norm]
 
 Each row times fastbn and torch at the same thread count (fastbn.get_num_threads()), in the
 bench's rotating interleaved rounds (median of the rounds). Forward ("train": the statistics
@@ -115,6 +116,9 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=0.3)
     parser.add_argument("--dtypes", default="float32,float64")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="",
+                        help="comma-separated kinds to run (layer_norm, rms_norm, group_norm, "
+                             "instance_norm); default: all")
     args = parser.parse_args(argv)
     try:
         import torch
@@ -128,7 +132,10 @@ def main(argv=None):
     print("| case | dtype | op | fastbn | torch | speedup | of limit | note |")
     print("|---|---|---|---|---|---|---|---|")
     speedups = []
+    only = set(filter(None, args.only.split(",")))
     for kind, shape, extra in cases(args.quick):
+        if only and kind not in only:
+            continue
         for dtype in args.dtypes.split(","):
             ops = make(kind, shape, extra, np.dtype(dtype), torch, rng)
             x = np.empty(shape, dtype)

@@ -14,15 +14,15 @@ float64 NumPy over all units at once, in a fixed order (so the same bits for any
         per (sample, channel): one call of each stage for the whole batch.
     channels last, x as (N, S, C): per sample, the moments of each channel of its (S, C) rows,
         merged within each group (Chan's merge, channel order); the apply per sample with that
-        sample's coefficients. A Python loop over the samples: some microseconds of overhead
-        per sample, which shows on batches of many small samples.
+        sample's coefficients. The samples are the stages' problems (problems=N): one pool
+        job runs every sample's work items, each sample split as a call on it alone would be.
 
 Which one runs follows the memory order of x (a channels-first array stored NHWC, as torch's
 channels_last format, takes the channels-last path), as for batch norm. axis is 1 or -1.
 """
 import numpy as np
 
-from . import _api, _kernels
+from . import _api, _kernels, _problems
 from ._api import BACKWARD_IN_PLACE, _backward_args, _fused_y, _grad_buffer, _run, _train_args
 from ._api import batch_norm_infer
 from ._rules import check_train_count, compute_dtype, x_and_axis
@@ -115,13 +115,8 @@ def _moments(xv, s):
     if s.first:
         units = _kernels.statistics_stage(xv, 1, s.N * s.G, s.CG * s.S)
         return _kernels.merge_stage(units).reshape(4, s.N, s.G)
-    per_sample = []
-    for x_n, in s.samples(xv):
-        channels = _kernels.merge_stage(_kernels.statistics_stage(x_n, s.S, s.C, 1))
-        if s.CG > 1:        # a group's channels, merged in channel order
-            channels = _kernels.merge_stage(np.moveaxis(channels.reshape(4, s.G, s.CG), 2, 0))
-        per_sample.append(channels)
-    return np.stack(per_sample, axis=1)
+    problem = _problems.Problem(s.N, s.S, s.C, 1, s.CG, "group")
+    return np.moveaxis(_problems.statistics(xv, problem), 1, 0)
 
 
 def _per_channel(unit_values, s):
@@ -158,14 +153,13 @@ def _update_running(moments, running_mean, running_var, momentum):
 
 def _apply(s, x, out, coef, residual, act, slope):
     """y = act(normalize(x) + residual) with (3, N, C) coefficients: one call channels first,
-    one per sample channels last."""
+    one over the samples as problems channels last."""
     if s.first:
         _kernels.normalize_stage(x, out, 1, s.N * s.C, s.S, np.ascontiguousarray(coef),
                                  residual, act, slope)
         return
-    coef = np.ascontiguousarray(coef.transpose(1, 0, 2))
-    for coef_n, (x_n, out_n, residual_n) in zip(coef, s.samples(x, out, residual)):
-        _kernels.normalize_stage(x_n, out_n, s.S, s.C, 1, coef_n, residual_n, act, slope)
+    _kernels.normalize_stage(x, out, s.S, s.C, 1, np.ascontiguousarray(coef.transpose(1, 0, 2)),
+                             residual, act, slope, problems=s.N)
 
 
 def _train(a, G, instance=False):
@@ -207,14 +201,13 @@ def _grad_sums(dy, x, y, grad, mean, a, s):
         sums = _kernels.grad_sums_stage(dy, x, 1, s.N * s.C, s.S, _per_channel(mean, s).ravel(),
                                         np.repeat(q, s.CG), y, grad, a.act, a.slope)
         return _kernels.merge_stage(sums).reshape(6, s.N, s.C)
-    per_sample = []
-    for mean_n, (dy_n, x_n, y_n, grad_n) in zip(mean, s.samples(dy, x, y, grad)):
-        q = _kernels.grad_shifts_stage(dy_n, s.C, 1, mean_n, y_n, grad_n, a.act, a.slope)
-        sums = _kernels.grad_sums_stage(dy_n, x_n, s.S, s.C, 1, np.repeat(mean_n, s.CG),
-                                        np.repeat(q[::s.CG], s.CG), y_n, grad_n, a.act,
-                                        a.slope)
-        per_sample.append(_kernels.merge_stage(sums))
-    return np.stack(per_sample, axis=1)
+    # the shifts read one row per sample: a loop over the samples costs little
+    q = np.stack([_kernels.grad_shifts_stage(dy_n, s.C, 1, mean_n, y_n, grad_n, a.act, a.slope)
+                  for mean_n, (dy_n, y_n, grad_n) in zip(mean, s.samples(dy, y, grad))])
+    sums = _kernels.grad_sums_stage(dy, x, s.S, s.C, 1, _per_channel(mean, s),
+                                    np.repeat(q[:, ::s.CG], s.CG, axis=1), y, grad, a.act,
+                                    a.slope, problems=s.N)
+    return _kernels.merge_stage(_problems.problems_as_units(sums)).reshape(6, s.N, s.C)
 
 
 def _grad_coefficients(sums, invstd, weight, dtype, s):
@@ -285,9 +278,8 @@ def _backward(a, G):
             _kernels.grad_input_stage(g, v.x, v.outputs[0], 1, s.N * s.C, s.S,
                                       np.ascontiguousarray(coef))
             return
-        coef = np.ascontiguousarray(coef.transpose(1, 0, 2))
-        for coef_n, (g_n, x_n, dx_n) in zip(coef, s.samples(g, v.x, v.outputs[0])):
-            _kernels.grad_input_stage(g_n, x_n, dx_n, s.S, s.C, 1, coef_n)
+        _kernels.grad_input_stage(g, v.x, v.outputs[0], s.S, s.C, 1,
+                                  np.ascontiguousarray(coef.transpose(1, 0, 2)), problems=s.N)
 
     arrays = [_samples_outermost(a.x, a.axis)] + a.arrays[1:]
     results = _run(kernel, arrays, a.axis, a.outs, in_place=BACKWARD_IN_PLACE)

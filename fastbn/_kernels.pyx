@@ -24,7 +24,7 @@ chunks, and chunk results are merged in chunk order, so every thread count, and 
 thread runs an item, gives the same bits.
 """
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 import os
 import numpy as np
 cimport numpy as cnp
@@ -32,7 +32,8 @@ cimport numpy as cnp
 from fastbn._ckernels cimport *
 from fastbn._tables cimport storage_tables
 from fastbn._dtypes import available
-from fastbn._plan cimport (Plan, Op, OP_TRAIN, OP_INFER, OP_BACKWARD, make_plan, op_streams,
+from fastbn._plan cimport (Plan, Op, OP_TRAIN, OP_INFER, OP_BACKWARD, make_plan,
+                           make_problems_plan, op_streams,
                            ceil_div, chunk_range, cl_chunk_rows, SERIAL_BELOW_STATS,
                            SERIAL_BELOW_PASS, MIN_CHUNK, MAX_CHUNKS, WAKE_BELOW)
 from fastbn._threads cimport reserve_threads, release_threads, threads_for
@@ -89,9 +90,9 @@ def plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize=4
             # runs ahead that a whole channel's reading walk prefetches (0: none)
             "prefetch_runs": fbn_runs_ahead(inner, C * inner, outer * inner, itemsize)
                              if inner > 1 else 0,
-            "stream": {"train": bool(op_streams(&p, OP_TRAIN, nbytes)),
-                       "infer": bool(op_streams(&p, OP_INFER, nbytes)),
-                       "backward": bool(op_streams(&p, OP_BACKWARD, nbytes))},
+            "stream": {"train": bool(op_streams(&p, OP_TRAIN, nbytes, False)),
+                       "infer": bool(op_streams(&p, OP_INFER, nbytes, False)),
+                       "backward": bool(op_streams(&p, OP_BACKWARD, nbytes, False))},
             "threads": threads_for(outer * C * inner, SERIAL_BELOW_STATS),
             "threads_infer": threads_for(outer * C * inner, SERIAL_BELOW_PASS)}
 
@@ -311,6 +312,14 @@ cdef struct Job:             # what a call's work items read (the pool passes it
     Work *w
     const void *coef         # the apply stage's coefficients
     Py_ssize_t napply        # the apply stage's items
+    # P problems in one stage (problem_item): each runs `item` over its per_problem items,
+    # on data, coefficients, per-channel vectors and partials this far past the previous one's
+    fbn_item_fn item
+    Py_ssize_t per_problem
+    Py_ssize_t data_step     # bytes: x, dy, g, out, the residual, the fused y and grad
+    Py_ssize_t coef_step     # bytes
+    Py_ssize_t vec_step      # bytes: the backward's means and shifts
+    Py_ssize_t parts_step    # doubles
 
 
 cdef inline Py_ssize_t apply_items(const Plan *p, int nthreads) noexcept nogil:
@@ -396,6 +405,66 @@ cdef inline fbn_stage stage(fbn_item_fn run, Py_ssize_t nitems) noexcept nogil:
     s.run = run
     s.nitems = nitems
     return s
+
+
+cdef inline const void *past(const void *a, Py_ssize_t nbytes) noexcept nogil:
+    if a == NULL:
+        return NULL
+    return <const void *>(<const char *>a + nbytes)
+
+
+cdef void problem_item(void *ctx, Py_ssize_t i, int who) noexcept nogil:
+    # item i of the problems' items: the problem's own item, on a copy of the job whose
+    # pointers are that problem's (the per-thread scratch is shared: a thread runs one item at
+    # a time)
+    cdef Job *j = <Job *>ctx
+    cdef Py_ssize_t k = i // j.per_problem, d = k * j.data_step
+    cdef Job local = j[0]
+    cdef Epilogue ep
+    cdef fbn_grad_args a
+    cdef Work w
+    local.x = past(j.x, d)
+    local.dy = past(j.dy, d)
+    local.g = past(j.g, d)
+    local.out = <void *>past(j.out, d)
+    local.coef = past(j.coef, k * j.coef_step)
+    if j.ep != NULL:
+        ep = j.ep[0]
+        ep.residual = past(ep.residual, d)
+        local.ep = &ep
+    if j.grad != NULL:
+        a = j.grad[0]
+        a.mean = past(a.mean, k * j.vec_step)
+        a.shift = past(a.shift, k * j.vec_step)
+        a.y = past(a.y, d)
+        a.grad = <void *>past(a.grad, d)
+        local.grad = &a
+    if j.w != NULL:
+        w = j.w[0]
+        w.parts = NULL if w.parts == NULL else w.parts + k * j.parts_step
+        local.w = &w
+    j.item(&local, i - k * j.per_problem, who)
+
+
+cdef inline fbn_stage over_problems(Job *j, fbn_stage s, Py_ssize_t problems) noexcept nogil:
+    """The stage s of one problem as a stage over `problems` problems laid out one after
+    another (the steps in j set by the caller): each problem's items are its own chunks, so
+    its results do not depend on the thread count or on the other problems' values."""
+    if problems == 1:
+        return s
+    j.item = s.run
+    j.per_problem = s.nitems
+    return stage(problem_item, problems * s.nitems)
+
+
+cdef inline Py_ssize_t problem_count(problems) except -1:
+    """The `problems` argument of the stage entries: None (one problem, results without a
+    problem axis) or P >= 1."""
+    if problems is None:
+        return 1
+    if problems < 1:
+        raise ValueError(f"problems must be positive, got {problems}")
+    return problems
 
 
 cdef inline Py_ssize_t statistics_items(const Plan *p) noexcept nogil:
@@ -739,17 +808,28 @@ def rows_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t D,
 # (fields, C) for a problem and (K, fields, C) for its K chunks (include/fastbn/moments.h).
 # The passes over the data run on the op's threads, split as the op splits them (the same
 # bits for any thread count): synchronized batch norm runs on these entries.
+# problems=P runs P such problems laid out one after another ((P, outer, C, inner) data, a
+# problem axis first on the per-problem arrays) in one pool job, without a call's overhead per
+# problem; each problem is split alike, in chunks, rows per step and streaming chosen for all
+# P problems together (make_problems_plan: fewer chunks a problem, as many problems give the
+# threads enough items).
 
-def statistics_stage(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner):
-    """The moments of each of the training plan's chunks: (K, 4, C) float64. Channels-first
-    channels on the fused path are one chunk each."""
+def statistics_stage(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                     problems=None):
+    """The moments of each of the training plan's chunks: (K, 4, C) float64 ((P, K, 4, C)
+    for problems=P). Channels-first channels on the fused path are one chunk each."""
     cdef const fbn_kernel_table *kern = table_of(x)
-    cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_TRAIN)
-    cdef cnp.ndarray parts = np.zeros((p.nchunks, FBN_MOMENT_FIELDS, C))
+    cdef Py_ssize_t P = problem_count(problems)
+    cdef Plan p = make_problems_plan(P, outer, C, inner, x.itemsize, OP_TRAIN)
+    cdef cnp.ndarray parts = np.zeros((P, p.nchunks, FBN_MOMENT_FIELDS, C))
     cdef Work w
     cdef Job j
-    cdef fbn_stage moments = stage(moments_item, statistics_items(&p))
-    cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
+    cdef fbn_stage moments
+    cdef int nthreads = reserve_threads(P * outer * C * inner, SERIAL_BELOW_STATS)
+    memset(&j, 0, sizeof(j))
+    j.data_step = outer * C * inner * x.itemsize
+    j.parts_step = p.nchunks * FBN_MOMENT_FIELDS * C
+    moments = over_problems(&j, stage(moments_item, statistics_items(&p)), P)
     try:
         if alloc_work(&w, &p, nthreads, 0, 0):
             raise MemoryError("fastbn: out of memory for the statistics' scratch")
@@ -757,12 +837,12 @@ def statistics_stage(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t i
         free(w.parts)                   # the chunks' partials go straight to `parts`
         w.parts = <double *>cnp.PyArray_DATA(parts)
         with nogil:
-            pool_run(&moments, 1, &j, nthreads, p.count * C)
+            pool_run(&moments, 1, &j, nthreads, P * p.count * C)
         w.parts = NULL
         free_work(&w)
     finally:
         release_threads(nthreads)
-    return parts
+    return parts[0] if problems is None else parts
 
 
 def merge_stage(cnp.ndarray parts):
@@ -808,14 +888,17 @@ def finish_train_stage(cnp.ndarray part, cnp.ndarray like, weight, bias, double 
 
 def normalize_stage(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C,
                     Py_ssize_t inner, cnp.ndarray coef, residual=None,
-                    int activation=FBN_ACT_NONE, double negative_slope=0.0):
-    """y = act(normalize(x) + residual) from the coefficients, as the training forward applies
-    them (by whole channels where its plan groups them)."""
-    cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_TRAIN)
+                    int activation=FBN_ACT_NONE, double negative_slope=0.0, problems=None):
+    """y = act(normalize(x) + residual) from the coefficients (3*C values; (P, 3, C) for
+    problems=P), as the training forward applies them (by whole channels where its plan
+    groups them)."""
+    cdef Py_ssize_t P = problem_count(problems)
+    cdef Plan p = make_problems_plan(P, outer, C, inner, x.itemsize, OP_TRAIN)
     cdef Epilogue ep = make_epilogue(residual, activation, negative_slope)
     cdef Job j
     cdef fbn_stage apply
-    cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
+    cdef int nthreads = reserve_threads(P * outer * C * inner, SERIAL_BELOW_STATS)
+    memset(&j, 0, sizeof(j))
     j.kern, j.p, j.x, j.out, j.ep = table_of(x), &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), &ep
     j.coef = cnp.PyArray_DATA(coef)
     j.napply = apply_items(&p, nthreads)
@@ -823,9 +906,12 @@ def normalize_stage(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C
         apply = stage(normalize_group_item, ceil_div(C, p.group))
     else:
         apply = stage(normalize_item, j.napply)
+    j.data_step = outer * C * inner * x.itemsize
+    j.coef_step = FBN_NORM_COEFS * C * coef.itemsize
+    apply = over_problems(&j, apply, P)
     try:
         with nogil:
-            pool_run(&apply, 1, &j, nthreads, p.count * C)
+            pool_run(&apply, 1, &j, nthreads, P * p.count * C)
     finally:
         release_threads(nthreads)
 
@@ -844,18 +930,25 @@ def grad_shifts_stage(cnp.ndarray dy, Py_ssize_t C, Py_ssize_t inner, cnp.ndarra
 
 def grad_sums_stage(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C,
                     Py_ssize_t inner, cnp.ndarray mean, cnp.ndarray shift, y=None, grad=None,
-                    int activation=FBN_ACT_NONE, double negative_slope=0.0):
-    """The gradient sums of each of the backward plan's chunks around mean and shift:
-    (K, 6, C) float64. With grad, g = dy * act'(y) is written there first."""
+                    int activation=FBN_ACT_NONE, double negative_slope=0.0, problems=None):
+    """The gradient sums of each of the backward plan's chunks around mean and shift (C
+    values each; (P, C) for problems=P): (K, 6, C) float64 ((P, K, 6, C)). With grad,
+    g = dy * act'(y) is written there first."""
     cdef const fbn_kernel_table *kern = table_of(x)
-    cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_BACKWARD)
+    cdef Py_ssize_t P = problem_count(problems)
+    cdef Plan p = make_problems_plan(P, outer, C, inner, x.itemsize, OP_BACKWARD)
     cdef fbn_grad_args a = grad_args(mean, mean, None, None, None, y, grad, activation,
                                      negative_slope)
-    cdef cnp.ndarray parts = np.zeros((p.nchunks, FBN_GRAD_FIELDS, C))
+    cdef cnp.ndarray parts = np.zeros((P, p.nchunks, FBN_GRAD_FIELDS, C))
     cdef Work w
     cdef Job j
-    cdef fbn_stage sums = stage(grad_sums_item, statistics_items(&p))
-    cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
+    cdef fbn_stage sums
+    cdef int nthreads = reserve_threads(P * outer * C * inner, SERIAL_BELOW_STATS)
+    memset(&j, 0, sizeof(j))
+    j.data_step = outer * C * inner * x.itemsize
+    j.vec_step = C * mean.itemsize
+    j.parts_step = p.nchunks * FBN_GRAD_FIELDS * C
+    sums = over_problems(&j, stage(grad_sums_item, statistics_items(&p)), P)
     a.shift = cnp.PyArray_DATA(shift)
     try:
         if alloc_work(&w, &p, nthreads, 0, 0):
@@ -865,12 +958,12 @@ def grad_sums_stage(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t outer, Py_ssize_t 
         free(w.parts)                   # the chunks' sums go straight to `parts`
         w.parts = <double *>cnp.PyArray_DATA(parts)
         with nogil:
-            pool_run(&sums, 1, &j, nthreads, p.count * C)
+            pool_run(&sums, 1, &j, nthreads, P * p.count * C)
         w.parts = NULL
         free_work(&w)
     finally:
         release_threads(nthreads)
-    return parts
+    return parts[0] if problems is None else parts
 
 
 def finish_grad_stage(cnp.ndarray part, cnp.ndarray like, cnp.ndarray invstd, weight,
@@ -890,13 +983,16 @@ def finish_grad_stage(cnp.ndarray part, cnp.ndarray like, cnp.ndarray invstd, we
 
 
 def grad_input_stage(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer,
-                     Py_ssize_t C, Py_ssize_t inner, cnp.ndarray coef):
-    """dx from g (dy, or the fused g) and x, and the gradient coefficients, as the backward
-    applies them (by whole channels where its plan groups them)."""
-    cdef Plan p = make_plan(outer, C, inner, x.itemsize, OP_BACKWARD)
+                     Py_ssize_t C, Py_ssize_t inner, cnp.ndarray coef, problems=None):
+    """dx from g (dy, or the fused g) and x, and the gradient coefficients (5*C values;
+    (P, 5, C) for problems=P), as the backward applies them (by whole channels where its plan
+    groups them)."""
+    cdef Py_ssize_t P = problem_count(problems)
+    cdef Plan p = make_problems_plan(P, outer, C, inner, x.itemsize, OP_BACKWARD)
     cdef Job j
     cdef fbn_stage apply
-    cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
+    cdef int nthreads = reserve_threads(P * outer * C * inner, SERIAL_BELOW_STATS)
+    memset(&j, 0, sizeof(j))
     j.kern, j.p, j.x, j.g, j.out = table_of(x), &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(g), \
         cnp.PyArray_DATA(dx)
     j.coef = cnp.PyArray_DATA(coef)
@@ -905,9 +1001,12 @@ def grad_input_stage(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t ou
         apply = stage(grad_input_group_item, ceil_div(C, p.group))
     else:
         apply = stage(grad_input_item, j.napply)
+    j.data_step = outer * C * inner * x.itemsize
+    j.coef_step = FBN_GRAD_COEFS * C * coef.itemsize
+    apply = over_problems(&j, apply, P)
     try:
         with nogil:
-            pool_run(&apply, 1, &j, nthreads, p.count * C)
+            pool_run(&apply, 1, &j, nthreads, P * p.count * C)
     finally:
         release_threads(nthreads)
 

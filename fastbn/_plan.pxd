@@ -39,7 +39,10 @@ cdef struct Plan:
 
 cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize,
                     Op op) noexcept nogil
-cdef bint op_streams(const Plan *p, Op op, Py_ssize_t nbytes) noexcept nogil
+cdef Plan make_problems_plan(Py_ssize_t problems, Py_ssize_t outer, Py_ssize_t C,
+                             Py_ssize_t inner, Py_ssize_t itemsize, Op op) noexcept nogil
+cdef void set_traffic(Plan *p, Op op, Py_ssize_t nbytes, bint staged) noexcept nogil
+cdef bint op_streams(const Plan *p, Op op, Py_ssize_t nbytes, bint staged) noexcept nogil
 
 
 cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:

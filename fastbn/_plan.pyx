@@ -25,14 +25,15 @@ def _set_stream_traffic_bytes(Py_ssize_t nbytes):
     return previous
 
 
-cdef bint op_streams(const Plan *p, Op op, Py_ssize_t nbytes) noexcept nogil:
+cdef bint op_streams(const Plan *p, Op op, Py_ssize_t nbytes, bint staged) noexcept nogil:
     """Whether op's traffic on p's problem (nbytes an array) calls for streaming stores: below
-    it the output may still be in cache for whoever reads it next."""
+    it the output may still be in cache for whoever reads it next. staged: the op runs as
+    the stage entries run it, each stage a pass of its own (never the fused path)."""
     cdef Py_ssize_t reads     # arrays read from memory: x; x twice (statistics, then
                               # output); x and dy, or twice both
     # channels-first, one chunk a channel: each channel is read once, its statistics and its
     # output made while it is in cache
-    cdef bint one_read = p.inner > 1 and p.nchunks == 1
+    cdef bint one_read = not staged and p.inner > 1 and p.nchunks == 1
     if op == OP_INFER:
         reads = 1
     elif op == OP_TRAIN:
@@ -70,7 +71,28 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t
         p.nchunks = max(1, min(MAX_CHUNKS, p.nblocks, outer * C // MIN_CHUNK,
                                outer // MIN_CHUNK_ROWS))
         p.group = 1
-    # a shape-only choice (like everything in the plan), so results stay the same bits
-    p.row_step = 1 if nbytes >= STREAMING_BYTES else 4
-    p.stream = op_streams(&p, op, nbytes)
+    set_traffic(&p, op, nbytes, False)
     return p
+
+
+cdef Plan make_problems_plan(Py_ssize_t problems, Py_ssize_t outer, Py_ssize_t C,
+                             Py_ssize_t inner, Py_ssize_t itemsize, Op op) noexcept nogil:
+    """The stage entries' plan: make_plan's split of each of `problems` (outer, C, inner)
+    problems run in one call (problems=P), for all of them: a problem is cut into chunks only as far as
+    the problems' units together are too few to feed MAX_CHUNKS threads (each chunk adds its
+    partials to write and merge), and rows per step and streaming stores follow the traffic
+    of all the problems (many small problems stream from memory as one large one does) and
+    of the staged passes (x read by the statistics, then again by the apply)."""
+    cdef Plan p = make_plan(outer, C, inner, itemsize, op)
+    cdef Py_ssize_t units = problems * (C if inner > 1 else 1)     # per chunk of a problem
+    p.nchunks = max(1, min(p.nchunks, ceil_div(MAX_CHUNKS, units)))
+    set_traffic(&p, op, problems * outer * C * inner * itemsize, True)
+    return p
+
+
+cdef void set_traffic(Plan *p, Op op, Py_ssize_t nbytes, bint staged) noexcept nogil:
+    """The choices that follow from how much memory a call walks (nbytes an array): a
+    shape-only choice (like everything in the plan), so results stay the same bits for any
+    thread count."""
+    p.row_step = 1 if nbytes >= STREAMING_BYTES else 4
+    p.stream = op_streams(p, op, nbytes, staged)

@@ -69,12 +69,16 @@ def statistics(x, problem):
     """The merged moments of each statistics unit: (P, 4, units // group) float64, the
     partial format, through the kernels' statistics and merge stages."""
     P, outer, U, inner, group = problem[:5]
-    view = np.ascontiguousarray(x).reshape(P, outer, U, inner)
-    out = []
-    for p in range(P):
-        part = _kernels.merge_stage(_kernels.statistics_stage(view[p], outer, U, inner))
-        if group > 1:      # the channels of a group, merged in channel order
-            per_channel = part.reshape(4, U // group, group)
-            part = _kernels.merge_stage(np.moveaxis(per_channel, 2, 0))
-        out.append(part)
-    return np.stack(out)
+    parts = _kernels.statistics_stage(np.ascontiguousarray(x), outer, U, inner, problems=P)
+    merged = _kernels.merge_stage(problems_as_units(parts))           # (4, P*U)
+    if group > 1:      # the channels of a group, merged in channel order
+        merged = _kernels.merge_stage(np.moveaxis(merged.reshape(4, -1, group), 2, 0))
+    return np.moveaxis(merged.reshape(4, P, U // group), 1, 0)
+
+
+def problems_as_units(parts):
+    """The (P, K, fields, U) chunk partials of P problems as (K, fields, P*U): merge_stage
+    merges each unit over its chunks in order, so each problem's units merge as they would
+    on their own."""
+    P, K, fields, U = parts.shape
+    return np.moveaxis(parts, 0, 2).reshape(K, fields, P * U)

@@ -199,3 +199,59 @@ def test_stages_give_the_same_bits_on_any_thread_count(shape, axis, threads, rng
         _kernels.grad_input_stage(dy, x, dx, outer, C, inner, grad_coef)
         results.append(b"".join(a.tobytes() for a in (merged, y, sums, dx)))
     assert results[0] == results[1] == results[2]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("P,outer,C,inner", [(3, 100, 8, 1), (4, 3136, 64, 1), (2, 5000, 3, 1),
+                                             (3, 2, 3, 5000)])
+def test_problems_give_each_problems_own_calls_bits(P, outer, C, inner, dtype, threads, rng):
+    """problems=P runs P problems in one job; for problems this small its plan is each one's
+    own (chunks, rows per step, no streaming), so each problem's results are its own call's
+    bits, on any thread count, with the fused activation and residual."""
+    shape = (P, outer, C, inner)
+    x = (rng.standard_normal(shape) + 3).astype(dtype)
+    dy, residual, y_fused = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+    coef, grad_coef = (rng.standard_normal((P, n, C)).astype(dtype) for n in (3, 5))
+    mean, shift = (rng.standard_normal((P, C)).astype(dtype) for _ in range(2))
+    for n in (1, 2):
+        threads(n)
+        parts = _kernels.statistics_stage(x, outer, C, inner, problems=P)
+        assert parts.tobytes() == np.stack(
+            [_kernels.statistics_stage(x[p], outer, C, inner) for p in range(P)]).tobytes()
+        y, y_own = np.empty_like(x), np.empty_like(x)
+        _kernels.normalize_stage(x, y, outer, C, inner, coef, residual, 2, 0.1, problems=P)
+        for p in range(P):
+            _kernels.normalize_stage(x[p], y_own[p], outer, C, inner, coef[p], residual[p], 2,
+                                     0.1)
+        assert y.tobytes() == y_own.tobytes()
+        g, g_own = np.empty_like(x), np.empty_like(x)
+        sums = _kernels.grad_sums_stage(dy, x, outer, C, inner, mean, shift, y_fused, g, 2, 0.1,
+                                        problems=P)
+        sums_own = [_kernels.grad_sums_stage(dy[p], x[p], outer, C, inner, mean[p], shift[p],
+                                             y_fused[p], g_own[p], 2, 0.1) for p in range(P)]
+        assert sums.tobytes() == np.stack(sums_own).tobytes()
+        assert g.tobytes() == g_own.tobytes()
+        _kernels.grad_input_stage(g, x, y, outer, C, inner, grad_coef, problems=P)
+        for p in range(P):
+            _kernels.grad_input_stage(g_own[p], x[p], y_own[p], outer, C, inner, grad_coef[p])
+        assert y.tobytes() == y_own.tobytes()
+
+
+@pytest.mark.parametrize("P,outer,C,inner", [(24, 4096, 16, 1), (20, 1, 2, 65536)])
+def test_problems_planned_together_give_the_same_bits_on_any_thread_count(P, outer, C, inner,
+                                                                         threads, rng):
+    """Many problems take fewer chunks each than their own calls (make_problems_plan): still
+    the same bits on any thread count, and each problem's moments are its own."""
+    x = (rng.standard_normal((P, outer, C, inner)) * 2 + 50).astype(np.float32)
+    results = []
+    for n in (1, 2, 3):
+        threads(n)
+        parts = _kernels.statistics_stage(x, outer, C, inner, problems=P)
+        results.append(parts.tobytes())
+    assert results[0] == results[1] == results[2]
+    assert parts.shape[1] < _kernels.plan(outer, C, inner)["nchunks"]     # planned together
+    merged = np.stack([_kernels.merge_stage(part) for part in parts])     # (P, 4, C)
+    count, shift, dev_sum, m2 = np.moveaxis(merged, 1, 0)
+    xd = x.astype(np.float64)
+    np.testing.assert_allclose(shift + dev_sum / count, xd.mean(axis=(1, 3)), rtol=1e-12)
+    np.testing.assert_allclose(m2 / count, xd.var(axis=(1, 3)), rtol=1e-9)
