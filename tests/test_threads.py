@@ -156,7 +156,6 @@ def test_workers_take_part(rng, threads):
     """Some call of many has a worker run part of it. A busy machine may keep the workers away
     from any one call, and then stops waking workers for a while: that is allowed, and
     not what this checks, so the back-off is off and the workers never sleep here."""
-    import time
     threads(2)
     x = rng.standard_normal((32, 64, 32, 32)).astype(np.float32)
     fastbn._kernels._set_pool_backoff(False)
