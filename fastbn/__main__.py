@@ -118,6 +118,9 @@ def check_bench_args(parser, args):
         parser.error("--wide and --markdown exclude each other")
     if args.edge and (args.fused or args.contention or args.plot or args.shapes):
         parser.error("--edge runs on its own: not with --fused, --contention, --plot or --shapes")
+    if args.family and (args.fused or args.contention or args.edge or args.plot or args.shapes):
+        parser.error("--family runs on its own: not with --fused, --contention, --edge, --plot "
+                     "or --shapes")
     if args.contention and (args.fused or args.plot):
         parser.error("--contention runs on its own: not with --fused or --plot")
     if args.plot:
@@ -193,6 +196,9 @@ def main(argv=None):
                        help="batch-1 latency (median, p99) of inference on edge shapes, "
                             "float32 and float16, fused and folded, with ONNX Runtime and "
                             "PyTorch")
+    bench.add_argument("--family", action="store_true",
+                       help="LayerNorm, RMSNorm, GroupNorm and InstanceNorm against PyTorch "
+                            "(train, infer, backward) on the shapes transformers and CNNs use")
     bench.add_argument("--seconds", type=float, default=None,
                        help="timing budget per cell (default 0.5, 0.2 with --quick)")
     bench.add_argument("--wide", action="store_true",
@@ -216,6 +222,9 @@ def main(argv=None):
     if args.edge:
         from . import _edge
         return _edge.main(args)
+    if args.family:
+        from . import _family_bench
+        return _family_bench.main(args)
     from . import _bench
     return _bench.main(args)
 

@@ -237,3 +237,30 @@ def test_bench_edge(tmp_path):
 def test_bench_edge_runs_alone(tmp_path):
     run = bench("--edge", "--fused", cwd=tmp_path)
     assert run.returncode == 2 and "--edge runs on its own" in run.stderr
+
+
+def test_bench_family(tmp_path):
+    """--family --quick end to end: every kind, op and dtype asked for has a row with both
+    times; without torch, a note and nothing timed."""
+    pytest.importorskip("torch")
+    out_json = tmp_path / "family.json"
+    run = bench("--family", "--quick", "--threads", "1", "--seconds", "0.01", "--dtypes",
+                "float32", "--json", str(out_json), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out_json.read_text())["family"]
+    assert {r["case"].split()[0] for r in rows} == {"layer_norm", "rms_norm", "group_norm",
+                                                     "instance_norm"}
+    assert all(r["dtype"] == "float32" for r in rows)
+    assert {r["op"] for r in rows} == {"train", "infer", "backward"}
+    assert all(r["seconds"]["fastbn"] > 0 and r["seconds"]["torch"] > 0 for r in rows)
+    assert "geometric-mean speedup" in run.stdout
+
+
+def test_bench_family_without_torch(tmp_path):
+    run = bench("--family", "--quick", cwd=tmp_path, block=["torch"])
+    assert run.returncode == 0 and "PyTorch is not installed" in run.stderr
+
+
+def test_bench_family_runs_alone(tmp_path):
+    run = bench("--family", "--shapes", "4x8x16x16", cwd=tmp_path)
+    assert run.returncode == 2 and "--family runs on its own" in run.stderr

@@ -1,25 +1,26 @@
-"""The normalization family against PyTorch's CPU kernels, side by side in one process.
+"""python -m fastbn bench --family: the normalization family against PyTorch's CPU kernels.
 
-    python benchmarks/family.py [--seconds 0.3] [--dtypes float32,float64] [--quick]
-                                [--only group_norm,instance_norm]
+    python -m fastbn bench --family [--quick] [--seconds S] [--dtypes float32,float64]
+                                    [--threads N] [--json FILE]
 
-Each row times fastbn and torch at the same thread count (fastbn.get_num_threads()), in the
+Each row times fastbn and torch at the same thread count, side by side in one process, in the
 bench's rotating interleaved rounds (median of the rounds). Forward ("train": the statistics
 saved for the backward) and backward use torch's ATen entries where it has them
 (native_layer_norm, native_group_norm and their backwards), so neither side pays for autograd;
 RMSNorm and InstanceNorm have no such entries: their torch backward is autograd's, forward
 included, and marked so. The limit column is the one-pass memory limit (read x, write y; for
-the backward read dy and x, write dx) from a parallel copy's speed, as in `python -m fastbn
-bench`; "of limit" is limit / fastbn's time.
+the backward read dy and x, write dx) from a parallel copy's speed, as in the main bench;
+"of limit" is limit / fastbn's time.
 """
-import argparse
+import json
 import math
 import sys
 
 import numpy as np
 
 import fastbn
-from fastbn import _bench, _kernels
+
+from . import _bench, _kernels
 
 
 def cases(quick):
@@ -111,52 +112,51 @@ def make(kind, shape, extra, dtype, torch, rng):
                      torch_in_backward, "autograd, forward included")}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=0.3)
-    parser.add_argument("--dtypes", default="float32,float64")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="",
-                        help="comma-separated kinds to run (layer_norm, rms_norm, group_norm, "
-                             "instance_norm); default: all")
-    args = parser.parse_args(argv)
+def main(args):
+    """The table on stdout (and the rows in args.json); 0, or 0 with a note when torch is
+    missing: there is nothing to compare with."""
     try:
         import torch
     except ImportError:
-        print("PyTorch is not installed: nothing to compare with", file=sys.stderr)
+        print("PyTorch is not installed: nothing to compare with (pip install torch)",
+              file=sys.stderr)
         return 0
-    threads = fastbn.get_num_threads()
+    threads = args.threads or fastbn.get_num_threads()
+    fastbn.set_num_threads(threads)
     torch.set_num_threads(threads)
+    seconds = args.seconds or (0.1 if args.quick else 0.3)
+    dtypes = args.dtypes or [np.dtype(np.float32), np.dtype(np.float64)]
     rng = np.random.default_rng(0)
     print(f"threads {threads}; times in us (median of interleaved rounds)")
     print("| case | dtype | op | fastbn | torch | speedup | of limit | note |")
     print("|---|---|---|---|---|---|---|---|")
-    speedups = []
-    only = set(filter(None, args.only.split(",")))
+    records = []
     for kind, shape, extra in cases(args.quick):
-        if only and kind not in only:
-            continue
-        for dtype in args.dtypes.split(","):
-            ops = make(kind, shape, extra, np.dtype(dtype), torch, rng)
+        for dtype in dtypes:
+            ops = make(kind, shape, extra, dtype, torch, rng)
             x = np.empty(shape, dtype)
             copy = np.empty_like(x)
             for op, (f, t, note) in ops.items():
                 times = _bench.interleaved_medians(
                     {"fastbn": f, "torch": t,
-                     "copy": lambda: _kernels.parallel_copy(x, copy)}, args.seconds)
+                     "copy": lambda: _kernels.parallel_copy(x, copy)}, seconds)
                 arrays = 3 if op == "backward" else 2          # read dy and x, write dx
                 limit = times["copy"] * arrays / 2
                 s = times["torch"] / times["fastbn"]
-                speedups.append(s)
                 layout = f" {extra[0]} G={extra[1]}" if kind == "group_norm" else ""
-                print(f"| {kind} {'x'.join(map(str, shape))}{layout} | {dtype} | {op} | "
-                      f"{times['fastbn'] * 1e6:.0f} | {times['torch'] * 1e6:.0f} | "
-                      f"x{s:.2f} | {limit / times['fastbn']:.2f} | {note} |", flush=True)
+                case = f"{kind} {'x'.join(map(str, shape))}{layout}"
+                records.append({"case": case, "dtype": dtype.name, "op": op,
+                                "seconds": {"fastbn": times["fastbn"], "torch": times["torch"]},
+                                "speedup": s, "fraction_of_limit": limit / times["fastbn"],
+                                "note": note})
+                print(f"| {case} | {dtype.name} | {op} | {times['fastbn'] * 1e6:.0f} | "
+                      f"{times['torch'] * 1e6:.0f} | x{s:.2f} | {limit / times['fastbn']:.2f} "
+                      f"| {note} |", flush=True)
+    speedups = [r["speedup"] for r in records]
     geo = math.exp(sum(map(math.log, speedups)) / len(speedups))
     print(f"\ngeometric-mean speedup x{geo:.2f}, slowest x{min(speedups):.2f}, "
           f"{sum(s < 1 for s in speedups)} of {len(speedups)} cells slower than torch")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": threads, "family": records}, f, indent=1)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
