@@ -271,7 +271,7 @@ static int fbn_others_running(void)
 
 static void fbn_pool_after_fork(void);
 
-/* Start workers until there are n (fewer if the OS refuses). */
+/* Restart the pool in a forked child (fbn_pool_after_fork), from the first use on. */
 static void fbn_watch_fork(void)
 {
     static int fork_handler;
@@ -279,6 +279,7 @@ static void fbn_watch_fork(void)
         fork_handler = pthread_atfork(NULL, NULL, fbn_pool_after_fork) == 0;
 }
 
+/* Start workers until there are n (fewer if the OS refuses). */
 static void fbn_start_workers(int n)
 {
     fbn_watch_fork();
@@ -354,6 +355,15 @@ static void fbn_pool_ended(void)
     atomic_store_explicit(&fbn_pool.last_end_ns, fbn_now_ns(), memory_order_relaxed);
 }
 
+/* How many of the first n workers are not asleep now (polling, or running an item). */
+static int fbn_awake_among(int n)
+{
+    int awake = 0;
+    for (int k = 0; k < n; k++)
+        awake += !atomic_load(&fbn_pool.workers[k].sleeping);
+    return awake;
+}
+
 /* Wake the first n workers with no job: they poll for the next one (spin_ns), then sleep. */
 static void fbn_poke_workers(int n)
 {
@@ -412,10 +422,7 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
     const int judge = fbn_pool.nworkers == started;   /* new threads start slowly: no sign */
     const int nasked = nthreads - 1 < fbn_pool.nworkers ? nthreads - 1 : fbn_pool.nworkers;
     if (!wake) {
-        int awake = 0;
-        for (int k = 0; k < nasked; k++)
-            awake += !atomic_load(&fbn_pool.workers[k].sleeping);
-        if (awake == 0) {           /* wake them for the next call, not for this one */
+        if (fbn_awake_among(nasked) == 0) {   /* wake them for the next call, not this one */
             if (back_to_back)
                 fbn_poke_workers(nasked);
             pthread_mutex_unlock(&fbn_pool.busy);
@@ -473,14 +480,8 @@ static void fbn_pool_set_spin(long long ns) { atomic_store(&fbn_pool.spin_ns, ns
 
 static int fbn_pool_workers(void) { return fbn_pool.nworkers; }
 
-/* Workers not asleep now (polling, or running an item). */
-static int fbn_pool_awake(void)
-{
-    int awake = 0;
-    for (int k = 0; k < fbn_pool.nworkers; k++)
-        awake += !atomic_load(&fbn_pool.workers[k].sleeping);
-    return awake;
-}
+/* Workers not asleep now. */
+static int fbn_pool_awake(void) { return fbn_awake_among(fbn_pool.nworkers); }
 
 /* Nanoseconds from now during which no sleeping worker is woken (0: none). */
 static long long fbn_pool_backing_off(void)
