@@ -153,8 +153,7 @@ def main(args):
                       f"{times['torch'] * 1e6:.0f} | x{s:.2f} | {limit / times['fastbn']:.2f} "
                       f"| {note} |", flush=True)
     speedups = [r["speedup"] for r in records]
-    geo = math.exp(sum(map(math.log, speedups)) / len(speedups))
-    print(f"\ngeometric-mean speedup x{geo:.2f}, slowest x{min(speedups):.2f}, "
+    print(f"\ngeometric-mean speedup x{_bench.geomean(speedups):.2f}, slowest x{min(speedups):.2f}, "
           f"{sum(s < 1 for s in speedups)} of {len(speedups)} cells slower than torch")
     if args.json:
         with open(args.json, "w") as f:
