@@ -210,6 +210,24 @@ def torch_impl(case, torch):
     return lambda: t.back(t.forward(training))
 
 
+def ort_session(ort, model, threads, optimize=True):
+    """An ONNX Runtime session of `threads` threads whose workers sleep between calls.
+
+    Interleaved call by call with the other implementations, ORT's default (workers spinning
+    after each call) takes every core from whoever runs next: at 16 threads on 16 cores
+    fastbn ran at its one-thread speed after ORT's calls, and was slower than PyTorch in 13
+    of 54 cells; with no peer spinning, in none (docs/tuning.md). What ORT's own calls lose
+    by it is its wake-up, as every other implementation here pays."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
 def onnxruntime_impl(case, ort, onnx, threads):
     """ONNX Runtime's BatchNormalization (inference; its layout is NCHW)."""
     c = case
@@ -228,12 +246,8 @@ def onnxruntime_impl(case, ort, onnx, threads):
                               [helper.make_tensor_value_info("Y", elem, c.x.shape)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     model.ir_version = min(model.ir_version, 10)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+        session = ort_session(ort, model, threads)
     except Exception:       # e.g. no double kernel in this build
         return None
     feed = {"X": c.x}

@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from . import batch_norm_infer, get_num_threads, set_num_threads
+from ._bench import ort_session
 
 SHAPES = [(1, 32, 112, 112), (1, 512, 7, 7), (1, 1280)]
 DTYPES = (np.float32, np.float16)
@@ -49,20 +50,6 @@ def fastbn_impls(x, rm, rv, w, b):
     return {"fastbn": lambda: batch_norm_infer(x, rm, rv, w, b, eps=EPS),
             "fastbn+relu": lambda: batch_norm_infer(x, rm, rv, w, b, eps=EPS,
                                                     activation="relu")}, []
-
-
-def ort_session(model, threads, optimize=True):
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # interleaved with torch and fastbn: ORT's workers spinning after a call would take the
-    # cores from the next implementation's threads (torch's took milliseconds a call here)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
 
 
 def ort_models(x, rm, rv, w, b, rng):
@@ -107,7 +94,7 @@ def peer_impls(x, rm, rv, w, b, threads, rng):
                                       ("ort conv+bn", conv_bn, False),
                                       ("ort folded", folded, False)):
             try:
-                session = ort_session(model, threads, optimize)
+                session = ort_session(ort, model, threads, optimize)
                 session.run(None, feed)
             except Exception as e:          # no kernel of this dtype in this build
                 notes.append(f"{name}: {x.dtype.name} does not run ({type(e).__name__})")

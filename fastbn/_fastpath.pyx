@@ -3,7 +3,8 @@
 
 Per-call cost matters for small tensors (edge inference is often batch 1). These functions
 take the common call -- C-contiguous ndarrays of a storage dtype, per-channel arrays of its
-compute dtype, a plain float eps/momentum, out= absent, the input itself, or a C-contiguous
+compute dtype (read-only ones may be float16, float32 or float64, converted as _api converts
+them: a half-precision model's parameters are float16), a plain float eps/momentum, out= absent, the input itself, or a C-contiguous
 array that does not overlap the inputs; in the forward, a residual of the same kind that out
 does not overlap and a known activation -- with cheap C-level checks, and return None for
 anything else. The checks read the rule definitions of fastbn._rules (ranges, dtypes,
@@ -17,6 +18,10 @@ from fastbn._kernels cimport forward_train, forward_infer, backward
 from fastbn._outputs cimport new_array
 from fastbn import _rules
 from fastbn.activations import ACTIVATIONS
+
+cdef extern from "fastbn/dtypes.h" nogil:
+    ctypedef unsigned short fbn_f16     # the header's storage type (_Float16 where there is one)
+    float fbn_load_f16(fbn_f16 v)
 
 cnp.import_array()
 
@@ -59,6 +64,49 @@ cdef inline bint channel_vector(object v, int typenum, Py_ssize_t C, bint option
         return optional
     return (plain_array(v, typenum) and cnp.PyArray_NDIM(<cnp.ndarray>v) == 1
             and cnp.PyArray_DIM(<cnp.ndarray>v, 0) == C)
+
+
+cdef inline bint float_vector(object v, Py_ssize_t C, bint optional):
+    """v is None (where optional) or a plain (C,) array of float16, float32 or float64: a
+    read-only parameter, which _api converts to the compute dtype (as_compute does here)."""
+    if v is None:
+        return optional
+    if not cnp.PyArray_CheckExact(v):
+        return False
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>v)
+    return ((t == cnp.NPY_FLOAT16 or t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64)
+            and channel_vector(v, t, C, False))
+
+
+cdef object as_compute(object v, int compute):
+    """A float_vector as an array of the compute dtype (float32 or float64): v itself, or a
+    converted copy with NumPy's astype's bits (converted here: NumPy's cast costs 2 us an
+    array, as much as a batch-1 call)."""
+    if v is None or cnp.PyArray_TYPE(<cnp.ndarray>v) == compute:
+        return v
+    cdef cnp.npy_intp n = cnp.PyArray_DIM(<cnp.ndarray>v, 0), i
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, &n, compute, 0)
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>v)
+    cdef const fbn_f16 *f16 = <const fbn_f16 *>cnp.PyArray_DATA(<cnp.ndarray>v)
+    cdef const float *f32 = <const float *>cnp.PyArray_DATA(<cnp.ndarray>v)
+    cdef const double *f64 = <const double *>cnp.PyArray_DATA(<cnp.ndarray>v)
+    cdef float *to32 = <float *>cnp.PyArray_DATA(out)
+    cdef double *to64 = <double *>cnp.PyArray_DATA(out)
+    # one loop per pair, so that each vectorizes; float16 values are exact in float and
+    # double, and double to float rounds to nearest even, as NumPy's cast
+    if compute == cnp.NPY_FLOAT32 and t == cnp.NPY_FLOAT16:
+        for i in range(n):
+            to32[i] = fbn_load_f16(f16[i])
+    elif compute == cnp.NPY_FLOAT32:
+        for i in range(n):
+            to32[i] = <float>f64[i]
+    elif t == cnp.NPY_FLOAT16:
+        for i in range(n):
+            to64[i] = fbn_load_f16(f16[i])
+    else:
+        for i in range(n):
+            to64[i] = f32[i]
+    return out
 
 
 cdef inline int typenum_of(object x):
@@ -174,8 +222,7 @@ cdef bint plain_forward(x, axis, out, eps, weight, bias, residual, activation, n
     f.axis = plain_call(x, axis, out, &f.typenum, &f.compute, &f.C)
     if f.axis < 0:
         return False
-    if not (channel_vector(weight, f.compute, f.C, True)
-            and channel_vector(bias, f.compute, f.C, True)
+    if not (float_vector(weight, f.C, True) and float_vector(bias, f.C, True)
             and plain_float(eps, EPS_LOW, EPS_HIGH)
             and plain_fusion(residual, activation, negative_slope, <cnp.ndarray>x, out,
                              f.typenum, &f.act, &f.slope)):
@@ -189,12 +236,13 @@ def infer_common(x, running_mean, running_var, weight, bias, eps, axis, out, res
     cdef Forward f
     if not (plain_forward(x, axis, out, eps, weight, bias, residual, activation,
                           negative_slope, &f)
-            and channel_vector(running_mean, f.compute, f.C, False)
-            and channel_vector(running_var, f.compute, f.C, False)):
+            and float_vector(running_mean, f.C, False)
+            and float_vector(running_var, f.C, False)):
         return None
     cdef cnp.ndarray y = output_for(<cnp.ndarray>x, out)
-    forward_infer(<cnp.ndarray>x, y, f.outer, f.C, f.inner, running_mean, running_var, weight,
-                  bias, eps, residual, f.act, f.slope)
+    forward_infer(<cnp.ndarray>x, y, f.outer, f.C, f.inner, as_compute(running_mean, f.compute),
+                  as_compute(running_var, f.compute), as_compute(weight, f.compute),
+                  as_compute(bias, f.compute), eps, residual, f.act, f.slope)
     return y
 
 
@@ -219,7 +267,8 @@ def train_common(x, weight, bias, eps, axis, running_mean, running_var, momentum
     cdef cnp.npy_intp c_dim = f.C
     cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &c_dim, f.compute, 0)
     cdef cnp.ndarray invstd = cnp.PyArray_EMPTY(1, &c_dim, f.compute, 0)
-    forward_train(<cnp.ndarray>x, y, f.outer, f.C, f.inner, weight, bias, eps, running_mean,
+    forward_train(<cnp.ndarray>x, y, f.outer, f.C, f.inner, as_compute(weight, f.compute),
+                  as_compute(bias, f.compute), eps, running_mean,
                   running_var, momentum, mean, invstd, residual, f.act, f.slope)
     return y, mean, invstd
 

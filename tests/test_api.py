@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import fastbn
+from fastbn import _fastpath
 import fastbn.reference as ref
 from conftest import TOL_Y, assert_close
 
@@ -126,4 +127,26 @@ def test_fast_path_and_full_path_agree(shape, axis, dtype, rng):
     grads = fastbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, out=out)
     assert grads[0] is out
     for a, f in zip(grads, fastbn.batch_norm_backward(dy, x, mean, invstd, w.tolist(), axis=axis)):
+        assert a.tobytes() == f.tobytes()
+
+
+@pytest.mark.parametrize("param_dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_fast_path_converts_parameters_as_the_full_path_does(dtype, param_dtype, rng):
+    """Read-only parameters of another float dtype (a half model's float16 weights) stay on
+    the fast path, converted to the compute dtype with the full path's bits."""
+    x = rng.standard_normal((2, 5, 3, 4)).astype(dtype)
+    C = 5
+    w, b, rm = (rng.standard_normal(C).astype(param_dtype) for _ in range(3))
+    rv = rng.uniform(0.5, 1.5, C).astype(param_dtype)
+    args = (1e-5, 1, None, None, None, 0.01)
+    fast = _fastpath.infer_common(x, rm, rv, w, b, *args)
+    assert fast is not None
+    full = fastbn.batch_norm_infer(x, rm.tolist(), rv, w, b)    # a list: the full path
+    assert fast.tobytes() == full.tobytes()
+    compute = np.float64 if dtype == np.float64 else np.float32
+    fast = _fastpath.train_common(x, w, b, 1e-5, 1, None, None, 0.1, None, None, None, 0.01)
+    assert fast is not None
+    full = fastbn.batch_norm_train(x, w.astype(compute), b.astype(compute))
+    for a, f in zip(fast, full):
         assert a.tobytes() == f.tobytes()
