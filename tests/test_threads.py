@@ -228,7 +228,9 @@ def test_small_calls_back_to_back_wake_the_workers(rng, threads):
     x = rng.standard_normal((8, 32, 16, 16)).astype(np.float32)
     fastbn.batch_norm_train(x)                      # the workers start
     fastbn._kernels._set_pool_backoff(False)
-    fastbn._kernels._set_pool_spin(50_000)          # whatever OMP_WAIT_POLICY says
+    # whatever OMP_WAIT_POLICY says; 2 ms, not the default 50 us: calls count as back to back
+    # within the spin time, and one loop round takes longer than 50 us under emulation (qemu)
+    fastbn._kernels._set_pool_spin(2_000_000)
     try:
         time.sleep(0.05)                            # and fall asleep
         assert fastbn._kernels.pool_info()["awake"] == 0

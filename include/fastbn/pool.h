@@ -466,7 +466,7 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
                 fbn_pool.backoff_ns = 2 * fbn_pool.backoff_ns < FBN_BACKOFF_MAX_NS
                                       ? 2 * fbn_pool.backoff_ns : FBN_BACKOFF_MAX_NS;
             }
-        } else if (wake) {
+        } else {        /* on time: the next late job is a new episode, not this one's */
             fbn_pool.backoff_ns = FBN_BACKOFF_MIN_NS;
         }
     }
