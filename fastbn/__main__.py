@@ -41,6 +41,8 @@ def info(build=None):
         ("build flags", build["build_flags"] or "(none recorded)"),
         ("baseline simd", build["baseline_simd"]),
         ("kernel dispatch", dispatch_text(build)),
+        ("float16 blocks", f"{build['half_blocks']} vector conversions" if build["half_blocks"]
+         else "none: one value at a time"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

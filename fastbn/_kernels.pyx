@@ -76,6 +76,7 @@ def build_info():
         "baseline_simd": fbn_baseline_simd().decode(),
         "dispatch_targets": fbn_dispatch_targets().decode(),
         "dispatch_selected": fbn_dispatch_selected().decode(),
+        "half_blocks": fbn_f16_blocks().decode(),
         "storage_types": [name for name, _ in storage_tables() if name in _dtypes_here],
     }
 
@@ -95,6 +96,35 @@ def plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize=4
                        "backward": bool(op_streams(&p, OP_BACKWARD, nbytes, False))},
             "threads": threads_for(outer * C * inner, SERIAL_BELOW_STATS),
             "threads_infer": threads_for(outer * C * inner, SERIAL_BELOW_PASS)}
+
+
+cdef extern from *:
+    """
+    /* tests: float16 <-> float32 by the kernels' block conversions, or one value at a time */
+    static void fbn_convert_half(const void *src, void *dst, ptrdiff_t n, int to_half,
+                                 int blocks)
+    {
+        if (to_half && blocks) fbn_store_block_f16((const float *)src, (fbn_f16 *)dst, n);
+        else if (to_half) fbn_store_each_f16((const float *)src, (fbn_f16 *)dst, n);
+        else if (blocks) fbn_load_block_f16((const fbn_f16 *)src, (float *)dst, n);
+        else fbn_load_each_f16((const fbn_f16 *)src, (float *)dst, n);
+    }
+    """
+    void fbn_convert_half(const void *src, void *dst, Py_ssize_t n, int to_half,
+                          int blocks) noexcept nogil
+    const char *fbn_f16_blocks()
+
+
+def _convert_half(cnp.ndarray src, bint blocks):
+    """Tests: a C-contiguous float16 array to float32, or a float32 one to float16 (flat), by the
+    kernels' block conversions (blocks: the CPU's vector conversions where dtypes.h has them,
+    see build_info()['half_blocks']) or one value at a time."""
+    if not src.flags.c_contiguous or src.dtype not in (np.float16, np.float32):
+        raise TypeError("src must be a C-contiguous float16 or float32 array")
+    to_half = src.dtype == np.float32
+    dst = np.empty(src.size, np.float16 if to_half else np.float32)
+    fbn_convert_half(cnp.PyArray_DATA(src), cnp.PyArray_DATA(dst), src.size, to_half, blocks)
+    return dst
 
 
 def _set_prefetch_span(Py_ssize_t nbytes):

@@ -254,3 +254,44 @@ def test_stores_round_to_nearest_even(dtype, rng):
     with np.errstate(over="ignore"):
         want = (x.astype(np.float32) * w).astype(dtype)
     assert (y.view(np.uint16) == want.view(np.uint16)).all()
+
+
+def test_block_conversions_have_the_bits_of_single_ones():
+    """The kernels convert float16 in blocks with the CPU's vector instructions (F16C, NEON;
+    `python -m fastbn info` names them) and one value at a time elsewhere: both give NumPy's
+    bits, for every float16 (loads; a signaling NaN may load as a quiet one) and for float32
+    values at and between the float16 values' rounding boundaries (stores), in blocks of every
+    length up to two vectors and a tail."""
+    from fastbn import _kernels
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    nan = np.isnan(every)
+    for blocks in (True, False):
+        loaded = _kernels._convert_half(every, blocks)
+        assert (loaded[~nan].view(np.uint32) == every[~nan].astype(np.float32).view(np.uint32)).all()
+        assert np.isnan(loaded[nan]).all()
+
+    finite = every[np.isfinite(every)].astype(np.float32)
+    bits = finite.view(np.uint32)
+    # each value, the float32s next to it, the ties half way to the next float16 (and one
+    # float32 ulp either side), past the largest float16, float32 subnormals, inf and nan
+    ties = ((finite[:-1].astype(np.float64) + finite[1:]) / 2).astype(np.float32)
+    rng = np.random.default_rng(5)
+    stores = np.concatenate([
+        finite, (bits + 1).view(np.float32), (bits - 1).view(np.float32), ties,
+        np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, np.float32(-np.inf)),
+        np.float32([65504, 65519.996, 65520, 65536, 1e30, np.inf, -np.inf, np.nan, 1e-45,
+                    -1e-40, 2.0**-25, 2.0**-24, 3 * 2.0**-26]),
+        rng.integers(0, 1 << 32, 1 << 16, dtype=np.uint32).view(np.float32)])
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = stores.astype(np.float16)
+    real = ~np.isnan(stores)
+    for blocks in (True, False):
+        stored = _kernels._convert_half(stores, blocks)
+        assert (stored[real].view(np.uint16) == want[real].view(np.uint16)).all()
+        assert np.isnan(stored[~real]).all()
+        for n in range(1, 20):                     # every tail length
+            part = np.ascontiguousarray(stores[1000:1000 + n])
+            assert (_kernels._convert_half(part, blocks).view(np.uint16)
+                    == want[1000:1000 + n].view(np.uint16)).all()
+            assert (_kernels._convert_half(np.ascontiguousarray(every[:n]), blocks).view(np.uint32)
+                    == every[:n].astype(np.float32).view(np.uint32)).all()

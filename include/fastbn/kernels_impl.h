@@ -25,6 +25,21 @@
 /* 1 where a store rounds (half precision): a value is stored once, when it is final */
 #define FBN_ROUNDS_ON_STORE (!FBN_PASTE(FBN_STORAGE_IS_COMPUTE_, FBN_SUFFIX))
 
+/* Staged storage (FBN_STAGES_<suffix>, dtypes.h): a segment converts FBN_STAGE values at a
+ * time into a buffer of the compute type (in L1), runs the compute type's own segment on it
+ * (CFN(name): fbn_<name>_f32 for half storage, the same math in the same order, so the same
+ * bits as converting each value where it is used) and converts what it wrote back. The
+ * compute type's table is included before (fastbn/_dtypes.py lists float32 first). */
+#define FBN_STAGED FBN_PASTE(FBN_STAGES_, FBN_SUFFIX)
+#if FBN_STAGED
+#define FBN_STAGE 512                 /* a multiple of FBN_LANES: the lanes stay as they were */
+#define FBN_ROW_STAGE 2048            /* channels-last rows: whole rows, several at a time */
+#define FBN_STAGE_LEN(n, b) ((n) - (b) < FBN_STAGE ? (n) - (b) : FBN_STAGE)
+#define CFN(name) FBN_PASTE(FBN_PASTE(fbn_##name, _), FBN_COMPUTE_SUFFIX)
+#define LOAD_BLOCK(src, dst, n) FBN_PASTE(fbn_load_block_, FBN_SUFFIX)(src, dst, n)
+#define STORE_BLOCK(src, dst, n) FBN_PASTE(fbn_store_block_, FBN_SUFFIX)(src, dst, n)
+#endif
+
 /* ------------------------------------------------------------------------------------------
  * Segments: the math, over n contiguous values of one channel
  * ------------------------------------------------------------------------------------------ */
@@ -33,6 +48,12 @@
 FBN_SEGMENT void FBN_FN(prefetch_lanes)(const S *p)
 {
     for (size_t k = 0; k < FBN_LANES * sizeof(S); k += 64) fbn_prefetch((const char *)p + k);
+}
+
+/* the lines of n values at p (a staged segment's prefetch, a block ahead) */
+FBN_SEGMENT void FBN_FN(prefetch_values)(const S *p, fbn_index n)
+{
+    for (size_t k = 0; k < (size_t)n * sizeof(S); k += 64) fbn_prefetch((const char *)p + k);
 }
 
 /* The segment sums add into FBN_LANES partial sums that their caller keeps over a whole
@@ -46,6 +67,15 @@ FBN_SEGMENT void FBN_FN(prefetch_lanes)(const S *p)
 FBN_SEGMENT void FBN_FN(sum_segment)(const S *x, fbn_index n, fbn_index ahead,
                                      double *FBN_RESTRICT sum, double *FBN_RESTRICT rest)
 {
+#if FBN_STAGED
+    T xs[FBN_STAGE];
+    for (fbn_index b = 0; b < n; b += FBN_STAGE) {
+        const fbn_index m = FBN_STAGE_LEN(n, b);
+        if (ahead != 0) FBN_FN(prefetch_values)(x + b + ahead, m);
+        LOAD_BLOCK(x + b, xs, m);
+        CFN(sum_segment)(xs, m, 0, sum, rest);
+    }
+#else
     fbn_index i = 0;
     for (; i + FBN_LANES <= n; i += FBN_LANES) {
         if (ahead != 0) FBN_FN(prefetch_lanes)(x + i + ahead);
@@ -55,6 +85,7 @@ FBN_SEGMENT void FBN_FN(sum_segment)(const S *x, fbn_index n, fbn_index ahead,
     double r = 0.0;
     for (; i < n; ++i) r += (double)LOAD(x[i]);
     *rest += r;
+#endif
 }
 
 /* sum (x - shift) and sum (x - shift)^2 into lanes and rests; x - shift is exact near the
@@ -63,6 +94,15 @@ FBN_SEGMENT void FBN_FN(deviation_segment)(const S *x, fbn_index n, fbn_index ah
                                            double shift, double *FBN_RESTRICT s1,
                                            double *FBN_RESTRICT s2, double *FBN_RESTRICT rest)
 {
+#if FBN_STAGED
+    T xs[FBN_STAGE];
+    for (fbn_index b = 0; b < n; b += FBN_STAGE) {
+        const fbn_index m = FBN_STAGE_LEN(n, b);
+        if (ahead != 0) FBN_FN(prefetch_values)(x + b + ahead, m);
+        LOAD_BLOCK(x + b, xs, m);
+        CFN(deviation_segment)(xs, m, 0, shift, s1, s2, rest);
+    }
+#else
     fbn_index i = 0;
     for (; i + FBN_LANES <= n; i += FBN_LANES) {
         if (ahead != 0) FBN_FN(prefetch_lanes)(x + i + ahead);
@@ -81,6 +121,7 @@ FBN_SEGMENT void FBN_FN(deviation_segment)(const S *x, fbn_index n, fbn_index ah
     }
     rest[0] += r1;
     rest[1] += r2;
+#endif
 }
 
 /* y = (x - hi) * scale + offset: x - hi is exact near the mean (hi is the mean rounded to T;
@@ -101,9 +142,19 @@ FBN_SEGMENT T FBN_FN(grad_input_value)(T dy, T x, T h, T g, T k_dy, T k_xc, T k_
 FBN_SEGMENT void FBN_FN(normalize_segment)(const S *x, S *y, fbn_index n, T hi, T scale,
                                            T offset)
 {
+#if FBN_STAGED
+    T xs[FBN_STAGE];
+    for (fbn_index b = 0; b < n; b += FBN_STAGE) {
+        const fbn_index m = FBN_STAGE_LEN(n, b);
+        LOAD_BLOCK(x + b, xs, m);
+        CFN(normalize_segment)(xs, xs, m, hi, scale, offset);
+        STORE_BLOCK(xs, y + b, m);
+    }
+#else
 #pragma omp simd
     for (fbn_index i = 0; i < n; ++i)
         y[i] = STORE(FBN_FN(normalize_value)(LOAD(x[i]), hi, scale, offset));
+#endif
 }
 
 /* w[i] * v, or v where w is NULL (a literal NULL folds away in the inlined loops) */
@@ -122,6 +173,20 @@ FBN_SEGMENT void FBN_FN(grad_sums_segment)(const S *dy, const S *x, fbn_index n,
                                            double *FBN_RESTRICT s_xc,
                                            double *FBN_RESTRICT rest)
 {
+#if FBN_STAGED
+    T dys[FBN_STAGE], xs[FBN_STAGE];
+    for (fbn_index b = 0; b < n; b += FBN_STAGE) {
+        const fbn_index k = FBN_STAGE_LEN(n, b);
+        if (ahead != 0) {
+            FBN_FN(prefetch_values)(dy + b + ahead, k);
+            FBN_FN(prefetch_values)(x + b + ahead, k);
+        }
+        LOAD_BLOCK(dy + b, dys, k);
+        LOAD_BLOCK(x + b, xs, k);
+        CFN(grad_sums_segment)(dys, xs, k, 0, m, q, w == NULL ? NULL : w + b, s_dy, s_dy_xc,
+                               s_xc, rest);
+    }
+#else
     fbn_index i = 0;
     for (; i + FBN_LANES <= n; i += FBN_LANES) {
         if (ahead != 0) {
@@ -148,15 +213,27 @@ FBN_SEGMENT void FBN_FN(grad_sums_segment)(const S *dy, const S *x, fbn_index n,
     rest[0] += r_dy;
     rest[1] += r_dy_xc;
     rest[2] += r_xc;
+#endif
 }
 
 /* dx may be dy or x (in place) */
 FBN_SEGMENT void FBN_FN(grad_input_segment)(const S *dy, const S *x, S *dx, fbn_index n, T h,
                                             T g, T k_dy, T k_xc, T k_0)
 {
+#if FBN_STAGED
+    T dys[FBN_STAGE], xs[FBN_STAGE];
+    for (fbn_index b = 0; b < n; b += FBN_STAGE) {
+        const fbn_index m = FBN_STAGE_LEN(n, b);
+        LOAD_BLOCK(dy + b, dys, m);
+        LOAD_BLOCK(x + b, xs, m);
+        CFN(grad_input_segment)(dys, xs, dys, m, h, g, k_dy, k_xc, k_0);
+        STORE_BLOCK(dys, dx + b, m);
+    }
+#else
 #pragma omp simd
     for (fbn_index i = 0; i < n; ++i)
         dx[i] = STORE(FBN_FN(grad_input_value)(LOAD(dy[i]), LOAD(x[i]), h, g, k_dy, k_xc, k_0));
+#endif
 }
 
 /* Streaming segments, for outputs too large to stay in cache (the plan's streaming arrays):
@@ -328,9 +405,20 @@ FBN_SEGMENT T FBN_FN(act_grad_value)(T dy, T y, int act, T slope)
 FBN_SEGMENT void FBN_FN(act_grad_loop)(const S *dy, const S *y, S *g, fbn_index n, int act,
                                        T slope)
 {
+#if FBN_STAGED
+    T dys[FBN_STAGE], ys[FBN_STAGE];
+    for (fbn_index b = 0; b < n; b += FBN_STAGE) {
+        const fbn_index m = FBN_STAGE_LEN(n, b);
+        LOAD_BLOCK(dy + b, dys, m);
+        LOAD_BLOCK(y + b, ys, m);
+        CFN(act_grad_loop)(dys, ys, dys, m, act, slope);
+        STORE_BLOCK(dys, g + b, m);
+    }
+#else
 #pragma omp simd
     for (fbn_index i = 0; i < n; ++i)
         g[i] = STORE(FBN_FN(act_grad_value)(LOAD(dy[i]), LOAD(y[i]), act, slope));
+#endif
 }
 
 /* y = act(normalize(x) + r) in one expression per value, stored once: for storage that rounds
@@ -343,6 +431,17 @@ FBN_SEGMENT void FBN_FN(normalize_act_loop)(const S *x, const S *r, S *y, fbn_in
                                             const T *FBN_RESTRICT offset, fbn_index cs,
                                             int act, T slope)
 {
+#if FBN_STAGED
+    T xs[FBN_STAGE], rs[FBN_STAGE];
+    for (fbn_index b = 0; b < n; b += FBN_STAGE) {
+        const fbn_index m = FBN_STAGE_LEN(n, b);
+        LOAD_BLOCK(x + b, xs, m);
+        if (r != NULL) LOAD_BLOCK(r + b, rs, m);
+        CFN(normalize_act_loop)(xs, r != NULL ? rs : NULL, xs, m, hi + b * cs, scale + b * cs,
+                                offset + b * cs, cs, act, slope);
+        STORE_BLOCK(xs, y + b, m);
+    }
+#else
     if (r != NULL) {
 #pragma omp simd
         for (fbn_index i = 0; i < n; ++i) {
@@ -358,6 +457,7 @@ FBN_SEGMENT void FBN_FN(normalize_act_loop)(const S *x, const S *r, S *y, fbn_in
             y[i] = STORE(FBN_FN(act_value)(z, act, slope));
         }
     }
+#endif
 }
 
 FBN_SEGMENT void FBN_FN(normalize_act)(const S *x, const S *r, S *y, fbn_index n, const T *hi,
@@ -639,6 +739,15 @@ FBN_SEGMENT void FBN_FN(normalize_runs4)(const S *x, S *y, fbn_index len, const 
 {
     const T h0 = hi[c0], s0 = scale[c0], o0 = offset[c0], h1 = hi[c1], s1 = scale[c1], o1 = offset[c1];
     const T h2 = hi[c2], s2 = scale[c2], o2 = offset[c2], h3 = hi[c3], s3 = scale[c3], o3 = offset[c3];
+#if FBN_STAGED
+    T xs[4 * FBN_SHORT_RUN];
+    if (len <= FBN_SHORT_RUN) {
+        LOAD_BLOCK(x, xs, 4 * len);
+        CFN(normalize_runs4)(xs, xs, len, hi, scale, offset, c0, c1, c2, c3);
+        STORE_BLOCK(xs, y, 4 * len);
+        return;
+    }
+#endif
 #pragma omp simd
     for (fbn_index i = 0; i < len; ++i) {
         y[i] = STORE(FBN_FN(normalize_value)(LOAD(x[i]), h0, s0, o0));
@@ -778,38 +887,63 @@ static void FBN_FN(grad_input_span)(const void *dy, const void *x, void *dx, fbn
  * pays while the data sit in cache; data streaming from memory go faster one row at a time
  * (step 1: one stream per array for the prefetchers). */
 
-/* Moments of an nrows x C block, every channel at once (vectorized across channels), as in
- * moments_walk: with have_shift == 0 the block finds its shift (two passes), otherwise
- * shift already holds the mean of the blocks before it (one pass). The count is nrows for
- * each channel. Writes C values into each of shift, dev_sum, m2. */
-FBN_SEGMENT void FBN_FN(moments_rows_block)(const S *x, fbn_index nrows, fbn_index C, int step,
-                                            int have_shift,
-                                            double *FBN_RESTRICT shift,
-                                            double *FBN_RESTRICT dev_sum,
-                                            double *FBN_RESTRICT m2)
-{
-    const double inv_n = 1.0 / (double)nrows;
-    fbn_index r;
-    for (fbn_index c = 0; c < C; ++c) dev_sum[c] = m2[c] = 0.0;
-    if (!have_shift) {
-        for (fbn_index c = 0; c < C; ++c) shift[c] = 0.0;
-        for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
-            const S *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
-#pragma omp simd
-            for (fbn_index c = 0; c < C; ++c)
-                shift[c] += ((double)LOAD(x0[c]) + (double)LOAD(x1[c]))
-                            + ((double)LOAD(x2[c]) + (double)LOAD(x3[c]));
-        }
-        for (; r < nrows; ++r) {
-            const S *x0 = x + r * C;
-#pragma omp simd
-            for (fbn_index c = 0; c < C; ++c) shift[c] += (double)LOAD(x0[c]);
-        }
-#pragma omp simd
-        for (fbn_index c = 0; c < C; ++c) shift[c] *= inv_n;
-    }
+/* Staged channels-last moments convert whole rows, a multiple of four at a time (so the rows
+ * are added in the same groups as unstaged), while four rows fit FBN_ROW_STAGE values; wider
+ * rows take the per-value loops. */
+#if FBN_STAGED
+#define FBN_STAGED_ROWS(C) (4 * (C) <= FBN_ROW_STAGE)
+#endif
 
-    /* m2 holds sum d^2 until the correction */
+/* sum[c] += x over an nrows x C block, four rows at a time with step 4 */
+FBN_SEGMENT void FBN_FN(rows_add_values)(const S *x, fbn_index nrows, fbn_index C, int step,
+                                         double *FBN_RESTRICT sum)
+{
+#if FBN_STAGED
+    if (FBN_STAGED_ROWS(C)) {
+        T xs[FBN_ROW_STAGE];
+        const fbn_index rows = FBN_ROW_STAGE / C / 4 * 4;
+        for (fbn_index r = 0; r < nrows; r += rows) {
+            const fbn_index n = nrows - r < rows ? nrows - r : rows;
+            LOAD_BLOCK(x + r * C, xs, n * C);
+            CFN(rows_add_values)(xs, n, C, step, sum);
+        }
+        return;
+    }
+#endif
+    fbn_index r;
+    for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
+        const S *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+#pragma omp simd
+        for (fbn_index c = 0; c < C; ++c)
+            sum[c] += ((double)LOAD(x0[c]) + (double)LOAD(x1[c]))
+                      + ((double)LOAD(x2[c]) + (double)LOAD(x3[c]));
+    }
+    for (; r < nrows; ++r) {
+        const S *x0 = x + r * C;
+#pragma omp simd
+        for (fbn_index c = 0; c < C; ++c) sum[c] += (double)LOAD(x0[c]);
+    }
+}
+
+/* dev_sum[c] += x - shift[c] and m2[c] += (x - shift[c])^2 over an nrows x C block */
+FBN_SEGMENT void FBN_FN(rows_add_deviations)(const S *x, fbn_index nrows, fbn_index C,
+                                             int step, const double *FBN_RESTRICT shift,
+                                             double *FBN_RESTRICT dev_sum,
+                                             double *FBN_RESTRICT m2)
+{
+#if FBN_STAGED
+    if (FBN_STAGED_ROWS(C)) {
+        T xs[FBN_ROW_STAGE];
+        const fbn_index rows = FBN_ROW_STAGE / C / 4 * 4;
+        for (fbn_index r = 0; r < nrows; r += rows) {
+            const fbn_index n = nrows - r < rows ? nrows - r : rows;
+            LOAD_BLOCK(x + r * C, xs, n * C);
+            CFN(rows_add_deviations)(xs, n, C, step, shift, dev_sum, m2);
+        }
+        return;
+    }
+#endif
+    fbn_index r;
     for (r = 0; step == 4 && r + 4 <= nrows; r += 4) {
         const S *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
 #pragma omp simd
@@ -829,6 +963,28 @@ FBN_SEGMENT void FBN_FN(moments_rows_block)(const S *x, fbn_index nrows, fbn_ind
             m2[c] += d * d;
         }
     }
+}
+
+/* Moments of an nrows x C block, every channel at once (vectorized across channels), as in
+ * moments_walk: with have_shift == 0 the block finds its shift (two passes), otherwise
+ * shift already holds the mean of the blocks before it (one pass). The count is nrows for
+ * each channel. Writes C values into each of shift, dev_sum, m2. */
+FBN_SEGMENT void FBN_FN(moments_rows_block)(const S *x, fbn_index nrows, fbn_index C, int step,
+                                            int have_shift,
+                                            double *FBN_RESTRICT shift,
+                                            double *FBN_RESTRICT dev_sum,
+                                            double *FBN_RESTRICT m2)
+{
+    const double inv_n = 1.0 / (double)nrows;
+    for (fbn_index c = 0; c < C; ++c) dev_sum[c] = m2[c] = 0.0;
+    if (!have_shift) {
+        for (fbn_index c = 0; c < C; ++c) shift[c] = 0.0;
+        FBN_FN(rows_add_values)(x, nrows, C, step, shift);
+#pragma omp simd
+        for (fbn_index c = 0; c < C; ++c) shift[c] *= inv_n;
+    }
+    /* m2 holds sum d^2 until the correction */
+    FBN_FN(rows_add_deviations)(x, nrows, C, step, shift, dev_sum, m2);
 #pragma omp simd
     for (fbn_index c = 0; c < C; ++c) {
         const double v = m2[c] - dev_sum[c] * dev_sum[c] * inv_n;
@@ -843,6 +999,24 @@ FBN_SEGMENT void FBN_FN(normalize_rows_plain)(const S *x, S *y, fbn_index nrows,
                                               const T *FBN_RESTRICT scale,
                                               const T *FBN_RESTRICT offset)
 {
+#if FBN_STAGED
+    /* whole rows a stage at a time where a stage holds one, else row by row in stages */
+    if (C > FBN_ROW_STAGE) {
+        for (fbn_index r = 0; r < nrows; ++r)
+            FBN_FN(normalize_act_loop)(x + r * C, NULL, y + r * C, C, hi, scale, offset, 1,
+                                       FBN_ACT_NONE, (T)0);
+        return;
+    }
+    T xs[FBN_ROW_STAGE];
+    const fbn_index rows = FBN_ROW_STAGE / C;
+    for (fbn_index r = 0; r < nrows; r += rows) {
+        const fbn_index n = nrows - r < rows ? nrows - r : rows;
+        LOAD_BLOCK(x + r * C, xs, n * C);
+        CFN(normalize_rows_plain)(xs, xs, n, C, step, 0, hi, scale, offset);
+        STORE_BLOCK(xs, y + r * C, n * C);
+    }
+    return;
+#endif
     fbn_index r;
     if (FBN_ROUNDS_ON_STORE)
         step = 4;       /* GCC 12 leaves the one-row loop of converting stores scalar */
@@ -914,7 +1088,8 @@ static void FBN_FN(normalize_rows)(const void *x, const void *r, void *y, fbn_in
 }
 
 /* Gradient sums of an nrows x C block around the shifts m and q (C each); writes C-length
- * s_dy, s_dy_xc, s_xc */
+ * s_dy, s_dy_xc, s_xc. Not staged: converting dy and x in blocks did not pay here (the
+ * double sums bound it; docs/tuning.md). */
 FBN_SEGMENT void FBN_FN(grad_sums_rows_block)(const S *dy, const S *x, fbn_index nrows,
                                               fbn_index C, int step, const T *FBN_RESTRICT m,
                                               const T *FBN_RESTRICT q,
@@ -953,6 +1128,30 @@ FBN_SEGMENT void FBN_FN(grad_sums_rows_block)(const S *dy, const S *x, fbn_index
     }
 }
 
+/* dx over one channels-last row of C values, coefficients per channel */
+FBN_SEGMENT void FBN_FN(grad_input_row)(const S *dy, const S *x, S *dx, fbn_index C,
+                                        const T *FBN_RESTRICT h, const T *FBN_RESTRICT g,
+                                        const T *FBN_RESTRICT k_dy,
+                                        const T *FBN_RESTRICT k_xc,
+                                        const T *FBN_RESTRICT k_0)
+{
+#if FBN_STAGED
+    T dys[FBN_STAGE], xs[FBN_STAGE];
+    for (fbn_index b = 0; b < C; b += FBN_STAGE) {
+        const fbn_index m = FBN_STAGE_LEN(C, b);
+        LOAD_BLOCK(dy + b, dys, m);
+        LOAD_BLOCK(x + b, xs, m);
+        CFN(grad_input_row)(dys, xs, dys, m, h + b, g + b, k_dy + b, k_xc + b, k_0 + b);
+        STORE_BLOCK(dys, dx + b, m);
+    }
+#else
+#pragma omp simd
+    for (fbn_index c = 0; c < C; ++c)
+        dx[c] = STORE(FBN_FN(grad_input_value)(LOAD(dy[c]), LOAD(x[c]), h[c], g[c], k_dy[c],
+                                               k_xc[c], k_0[c]));
+#endif
+}
+
 /* grad_input_segment over nrows x C channels-last rows, with C-length coefficient vectors */
 FBN_DISPATCH static void FBN_FN(grad_input_rows_kernel)(const S *dy, const S *x, S *dx,
                                                         fbn_index nrows, fbn_index C, int step,
@@ -962,6 +1161,25 @@ FBN_DISPATCH static void FBN_FN(grad_input_rows_kernel)(const S *dy, const S *x,
                                                         const T *FBN_RESTRICT k_xc,
                                                         const T *FBN_RESTRICT k_0, int stream)
 {
+#if FBN_STAGED
+    /* whole rows a stage at a time where a stage holds one, else row by row in stages */
+    if (C > FBN_ROW_STAGE) {
+        for (fbn_index r = 0; r < nrows; ++r)
+            FBN_FN(grad_input_row)(dy + r * C, x + r * C, dx + r * C, C, h, g, k_dy, k_xc, k_0);
+        return;
+    }
+    T dys[FBN_ROW_STAGE], xs[FBN_ROW_STAGE];
+    const fbn_index rows = FBN_ROW_STAGE / C;
+    for (fbn_index r = 0; r < nrows; r += rows) {
+        const fbn_index n = nrows - r < rows ? nrows - r : rows;
+        LOAD_BLOCK(dy + r * C, dys, n * C);
+        LOAD_BLOCK(x + r * C, xs, n * C);
+        for (fbn_index k = 0; k < n; ++k)
+            CFN(grad_input_row)(dys + k * C, xs + k * C, dys + k * C, C, h, g, k_dy, k_xc, k_0);
+        STORE_BLOCK(dys, dx + r * C, n * C);
+    }
+    return;
+#endif
     fbn_index r;
     if (FBN_ROUNDS_ON_STORE)
         step = 4;       /* as in normalize_rows_plain */
@@ -987,14 +1205,8 @@ FBN_DISPATCH static void FBN_FN(grad_input_rows_kernel)(const S *dy, const S *x,
         fbn_stream_fence();
         return;
     }
-    for (; r < nrows; ++r) {
-        const S *x0 = x + r * C, *g0 = dy + r * C;
-        S *d0 = dx + r * C;
-#pragma omp simd
-        for (fbn_index c = 0; c < C; ++c)
-            d0[c] = STORE(FBN_FN(grad_input_value)(LOAD(g0[c]), LOAD(x0[c]), h[c], g[c], k_dy[c],
-                                                   k_xc[c], k_0[c]));
-    }
+    for (; r < nrows; ++r)
+        FBN_FN(grad_input_row)(dy + r * C, x + r * C, dx + r * C, C, h, g, k_dy, k_xc, k_0);
 }
 
 static void FBN_FN(grad_input_rows)(const void *g, const void *x, void *dx, fbn_index C,
@@ -1435,6 +1647,14 @@ static const fbn_kernel_table FBN_FN(kernels) = {
 
 #undef S
 #undef FBN_ROUNDS_ON_STORE
+#undef FBN_STAGED
+#undef FBN_STAGE
+#undef FBN_STAGE_LEN
+#undef FBN_ROW_STAGE
+#undef FBN_STAGED_ROWS
+#undef CFN
+#undef LOAD_BLOCK
+#undef STORE_BLOCK
 #undef T
 #undef LOAD
 #undef STORE
