@@ -122,6 +122,7 @@ FBN_SEGMENT fbn_f16 fbn_store_f16(float v)
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
 #define FBN_F16_BLOCKS "f16c"
+#define FBN_F16C 1              /* the blocks' vectors, where the CPU has them (fbn_has_f16c) */
 __attribute__((target("avx,f16c"))) static inline void fbn_f16c_load(const fbn_f16 *src,
                                                                      float *dst, ptrdiff_t n)
 {
@@ -169,7 +170,7 @@ FBN_SEGMENT void fbn_store_each_f16(const float *src, fbn_f16 *dst, ptrdiff_t n)
 FBN_SEGMENT void fbn_load_block_f16(const fbn_f16 *src, float *dst, ptrdiff_t n)
 {
     ptrdiff_t i = 0;
-#if defined(__x86_64__) && defined(FBN_F16_BLOCKS)
+#if defined(FBN_F16C)
     if (fbn_has_f16c()) {
         fbn_f16c_load(src, dst, n);
         return;
@@ -184,7 +185,7 @@ FBN_SEGMENT void fbn_load_block_f16(const fbn_f16 *src, float *dst, ptrdiff_t n)
 FBN_SEGMENT void fbn_store_block_f16(const float *src, fbn_f16 *dst, ptrdiff_t n)
 {
     ptrdiff_t i = 0;
-#if defined(__x86_64__) && defined(FBN_F16_BLOCKS)
+#if defined(FBN_F16C)
     if (fbn_has_f16c()) {
         fbn_f16c_store(src, dst, n);
         return;
@@ -199,7 +200,7 @@ FBN_SEGMENT void fbn_store_block_f16(const float *src, fbn_f16 *dst, ptrdiff_t n
 /* The name of the vector conversions the float16 blocks use on this CPU ("" for none) */
 static inline const char *fbn_f16_blocks(void)
 {
-#if defined(__x86_64__) && defined(FBN_F16_BLOCKS)
+#if defined(FBN_F16C)
     return fbn_has_f16c() ? FBN_F16_BLOCKS : "";
 #elif defined(FBN_F16_BLOCKS)
     return FBN_F16_BLOCKS;
