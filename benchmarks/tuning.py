@@ -39,6 +39,7 @@ VARIANTS = {
     "min_chunk_rows_16": [(r"MIN_CHUNK_ROWS = 32\b", "MIN_CHUNK_ROWS = 16")],
     "backward_blocks_64": [(r"BACKWARD_BLOCKS = 8\b", "BACKWARD_BLOCKS = 64")],
     "serial_below_0": [(r"SERIAL_BELOW_STATS = 16384\b", "SERIAL_BELOW_STATS = 0"),
+                       (r"SERIAL_BELOW_ROWS = 32768\b", "SERIAL_BELOW_ROWS = 0"),
                        (r"SERIAL_BELOW_PASS = 32768\b", "SERIAL_BELOW_PASS = 0")],
 }
 
@@ -288,8 +289,8 @@ def serial_threshold(args):
     """In the serial_below_0 build (every call may use threads): 1 vs 2 threads by size."""
     sys.path.insert(0, variant_path("serial_below_0"))
     import fastbn
-    from fastbn import _kernels
-    assert _kernels.SERIAL_THRESHOLDS["train"] == 0, "not the serial_below_0 build"
+    from fastbn import _plan
+    assert _plan.SERIAL_THRESHOLDS["train"] == 0, "not the serial_below_0 build"
     one = lambda: fastbn.set_num_threads(1)                  # noqa: E731
     two = lambda: fastbn.set_num_threads(args.threads)       # noqa: E731
     header(args)

@@ -35,7 +35,8 @@ from fastbn._dtypes import available
 from fastbn._plan cimport (Plan, Op, OP_TRAIN, OP_INFER, OP_BACKWARD, make_plan,
                            make_problems_plan, op_streams,
                            ceil_div, chunk_range, cl_chunk_rows, SERIAL_BELOW_STATS,
-                           SERIAL_BELOW_PASS, MIN_CHUNK, MAX_CHUNKS, WAKE_BELOW)
+                           SERIAL_BELOW_PASS, MIN_CHUNK, MAX_CHUNKS, WAKE_BELOW,
+                           stats_serial_below)
 from fastbn._threads cimport reserve_threads, release_threads, threads_for
 
 cnp.import_array()
@@ -94,7 +95,7 @@ def plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize=4
             "stream": {"train": bool(op_streams(&p, OP_TRAIN, nbytes, False)),
                        "infer": bool(op_streams(&p, OP_INFER, nbytes, False)),
                        "backward": bool(op_streams(&p, OP_BACKWARD, nbytes, False))},
-            "threads": threads_for(outer * C * inner, SERIAL_BELOW_STATS),
+            "threads": threads_for(outer * C * inner, stats_serial_below(&p)),
             "threads_infer": threads_for(outer * C * inner, SERIAL_BELOW_PASS)}
 
 
@@ -648,7 +649,7 @@ cpdef forward_train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *yp = cnp.PyArray_DATA(y)
     cdef int status
-    cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
+    cdef int nthreads = reserve_threads(outer * C * inner, stats_serial_below(&p))
     with nogil:
         status = forward_train_impl(kern, xp, yp, &p, &a, &ep, nthreads)
     release_threads(nthreads)
@@ -700,7 +701,7 @@ cpdef backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, 
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *dxp = cnp.PyArray_DATA(dx)
     cdef int status
-    cdef int nthreads = reserve_threads(outer * C * inner, SERIAL_BELOW_STATS)
+    cdef int nthreads = reserve_threads(outer * C * inner, stats_serial_below(&p))
     with nogil:
         status = backward_impl(kern, dyp, xp, dxp, &p, &a, nthreads)
     release_threads(nthreads)

@@ -15,6 +15,8 @@ cdef enum:
     # Total values under which one thread does everything: a fork/join costs more than it
     # saves below them on 2 cores (docs/tuning.md)
     SERIAL_BELOW_STATS = 16384   # training, backward
+    SERIAL_BELOW_ROWS = 32768    # training, backward, channels-last: each thread's 3*C partial
+                                 # sums and their merge cost more than half the rows save
     SERIAL_BELOW_PASS = 32768    # inference
     # Values under which a call hands work only to workers awake now: waking one takes longer
     # than such a call lasts (docs/tuning.md, "Threads under contention")
@@ -35,6 +37,11 @@ cdef struct Plan:
     Py_ssize_t nblocks     # channels-last: row blocks
     int row_step           # channels-last: rows per step (4 in cache, 1 streaming)
     int stream             # the op's traffic is too large for cache: streaming stores
+
+
+cdef inline Py_ssize_t stats_serial_below(const Plan *p) noexcept nogil:
+    """Values under which training and backward on p's problem run on one thread."""
+    return SERIAL_BELOW_STATS if p.inner > 1 else SERIAL_BELOW_ROWS
 
 
 cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize,

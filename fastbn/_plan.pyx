@@ -11,6 +11,7 @@ cdef extern from "fastbn/kernels.h" nogil:
     enum: FBN_BLOCK
 
 SERIAL_THRESHOLDS = {"train": SERIAL_BELOW_STATS, "backward": SERIAL_BELOW_STATS,
+                     "channels-last train/backward": SERIAL_BELOW_ROWS,
                      "infer": SERIAL_BELOW_PASS}
 
 cdef Py_ssize_t _stream_traffic_bytes = STREAM_TRAFFIC_BYTES

@@ -105,6 +105,25 @@ POOL = fastbn._kernels.build_info()["openmp"] and os.name == "posix"
 pool_only = pytest.mark.skipif(not POOL, reason="this build runs every call on its caller")
 
 
+@pool_only
+def test_channels_last_statistics_have_their_own_serial_threshold(rng, threads):
+    """Between the two thresholds (24K values), channels-last training and backward run on
+    their caller alone (their per-thread partial sums cost more than half the rows save),
+    channels-first ones take a worker; plan() reports what the calls do."""
+    from fastbn import _plan
+    below = _plan.SERIAL_THRESHOLDS
+    assert below["train"] < 24576 < below["channels-last train/backward"]
+    threads(2)
+    for shape, axis, workers in (((1, 512, 48), -1, 0), ((1, 512, 48), 1, 1)):
+        x = make_input(shape, axis, np.float32, rng, offset=1.0)
+        weight, bias = make_params(shape[axis], x.dtype, rng)
+        fastbn._threads.peak_workers(reset=True)
+        y, mean, invstd = fastbn.batch_norm_train(x, weight, bias, axis=axis)
+        fastbn.batch_norm_backward(np.ones_like(x), x, mean, invstd, weight, axis=axis)
+        assert fastbn._threads.peak_workers() == workers, (shape, axis)
+        assert plan(shape, axis)["threads"] == workers + 1
+
+
 def one_thread_inputs(shape, axis, rng):
     """(x, axis, weight, bias, dy) for run_all: data 5 from zero."""
     x = make_input(shape, axis, np.float32, rng, offset=5.0)
