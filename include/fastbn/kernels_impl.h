@@ -34,7 +34,9 @@
 #if FBN_STAGED
 #define FBN_STAGE 512                 /* a multiple of FBN_LANES: the lanes stay as they were */
 #define FBN_ROW_STAGE 2048            /* channels-last rows: whole rows, several at a time */
-#define FBN_STAGE_LEN(n, b) ((n) - (b) < FBN_STAGE ? (n) - (b) : FBN_STAGE)
+/* values in the part of n that starts at b, parts len long (the last one shorter) */
+#define FBN_PART_LEN(n, b, len) ((n) - (b) < (len) ? (n) - (b) : (len))
+#define FBN_STAGE_LEN(n, b) FBN_PART_LEN(n, b, FBN_STAGE)
 #define CFN(name) FBN_PASTE(FBN_PASTE(fbn_##name, _), FBN_COMPUTE_SUFFIX)
 #define LOAD_BLOCK(src, dst, n) FBN_PASTE(fbn_load_block_, FBN_SUFFIX)(src, dst, n)
 #define STORE_BLOCK(src, dst, n) FBN_PASTE(fbn_store_block_, FBN_SUFFIX)(src, dst, n)
@@ -903,7 +905,7 @@ FBN_SEGMENT void FBN_FN(rows_add_values)(const S *x, fbn_index nrows, fbn_index 
         T xs[FBN_ROW_STAGE];
         const fbn_index rows = FBN_ROW_STAGE / C / 4 * 4;
         for (fbn_index r = 0; r < nrows; r += rows) {
-            const fbn_index n = nrows - r < rows ? nrows - r : rows;
+            const fbn_index n = FBN_PART_LEN(nrows, r, rows);
             LOAD_BLOCK(x + r * C, xs, n * C);
             CFN(rows_add_values)(xs, n, C, step, sum);
         }
@@ -936,7 +938,7 @@ FBN_SEGMENT void FBN_FN(rows_add_deviations)(const S *x, fbn_index nrows, fbn_in
         T xs[FBN_ROW_STAGE];
         const fbn_index rows = FBN_ROW_STAGE / C / 4 * 4;
         for (fbn_index r = 0; r < nrows; r += rows) {
-            const fbn_index n = nrows - r < rows ? nrows - r : rows;
+            const fbn_index n = FBN_PART_LEN(nrows, r, rows);
             LOAD_BLOCK(x + r * C, xs, n * C);
             CFN(rows_add_deviations)(xs, n, C, step, shift, dev_sum, m2);
         }
@@ -1010,7 +1012,7 @@ FBN_SEGMENT void FBN_FN(normalize_rows_plain)(const S *x, S *y, fbn_index nrows,
     T xs[FBN_ROW_STAGE];
     const fbn_index rows = FBN_ROW_STAGE / C;
     for (fbn_index r = 0; r < nrows; r += rows) {
-        const fbn_index n = nrows - r < rows ? nrows - r : rows;
+        const fbn_index n = FBN_PART_LEN(nrows, r, rows);
         LOAD_BLOCK(x + r * C, xs, n * C);
         CFN(normalize_rows_plain)(xs, xs, n, C, step, 0, hi, scale, offset);
         STORE_BLOCK(xs, y + r * C, n * C);
@@ -1171,7 +1173,7 @@ FBN_DISPATCH static void FBN_FN(grad_input_rows_kernel)(const S *dy, const S *x,
     T dys[FBN_ROW_STAGE], xs[FBN_ROW_STAGE];
     const fbn_index rows = FBN_ROW_STAGE / C;
     for (fbn_index r = 0; r < nrows; r += rows) {
-        const fbn_index n = nrows - r < rows ? nrows - r : rows;
+        const fbn_index n = FBN_PART_LEN(nrows, r, rows);
         LOAD_BLOCK(dy + r * C, dys, n * C);
         LOAD_BLOCK(x + r * C, xs, n * C);
         for (fbn_index k = 0; k < n; ++k)
@@ -1650,6 +1652,7 @@ static const fbn_kernel_table FBN_FN(kernels) = {
 #undef FBN_STAGED
 #undef FBN_STAGE
 #undef FBN_STAGE_LEN
+#undef FBN_PART_LEN
 #undef FBN_ROW_STAGE
 #undef FBN_STAGED_ROWS
 #undef CFN
