@@ -16,6 +16,12 @@ build/variants/NAME with one constant changed; `base` changes nothing):
     python benchmarks/tuning.py ab backward_blocks_64
     python benchmarks/tuning.py build-variant serial_below_0
     python benchmarks/tuning.py serial-threshold             # 1 vs 2 threads in that build
+    python benchmarks/tuning.py build-variant wake_from_0
+    python benchmarks/tuning.py wake-threshold   # calls 2 ms apart, every one waking workers
+
+The back-off after a busy spell: how soon a loop of small calls gets its second thread back
+
+    python benchmarks/tuning.py busy-recovery
 
 Each figure is a ratio of minimum times (each setting timed once a round, the order rotating),
 with the median of the per-round ratios beside it: on a shared machine, trust a ratio when the
@@ -41,6 +47,8 @@ VARIANTS = {
     "serial_below_0": [(r"SERIAL_BELOW_STATS = 16384\b", "SERIAL_BELOW_STATS = 0"),
                        (r"SERIAL_BELOW_ROWS = 32768\b", "SERIAL_BELOW_ROWS = 0"),
                        (r"SERIAL_BELOW_PASS = 32768\b", "SERIAL_BELOW_PASS = 0")],
+    "wake_from_0": [(r"WAKE_FROM_STATS = 1 << 18\b", "WAKE_FROM_STATS = 0"),
+                    (r"WAKE_FROM_PASS = 1 << 20\b", "WAKE_FROM_PASS = 0")],
 }
 
 # what `ab` times for each variant: (op, layout, shape), and the source comment's figure
@@ -306,11 +314,86 @@ def serial_threshold(args):
     fastbn.set_num_threads(None)
 
 
+def wake_threshold(args):
+    """In the wake_from_0 build (every call wakes sleeping workers): 1 vs 2 threads by size,
+    each call after 2 ms of single-threaded NumPy work, so that the workers sleep when it
+    starts (they poll 50 us). Medians of --rounds * 20 calls a setting, alternated call by
+    call."""
+    sys.path.insert(0, variant_path("wake_from_0"))
+    import statistics
+    import fastbn
+    from fastbn._contention import Gap
+    assert "wake_from_0" in fastbn.__file__, "not the wake_from_0 build"
+    gap = Gap()
+    print(f"# fastbn {fastbn.__file__}: 2 ms gaps, {args.rounds * 20} calls a setting, "
+          f"1 vs {args.threads} threads (median us)")
+    cases = [(op, "NC", (n, 1024)) for op in ("infer", "train", "backward")
+             for n in (64, 128, 256, 512, 1024)]
+    cases += [(op, layout, shape) for op in ("infer", "train", "backward")
+              for layout in ("NCHW", "NHWC")
+              for shape in ((2, 64, 56, 56), (1, 64, 112, 112), (8, 64, 56, 56))]
+    for op, layout, shape in cases:
+        fn = op_fn(op, shape, layout)
+        times = {1: [], args.threads: []}
+        for i in range(args.rounds * 20 + 3):
+            for n in times:
+                fastbn.set_num_threads(n)
+                gap(2.0)
+                start = time.perf_counter()
+                fn()
+                if i >= 3:
+                    times[n].append(time.perf_counter() - start)
+        one, many = (statistics.median(times[n]) * 1e6 for n in times)
+        values = 1
+        for d in shape:
+            values *= d
+        print(f"WAKE_FROM_*  {op:<9} {layout:<5} {shape_name(shape):<14} {values:>9} values "
+              f"{one:9.1f} {many:9.1f}  x{many / one:.2f}", flush=True)
+    fastbn.set_num_threads(None)
+
+
+def busy_recovery(args):
+    """0.5 s of (32, 64, 28, 28) training calls beside a busy process (the pool backs off),
+    then a loop of (1, 512, 7, 7) backward calls timed in 20 ms rounds: the median over five
+    repetitions of each round's time a call. One-thread speed until the back-off ends."""
+    import statistics
+    import numpy as np
+    import fastbn
+    from fastbn._contention import BusyProcesses
+    fastbn.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((32, 64, 28, 28)).astype(np.float32)
+    x = rng.standard_normal((1, 512, 7, 7)).astype(np.float32)
+    w = np.ones(512, np.float32)
+    _, mean, invstd = fastbn.batch_norm_train(x)
+    dy = np.ones_like(x)
+    rounds = []
+    for _ in range(5):
+        with BusyProcesses(1):
+            start = time.perf_counter()
+            while time.perf_counter() - start < 0.5:
+                fastbn.batch_norm_train(big)
+                np.sin(np.ones(20000))
+        per_call = []
+        for _ in range(28):
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < 0.02:
+                fastbn.batch_norm_backward(dy, x, mean, invstd, w)
+                n += 1
+            per_call.append((time.perf_counter() - start) / n * 1e6)
+        rounds.append(per_call)
+    print(f"# fastbn {fastbn.__file__}, {args.threads} threads: us a call in each 20 ms round "
+          "after the busy process stops (median of 5)")
+    print(" ".join(f"{statistics.median(r):.1f}" for r in zip(*rounds)))
+    fastbn.set_num_threads(None)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["stream-traffic", "prefetch-span", "output-cache",
                                             "build-variant", "ab", "serial-threshold",
+                                            "wake-threshold", "busy-recovery",
                                             "time-worker"])
     parser.add_argument("name", nargs="?", help="variant (build-variant, ab)")
     parser.add_argument("--rounds", type=int, default=15)
@@ -329,6 +412,10 @@ def main():
         return time_worker(args)
     if args.command == "serial-threshold":
         return serial_threshold(args)
+    if args.command == "wake-threshold":
+        return wake_threshold(args)
+    if args.command == "busy-recovery":
+        return busy_recovery(args)
     import fastbn
     fastbn.set_num_threads(args.threads)
     header(args)

@@ -37,6 +37,8 @@ def info(build=None):
         ("threads", f"{get_num_threads()}, from {_threads.threads_source()}"),
         ("serial below", ", ".join(f"{op} {n}" for op, n in _plan.SERIAL_THRESHOLDS.items())
          + " values per call"),
+        ("wakes workers", ", ".join(f"{op} {n}" for op, n in _plan.WAKE_THRESHOLDS.items())
+         + " values per call and up"),
         ("compiler", build["compiler"]),
         ("build flags", build["build_flags"] or "(none recorded)"),
         ("baseline simd", build["baseline_simd"]),

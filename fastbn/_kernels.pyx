@@ -35,7 +35,8 @@ from fastbn._dtypes import available
 from fastbn._plan cimport (Plan, Op, OP_TRAIN, OP_INFER, OP_BACKWARD, make_plan,
                            make_problems_plan, op_streams,
                            ceil_div, chunk_range, cl_chunk_rows, SERIAL_BELOW_STATS,
-                           SERIAL_BELOW_PASS, MIN_CHUNK, MAX_CHUNKS, WAKE_BELOW,
+                           SERIAL_BELOW_PASS, MIN_CHUNK, MAX_CHUNKS, WAKE_FROM_STATS,
+                           WAKE_FROM_PASS, WAKE_IN_LOOPS_FROM,
                            stats_serial_below)
 from fastbn._threads cimport reserve_threads, release_threads, threads_for
 
@@ -259,6 +260,7 @@ cdef extern from "fastbn/pool.h" nogil:
         fbn_item_fn run
         Py_ssize_t nitems
     int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nthreads, int wake)
+    enum: FBN_WAKE_NONE, FBN_WAKE_IN_LOOPS, FBN_WAKE_ALWAYS
     void fbn_pool_set_spin(long long ns)
     long long FBN_SPIN_NS_DEFAULT
     int fbn_pool_workers()
@@ -269,17 +271,25 @@ cdef extern from "fastbn/pool.h" nogil:
     void fbn_pool_set_openmp_for(long long ns)
     int fbn_others_running()
     void fbn_pool_set_backoff(int on)
+    ctypedef struct fbn_backoff:
+        pass
+    fbn_backoff fbn_backoff_start()
+    long long fbn_backoff_after(fbn_backoff *b, int late)
 
 
 cdef int _last_helpers = 0
 
 
 cdef inline void pool_run(const fbn_stage *stages, int nstages, void *ctx, int nthreads,
-                          Py_ssize_t values) noexcept nogil:
+                          Py_ssize_t values, Py_ssize_t wake_from) noexcept nogil:
     """The stages in order, on this thread and up to nthreads - 1 of the pool's workers: those
-    awake now, and for a call of WAKE_BELOW values or more, those asleep too."""
+    awake now; for a call of wake_from values or more (WAKE_FROM_*), those asleep too; from
+    WAKE_IN_LOOPS_FROM values, those asleep too when the call comes back to back with the
+    last."""
     global _last_helpers
-    _last_helpers = fbn_pool_run(stages, nstages, ctx, nthreads, values >= WAKE_BELOW)
+    cdef int wake = (FBN_WAKE_ALWAYS if values >= wake_from else
+                     FBN_WAKE_IN_LOOPS if values >= WAKE_IN_LOOPS_FROM else FBN_WAKE_NONE)
+    _last_helpers = fbn_pool_run(stages, nstages, ctx, nthreads, wake)
 
 
 cdef enum:
@@ -519,12 +529,12 @@ cdef int forward_train_impl(const fbn_kernel_table *kern, const void *x, void *y
     j.napply = apply_items(p, nthreads)
     if p.inner > 1 and p.nchunks == 1:
         stages[0] = stage(train_group_item, ceil_div(p.C, p.group))
-        pool_run(stages, 1, &j, nthreads, p.count * p.C)
+        pool_run(stages, 1, &j, nthreads, p.count * p.C, WAKE_FROM_STATS)
     else:
         stages[0] = stage(moments_item, statistics_items(p))
         stages[1] = stage(train_finish_item, ceil_div(p.C, MERGE_CHANNELS))
         stages[2] = stage(normalize_item, j.napply)
-        pool_run(stages, 3, &j, nthreads, p.count * p.C)
+        pool_run(stages, 3, &j, nthreads, p.count * p.C, WAKE_FROM_STATS)
     free_work(&w)
     return 0
 
@@ -549,7 +559,7 @@ cdef Py_ssize_t infer_impl(const fbn_kernel_table *kern, const void *x, void *y,
         j.kern, j.p, j.x, j.out, j.ep, j.coef = kern, p, x, y, ep, coef
         j.napply = apply_items(p, nthreads)
         apply = stage(normalize_item, j.napply)
-        pool_run(&apply, 1, &j, nthreads, p.count * p.C)
+        pool_run(&apply, 1, &j, nthreads, p.count * p.C, WAKE_FROM_PASS)
     free(coef)
     return 0
 
@@ -574,12 +584,12 @@ cdef int backward_impl(const fbn_kernel_table *kern, const void *dy, const void 
     j.napply = apply_items(p, nthreads)
     if p.inner > 1 and p.nchunks == 1:
         stages[0] = stage(backward_group_item, ceil_div(p.C, p.group))
-        pool_run(stages, 1, &j, nthreads, p.count * p.C)
+        pool_run(stages, 1, &j, nthreads, p.count * p.C, WAKE_FROM_STATS)
     else:
         stages[0] = stage(grad_sums_item, statistics_items(p))
         stages[1] = stage(grad_finish_item, ceil_div(p.C, MERGE_CHANNELS))
         stages[2] = stage(grad_input_item, j.napply)
-        pool_run(stages, 3, &j, nthreads, p.count * p.C)
+        pool_run(stages, 3, &j, nthreads, p.count * p.C, WAKE_FROM_STATS)
     free_work(&w)
     return 0
 
@@ -787,7 +797,7 @@ cdef run_rows(RowsJob *j, fbn_stage *stages, int nstages, Py_ssize_t values):
     cdef int nthreads = reserve_threads(values, SERIAL_BELOW_STATS)
     try:
         with nogil:
-            pool_run(stages, nstages, j, nthreads, values)
+            pool_run(stages, nstages, j, nthreads, values, WAKE_FROM_PASS)
     finally:
         release_threads(nthreads)
 
@@ -868,7 +878,7 @@ def statistics_stage(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t i
         free(w.parts)                   # the chunks' partials go straight to `parts`
         w.parts = <double *>cnp.PyArray_DATA(parts)
         with nogil:
-            pool_run(&moments, 1, &j, nthreads, P * p.count * C)
+            pool_run(&moments, 1, &j, nthreads, P * p.count * C, WAKE_FROM_PASS)
         w.parts = NULL
         free_work(&w)
     finally:
@@ -942,7 +952,7 @@ def normalize_stage(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C
     apply = over_problems(&j, apply, P)
     try:
         with nogil:
-            pool_run(&apply, 1, &j, nthreads, P * p.count * C)
+            pool_run(&apply, 1, &j, nthreads, P * p.count * C, WAKE_FROM_PASS)
     finally:
         release_threads(nthreads)
 
@@ -989,7 +999,7 @@ def grad_sums_stage(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t outer, Py_ssize_t 
         free(w.parts)                   # the chunks' sums go straight to `parts`
         w.parts = <double *>cnp.PyArray_DATA(parts)
         with nogil:
-            pool_run(&sums, 1, &j, nthreads, P * p.count * C)
+            pool_run(&sums, 1, &j, nthreads, P * p.count * C, WAKE_FROM_PASS)
         w.parts = NULL
         free_work(&w)
     finally:
@@ -1037,7 +1047,7 @@ def grad_input_stage(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t ou
     apply = over_problems(&j, apply, P)
     try:
         with nogil:
-            pool_run(&apply, 1, &j, nthreads, P * p.count * C)
+            pool_run(&apply, 1, &j, nthreads, P * p.count * C, WAKE_FROM_PASS)
     finally:
         release_threads(nthreads)
 
@@ -1075,7 +1085,7 @@ def parallel_copy(cnp.ndarray src, cnp.ndarray dst):
     copy = stage(copy_item, nthreads)
     try:
         with nogil:
-            pool_run(&copy, 1, &c, nthreads, src.size)
+            pool_run(&copy, 1, &c, nthreads, src.size, WAKE_FROM_PASS)
     finally:
         release_threads(nthreads)
 
@@ -1110,6 +1120,13 @@ _set_pool_spin()
 def _set_pool_backoff(bint on):
     """Tests: whether a call the machine slowed stops the next calls waking workers."""
     fbn_pool_set_backoff(on)
+
+
+def _backoff_waits(lates):
+    """Tests: the nanoseconds for which no sleeping worker is woken after each of a sequence
+    of jobs, late (true) or on time, from the back-off's start."""
+    cdef fbn_backoff b = fbn_backoff_start()
+    return [fbn_backoff_after(&b, bool(late)) for late in lates]
 
 
 def _set_workers_away(bint away):

@@ -18,9 +18,14 @@ cdef enum:
     SERIAL_BELOW_ROWS = 32768    # training, backward, channels-last: each thread's 3*C partial
                                  # sums and their merge cost more than half the rows save
     SERIAL_BELOW_PASS = 32768    # inference
-    # Values under which a call hands work only to workers awake now: waking one takes longer
-    # than such a call lasts (docs/tuning.md, "Threads under contention")
-    WAKE_BELOW = 1 << 17
+    # Values from which a call wakes sleeping workers; a smaller one hands work only to those
+    # awake now. A worker woken from sleep comes tens of microseconds later, and after a pause
+    # in the caller's calls to caches its other work has not warmed: with 2 ms of NumPy work
+    # between calls, waking one did not pay below WAKE_FROM_* (docs/tuning.md, "Threads under
+    # contention"); in a loop of calls, from WAKE_IN_LOOPS_FROM
+    WAKE_FROM_STATS = 1 << 18    # training, backward: two passes over the data or more
+    WAKE_FROM_PASS = 1 << 20     # one pass: inference, the family's apply stage, copies
+    WAKE_IN_LOOPS_FROM = 1 << 17
 
 
 cdef enum Op:

@@ -188,6 +188,21 @@ def test_workers_take_part(rng, threads):
     assert fastbn._kernels.pool_info()["workers"] >= 1
 
 
+def test_back_off_grows_through_an_episode_of_late_jobs():
+    """Late jobs with on-time ones between them (a busy machine) double the back-off each
+    time; four on-time jobs in a row end the episode, and the next late job waits 2 ms again.
+    (Pure arithmetic: no threads.)"""
+    ms = 1_000_000
+    late, on_time = True, False
+    waits = fastbn._kernels._backoff_waits([late, on_time, late, on_time, on_time, late])
+    assert waits == [2 * ms, 0, 4 * ms, 0, 0, 8 * ms]
+    waits = fastbn._kernels._backoff_waits([late] + [on_time] * 4 + [late])
+    assert waits == [2 * ms] + [0] * 4 + [2 * ms]
+    waits = fastbn._kernels._backoff_waits([late] * 10)
+    assert waits[:6] == [2 * ms, 4 * ms, 8 * ms, 16 * ms, 32 * ms, 64 * ms]
+    assert waits[6:] == [100 * ms] * 4                   # at most 0.1 s
+
+
 @pool_only
 @pytest.mark.parametrize("shape,axis", [((16, 64, 48, 48), 1), ((4096, 96), 1),
                                         ((16, 48, 48, 64), -1), ((8, 32, 16, 16), 1)])
@@ -258,6 +273,33 @@ def test_small_calls_back_to_back_wake_the_workers(rng, threads):
         fastbn._kernels._set_pool_spin()
         fastbn._kernels._set_pool_backoff(True)
     assert awake >= 1
+
+
+@pool_only
+def test_calls_after_a_pause_wake_no_worker_below_wake_from(rng, threads):
+    """A 196K-value training call (between WAKE_IN_LOOPS_FROM and WAKE_FROM_STATS) after a
+    pause runs on its caller: waking a worker would cost more than it saves. In a loop of
+    such calls, the workers are woken and take part."""
+    import time
+    from fastbn import _plan
+    threads(2)
+    x = rng.standard_normal((192, 1024)).astype(np.float32)
+    wake = _plan.WAKE_THRESHOLDS
+    assert wake["in loops"] <= x.size < wake["train/backward"]
+    fastbn.batch_norm_train(x)                      # the workers start
+    fastbn._kernels._set_pool_backoff(False)
+    fastbn._kernels._set_pool_spin(2_000_000)       # back to back: within 2 ms (qemu)
+    try:
+        for _ in range(3):
+            time.sleep(0.05)                        # a pause: the workers fall asleep
+            assert fastbn._kernels.pool_info()["awake"] == 0
+            fastbn.batch_norm_train(x)
+            assert fastbn._kernels.pool_info()["last_helpers"] == 0
+        helped = train_until(x, "last_helpers")
+    finally:
+        fastbn._kernels._set_pool_spin()
+        fastbn._kernels._set_pool_backoff(True)
+    assert helped >= 1
 
 
 # ------------------------------------------------------------- CPUs: affinity and cgroups

@@ -49,6 +49,53 @@ static void fbn_run_serial(const fbn_stage *stages, int nstages, void *ctx)
  * caller's work between calls (docs/tuning.md). -1: never sleep (OMP_WAIT_POLICY=active). */
 #define FBN_SPIN_NS_DEFAULT 50000
 
+/* After a job that the machine's other work slowed down (the caller waited for workers, or
+ * the OS ran something else in its place, for half the job's time and 50 us or more; or
+ * workers never came to a long job), no sleeping worker is woken for a while: the machine is
+ * busy, and one thread is what this process gets (calls back to back still find their workers
+ * polling, and use them). The while doubles with each late job of an episode, which ends
+ * after FBN_EPISODE_ON_TIME jobs in a row on time: one on-time job among late ones is no sign
+ * the machine is free (with one busy process on 2 cores about two jobs in three were late,
+ * on-time ones between them, and a wait begun again at 2 ms after each let every other call
+ * wake workers that came late; docs/tuning.md). (A worker waking from sleep is no sign: it
+ * comes within tens of microseconds, and the caller does not wait for it meanwhile.) */
+#define FBN_BACKOFF_MIN_NS 2000000LL        /* 2 ms */
+#define FBN_BACKOFF_MAX_NS 100000000LL      /* 0.1 s */
+#define FBN_EPISODE_ON_TIME 4
+
+typedef struct {
+    long long next_ns;          /* the wait after the next late job */
+    int on_time_run;            /* jobs on time since the last late one */
+} fbn_backoff;
+
+#define FBN_BACKOFF_START {.next_ns = FBN_BACKOFF_MIN_NS, .on_time_run = FBN_EPISODE_ON_TIME}
+
+static fbn_backoff fbn_backoff_start(void) { return (fbn_backoff)FBN_BACKOFF_START; }
+
+/* The back-off after a job, late or on time: the nanoseconds for which no sleeping worker is
+ * woken from now (0 after an on-time job). */
+static long long fbn_backoff_after(fbn_backoff *b, int late)
+{
+    if (!late) {
+        if (++b->on_time_run >= FBN_EPISODE_ON_TIME)
+            b->next_ns = FBN_BACKOFF_MIN_NS;
+        return 0;
+    }
+    const long long wait = b->next_ns;
+    b->next_ns = 2 * wait < FBN_BACKOFF_MAX_NS ? 2 * wait : FBN_BACKOFF_MAX_NS;
+    b->on_time_run = 0;
+    return wait;
+}
+
+/* Whom a job asks (fbn_pool_run's `wake`). A worker asleep takes tens of microseconds to wake,
+ * and waking it costs the caller a system call; after a pause in the caller's calls it also
+ * finds caches the caller's other work has not warmed. */
+enum {
+    FBN_WAKE_NONE,      /* a short call: only workers awake now */
+    FBN_WAKE_IN_LOOPS,  /* workers asleep too, when the call comes back to back with the last */
+    FBN_WAKE_ALWAYS     /* workers asleep too */
+};
+
 #if defined(_OPENMP) && !defined(_WIN32)
 #define FBN_POOL 1
 #include <omp.h>
@@ -74,15 +121,6 @@ static void fbn_run_serial(const fbn_stage *stages, int nstages, void *ctx)
 #endif
 
 
-/* After a job that the machine's other work slowed down (the caller waited for workers, or
- * the OS ran something else in its place, for half the job's time and 50 us or more; or
- * workers never came to a long job), no sleeping worker is woken for a while: the machine is
- * busy, and one thread is what this process gets (calls back to back still find their workers
- * polling, and use them). The while doubles as long as the next job is slow in the same way.
- * (A worker waking from sleep is no sign: it comes within tens of microseconds, and the caller
- * does not wait for it meanwhile.) */
-#define FBN_BACKOFF_MIN_NS 2000000LL        /* 2 ms */
-#define FBN_BACKOFF_MAX_NS 100000000LL      /* 0.1 s */
 #define FBN_LONG_JOB_NS 200000LL            /* a worker that slept wakes well within this */
 #define FBN_CLAIMS_PER_THREAD 4             /* claims a stage's items are taken in */
 #define FBN_OMP_WINDOW_NS 20000000LL        /* 20 ms: see fbn_omp_run */
@@ -123,12 +161,12 @@ static struct {
     long long omp_useless_until_ns;    /* a region was slowed too: none before then */
     int omp_broken;                    /* a forked child: GNU libgomp does not survive fork */
     _Atomic long long last_end_ns;     /* when the last call ended */
-    long long backoff_ns;              /* the next wait after a late job */
+    fbn_backoff backoff;
     _Atomic int workers_away;          /* tests: workers take no items, as if the OS never
                                           scheduled them */
     int no_backoff;                    /* tests: never stop waking workers */
 } fbn_pool = {.busy = PTHREAD_MUTEX_INITIALIZER, .spin_ns = FBN_SPIN_NS_DEFAULT,
-             .backoff_ns = FBN_BACKOFF_MIN_NS};
+             .backoff = FBN_BACKOFF_START};
 
 static long long fbn_clock_ns(clockid_t clock)
 {
@@ -376,9 +414,8 @@ static void fbn_poke_workers(int n)
     }
 }
 
-/* Run the stages on the caller and up to nthreads - 1 workers. A worker asleep takes tens of
- * microseconds to wake, and waking it costs the caller a system call: with wake 0 (a short
- * call) only workers awake now are asked. Returns the number of workers that ran an item. */
+/* Run the stages on the caller and up to nthreads - 1 workers, asking those `wake` says.
+ * Returns the number of workers that ran an item. */
 static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nthreads, int wake)
 {
     ptrdiff_t total = 0;
@@ -409,12 +446,12 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
     /* backing off: no sleeping worker is woken (awake ones, polling, still take items) */
     const int backing_off =
         start < atomic_load_explicit(&fbn_pool.quiet_again_ns, memory_order_relaxed);
-    if (backing_off)
-        wake = 0;
     /* calls back to back (a loop of small calls) keep the workers awake for the next ones */
     const long long spin_ns = atomic_load_explicit(&fbn_pool.spin_ns, memory_order_relaxed);
     const int back_to_back = !backing_off && (spin_ns < 0 || start
         - atomic_load_explicit(&fbn_pool.last_end_ns, memory_order_relaxed) < spin_ns);
+    wake = !backing_off
+           && (wake == FBN_WAKE_ALWAYS || (wake == FBN_WAKE_IN_LOOPS && back_to_back));
     long long start_cpu = wake ? fbn_cpu_ns() : 0;
     const int started = fbn_pool.nworkers;
     if (wake || back_to_back)
@@ -452,22 +489,20 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
         const long long now = fbn_now_ns(), elapsed = now - start;
         const long long off_cpu = wake ? elapsed - (fbn_cpu_ns() - start_cpu) : 0;
         const long long lost = waited > off_cpu ? waited : off_cpu;
-        if (fbn_was_late(elapsed, lost, helped)) {
-            const int others = fbn_others_running();
-            if (others && !fbn_pool.omp_broken && now >= fbn_pool.omp_useless_until_ns) {
-                atomic_store_explicit(&fbn_pool.omp_until_ns, now + FBN_OMP_WINDOW_NS,
-                                      memory_order_relaxed);
-            } else if (others) {      /* they stop by themselves within milliseconds */
-                atomic_store_explicit(&fbn_pool.quiet_again_ns, now + FBN_BACKOFF_MIN_NS,
-                                      memory_order_relaxed);
-            } else {
-                atomic_store_explicit(&fbn_pool.quiet_again_ns, now + fbn_pool.backoff_ns,
-                                      memory_order_relaxed);
-                fbn_pool.backoff_ns = 2 * fbn_pool.backoff_ns < FBN_BACKOFF_MAX_NS
-                                      ? 2 * fbn_pool.backoff_ns : FBN_BACKOFF_MAX_NS;
-            }
-        } else {        /* on time: the next late job is a new episode, not this one's */
-            fbn_pool.backoff_ns = FBN_BACKOFF_MIN_NS;
+        const int late = fbn_was_late(elapsed, lost, helped);
+        const int others = late && fbn_others_running();
+        if (others && !fbn_pool.omp_broken && now >= fbn_pool.omp_useless_until_ns) {
+            atomic_store_explicit(&fbn_pool.omp_until_ns, now + FBN_OMP_WINDOW_NS,
+                                  memory_order_relaxed);
+        } else if (others) {          /* they stop by themselves within milliseconds */
+            atomic_store_explicit(&fbn_pool.quiet_again_ns, now + FBN_BACKOFF_MIN_NS,
+                                  memory_order_relaxed);
+        } else if (late) {
+            atomic_store_explicit(&fbn_pool.quiet_again_ns,
+                                  now + fbn_backoff_after(&fbn_pool.backoff, 1),
+                                  memory_order_relaxed);
+        } else {
+            fbn_backoff_after(&fbn_pool.backoff, 0);
         }
     }
     pthread_mutex_unlock(&fbn_pool.busy);
@@ -519,7 +554,7 @@ static void fbn_pool_after_fork(void)
     fbn_pool.busy = unlocked;
     fbn_pool.nworkers = 0;
     atomic_store(&fbn_pool.quiet_again_ns, 0);
-    fbn_pool.backoff_ns = FBN_BACKOFF_MIN_NS;
+    fbn_pool.backoff = fbn_backoff_start();
     atomic_store(&fbn_pool.omp_until_ns, 0);
     fbn_pool.omp_broken = 1;
 }
