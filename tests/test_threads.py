@@ -1,4 +1,5 @@
 """Thread count: every result bitwise identical for 1, 2, 3 and 4 threads; the controls work."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -143,6 +144,19 @@ def train_until(x, field, seconds=20):
             return value
 
 
+@contextlib.contextmanager
+def pool_without_backoff(spin_ns):
+    """The pool never backs off, and idle workers poll spin_ns before they sleep (-1: never),
+    whatever OMP_WAIT_POLICY says."""
+    fastbn._kernels._set_pool_backoff(False)
+    fastbn._kernels._set_pool_spin(spin_ns)
+    try:
+        yield
+    finally:
+        fastbn._kernels._set_pool_spin()
+        fastbn._kernels._set_pool_backoff(True)
+
+
 def assert_same_bits_as_one_thread(args, threads, n, run):
     """run() on n threads returns run_all(*args)'s bits on one."""
     threads(1)
@@ -177,13 +191,8 @@ def test_workers_take_part(rng, threads):
     not what this checks, so the back-off is off and the workers never sleep here."""
     threads(2)
     x = rng.standard_normal((32, 64, 32, 32)).astype(np.float32)
-    fastbn._kernels._set_pool_backoff(False)
-    fastbn._kernels._set_pool_spin(-1)
-    try:
+    with pool_without_backoff(spin_ns=-1):
         helped = train_until(x, "last_helpers")
-    finally:
-        fastbn._kernels._set_pool_spin()
-        fastbn._kernels._set_pool_backoff(True)
     assert helped >= 1
     assert fastbn._kernels.pool_info()["workers"] >= 1
 
@@ -261,17 +270,12 @@ def test_small_calls_back_to_back_wake_the_workers(rng, threads):
     threads(2)
     x = rng.standard_normal((8, 32, 16, 16)).astype(np.float32)
     fastbn.batch_norm_train(x)                      # the workers start
-    fastbn._kernels._set_pool_backoff(False)
-    # whatever OMP_WAIT_POLICY says; 2 ms, not the default 50 us: calls count as back to back
-    # within the spin time, and one loop round takes longer than 50 us under emulation (qemu)
-    fastbn._kernels._set_pool_spin(2_000_000)
-    try:
+    # 2 ms, not the default 50 us: calls count as back to back within the spin time, and one
+    # loop round takes longer than 50 us under emulation (qemu)
+    with pool_without_backoff(spin_ns=2_000_000):
         time.sleep(0.05)                            # and fall asleep
         assert fastbn._kernels.pool_info()["awake"] == 0
         awake = train_until(x, "awake")
-    finally:
-        fastbn._kernels._set_pool_spin()
-        fastbn._kernels._set_pool_backoff(True)
     assert awake >= 1
 
 
@@ -287,18 +291,13 @@ def test_calls_after_a_pause_wake_no_worker_below_wake_from(rng, threads):
     wake = _plan.WAKE_THRESHOLDS
     assert wake["in loops"] <= x.size < wake["train/backward"]
     fastbn.batch_norm_train(x)                      # the workers start
-    fastbn._kernels._set_pool_backoff(False)
-    fastbn._kernels._set_pool_spin(2_000_000)       # back to back: within 2 ms (qemu)
-    try:
+    with pool_without_backoff(spin_ns=2_000_000):   # back to back: within 2 ms (qemu)
         for _ in range(3):
             time.sleep(0.05)                        # a pause: the workers fall asleep
             assert fastbn._kernels.pool_info()["awake"] == 0
             fastbn.batch_norm_train(x)
             assert fastbn._kernels.pool_info()["last_helpers"] == 0
         helped = train_until(x, "last_helpers")
-    finally:
-        fastbn._kernels._set_pool_spin()
-        fastbn._kernels._set_pool_backoff(True)
     assert helped >= 1
 
 
