@@ -332,6 +332,7 @@ def wake_threshold(args):
     cases += [(op, layout, shape) for op in ("infer", "train", "backward")
               for layout in ("NCHW", "NHWC")
               for shape in ((2, 64, 56, 56), (1, 64, 112, 112), (8, 64, 56, 56))]
+    fastbn._kernels._set_pool_backoff(False)      # every call wakes the workers
     for op, layout, shape in cases:
         fn = op_fn(op, shape, layout)
         times = {1: [], args.threads: []}
@@ -349,6 +350,7 @@ def wake_threshold(args):
             values *= d
         print(f"WAKE_FROM_*  {op:<9} {layout:<5} {shape_name(shape):<14} {values:>9} values "
               f"{one:9.1f} {many:9.1f}  x{many / one:.2f}", flush=True)
+    fastbn._kernels._set_pool_backoff(True)
     fastbn.set_num_threads(None)
 
 

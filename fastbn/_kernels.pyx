@@ -797,7 +797,7 @@ cdef run_rows(RowsJob *j, fbn_stage *stages, int nstages, Py_ssize_t values):
     cdef int nthreads = reserve_threads(values, SERIAL_BELOW_STATS)
     try:
         with nogil:
-            pool_run(stages, nstages, j, nthreads, values, WAKE_FROM_PASS)
+            pool_run(stages, nstages, j, nthreads, values, WAKE_FROM_STATS)
     finally:
         release_threads(nthreads)
 

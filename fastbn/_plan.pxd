@@ -23,8 +23,9 @@ cdef enum:
     # in the caller's calls to caches its other work has not warmed: with 2 ms of NumPy work
     # between calls, waking one did not pay below WAKE_FROM_* (docs/tuning.md, "Threads under
     # contention"); in a loop of calls, from WAKE_IN_LOOPS_FROM
-    WAKE_FROM_STATS = 1 << 18    # training, backward: two passes over the data or more
-    WAKE_FROM_PASS = 1 << 20     # one pass: inference, the family's apply stage, copies
+    WAKE_FROM_STATS = 1 << 18    # whole training and backward calls (LayerNorm's and
+                                 # RMSNorm's too): statistics and the output
+    WAKE_FROM_PASS = 1 << 20     # one pass: inference, the family's stage entries, copies
     WAKE_IN_LOOPS_FROM = 1 << 17
 
 

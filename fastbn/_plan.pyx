@@ -13,7 +13,7 @@ cdef extern from "fastbn/kernels.h" nogil:
 SERIAL_THRESHOLDS = {"train": SERIAL_BELOW_STATS, "backward": SERIAL_BELOW_STATS,
                      "channels-last train/backward": SERIAL_BELOW_ROWS,
                      "infer": SERIAL_BELOW_PASS}
-WAKE_THRESHOLDS = {"train/backward": WAKE_FROM_STATS, "infer": WAKE_FROM_PASS,
+WAKE_THRESHOLDS = {"train/backward": WAKE_FROM_STATS, "infer/stages": WAKE_FROM_PASS,
                    "in loops": WAKE_IN_LOOPS_FROM}
 
 cdef Py_ssize_t _stream_traffic_bytes = STREAM_TRAFFIC_BYTES

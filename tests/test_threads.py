@@ -147,10 +147,15 @@ def train_until(x, field, seconds=20):
 @contextlib.contextmanager
 def pool_without_backoff(spin_ns):
     """The pool never backs off, and idle workers poll spin_ns before they sleep (-1: never),
-    whatever OMP_WAIT_POLICY says."""
+    whatever OMP_WAIT_POLICY says. The workers exist (a call large enough to wake them
+    starts them)."""
+    from fastbn import _plan
     fastbn._kernels._set_pool_backoff(False)
     fastbn._kernels._set_pool_spin(spin_ns)
     try:
+        fastbn.batch_norm_train(np.ones((_plan.WAKE_THRESHOLDS["train/backward"], 1),
+                                        np.float32), axis=-1)
+        assert fastbn._kernels.pool_info()["workers"] >= 1
         yield
     finally:
         fastbn._kernels._set_pool_spin()
@@ -269,7 +274,6 @@ def test_small_calls_back_to_back_wake_the_workers(rng, threads):
     import time
     threads(2)
     x = rng.standard_normal((8, 32, 16, 16)).astype(np.float32)
-    fastbn.batch_norm_train(x)                      # the workers start
     # 2 ms, not the default 50 us: calls count as back to back within the spin time, and one
     # loop round takes longer than 50 us under emulation (qemu)
     with pool_without_backoff(spin_ns=2_000_000):
@@ -290,7 +294,6 @@ def test_calls_after_a_pause_wake_no_worker_below_wake_from(rng, threads):
     x = rng.standard_normal((192, 1024)).astype(np.float32)
     wake = _plan.WAKE_THRESHOLDS
     assert wake["in loops"] <= x.size < wake["train/backward"]
-    fastbn.batch_norm_train(x)                      # the workers start
     with pool_without_backoff(spin_ns=2_000_000):   # back to back: within 2 ms (qemu)
         for _ in range(3):
             time.sleep(0.05)                        # a pause: the workers fall asleep

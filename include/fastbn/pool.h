@@ -77,7 +77,7 @@ static fbn_backoff fbn_backoff_start(void) { return (fbn_backoff)FBN_BACKOFF_STA
 static long long fbn_backoff_after(fbn_backoff *b, int late)
 {
     if (!late) {
-        if (++b->on_time_run >= FBN_EPISODE_ON_TIME)
+        if (b->on_time_run < FBN_EPISODE_ON_TIME && ++b->on_time_run == FBN_EPISODE_ON_TIME)
             b->next_ns = FBN_BACKOFF_MIN_NS;
         return 0;
     }
@@ -470,10 +470,12 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
     }
 
     uint32_t generation = fbn_publish(stages, nstages, ctx, total, nthreads);
+    int asked = 0;
     for (int k = 0; k < nasked; k++) {
         fbn_worker *w = &fbn_pool.workers[k];
         if (!wake && atomic_load(&w->sleeping))
             continue;
+        asked++;
         atomic_store(&w->job, generation);            /* seq_cst, then read `sleeping`: */
         if (wake && atomic_load(&w->sleeping)) {      /* either this sees it asleep, or */
             pthread_mutex_lock(&w->lock);             /* it sees the new job (Dekker) */
@@ -485,7 +487,8 @@ static int fbn_pool_run(const fbn_stage *stages, int nstages, void *ctx, int nth
     long long waited = fbn_pool.caller_waited_ns + fbn_wait_done(total);
     int helped = atomic_load_explicit(&fbn_pool.helpers, memory_order_relaxed);
 
-    if (judge && !fbn_pool.no_backoff) {
+    /* (a job whose only awake worker fell asleep before it was asked ran alone: no sign) */
+    if (judge && asked > 0 && !fbn_pool.no_backoff) {
         const long long now = fbn_now_ns(), elapsed = now - start;
         const long long off_cpu = wake ? elapsed - (fbn_cpu_ns() - start_cpu) : 0;
         const long long lost = waited > off_cpu ? waited : off_cpu;
