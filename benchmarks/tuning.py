@@ -320,9 +320,8 @@ def wake_threshold(args):
     starts (they poll 50 us). Medians of --rounds * 20 calls a setting, alternated call by
     call."""
     sys.path.insert(0, variant_path("wake_from_0"))
-    import statistics
     import fastbn
-    from fastbn._contention import Gap
+    from fastbn._contention import Gap, paired_medians
     assert "wake_from_0" in fastbn.__file__, "not the wake_from_0 build"
     gap = Gap()
     print(f"# fastbn {fastbn.__file__}: 2 ms gaps, {args.rounds * 20} calls a setting, "
@@ -335,16 +334,9 @@ def wake_threshold(args):
     fastbn._kernels._set_pool_backoff(False)      # every call wakes the workers
     for op, layout, shape in cases:
         fn = op_fn(op, shape, layout)
-        times = {1: [], args.threads: []}
-        for i in range(args.rounds * 20 + 3):
-            for n in times:
-                fastbn.set_num_threads(n)
-                gap(2.0)
-                start = time.perf_counter()
-                fn()
-                if i >= 3:
-                    times[n].append(time.perf_counter() - start)
-        one, many = (statistics.median(times[n]) * 1e6 for n in times)
+        many, one = (t * 1e6 for t in paired_medians(
+            fn, fn, lambda: fastbn.set_num_threads(args.threads),
+            lambda: fastbn.set_num_threads(1), gap, 2.0, args.rounds * 20))
         values = 1
         for d in shape:
             values *= d
